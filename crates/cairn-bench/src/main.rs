@@ -1,0 +1,463 @@
+//! `cairn-bench kra`: the keyed-running-aggregate benchmark (see docs/benchmarks.md).
+//!
+//! One run measures, on the same input and machine: the engine with a state checkpoint every
+//! batch, the engine without state checkpoints, a hand-written single-threaded floor, recovery
+//! after SIGKILL with a large state, and the engine on a checkpoint store that delays every state
+//! write. It prints a table and, as its last line, one JSON object.
+
+use cairn::checkpoint::object_store::{local::LocalFileSystem, path::Path as ObjPath};
+use cairn::checkpoint::CheckpointStore;
+use cairn::{BatchProgress, StateSpec, StreamingContext, Trigger};
+use cairn_sim::FaultyStore;
+use clap::{Args, Parser, Subcommand};
+use rustc_hash::FxHashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(name = "cairn-bench", about = "cairn benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Keyed running aggregate: per key count and sum over everything seen.
+    Kra(KraArgs),
+    /// (internal) one KRA job process, driven by the recovery measurement.
+    #[command(hide = true)]
+    KraWorker { input: PathBuf, checkpoint: PathBuf },
+}
+
+#[derive(Args, Clone)]
+struct KraArgs {
+    /// Distinct keys in the generated input.
+    #[arg(long, default_value_t = 100_000)]
+    keys: u64,
+    /// Batches (one input file each).
+    #[arg(long, default_value_t = 50)]
+    batches: u64,
+    /// Rows per batch.
+    #[arg(long, default_value_t = 200_000)]
+    rows: u64,
+    /// Use existing input (`batch-NNNNNN.csv` files of `key,value` lines) instead of generating.
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// A small version of everything (under a minute).
+    #[arg(long)]
+    quick: bool,
+    /// Keys of state in the recovery measurement.
+    #[arg(long, default_value_t = 1_000_000)]
+    recovery_keys: u64,
+    /// Delay added to every state checkpoint write in the storage-latency run, in ms.
+    #[arg(long, default_value_t = 1_000)]
+    delay_ms: u64,
+    /// Seed of the generated input.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let r = match Cli::parse().command {
+        Cmd::Kra(a) => kra(a),
+        Cmd::KraWorker { input, checkpoint } => worker(&input, &checkpoint),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// xorshift64*: the seeded input generator (no dependency, same bytes everywhere).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+fn generate(dir: &Path, keys: u64, batches: u64, rows: u64, seed: u64) -> Result<(), BoxError> {
+    std::fs::create_dir_all(dir)?;
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    for b in 0..batches {
+        let mut out = String::with_capacity(rows as usize * 14);
+        for _ in 0..rows {
+            let x = rng.next();
+            let key = x % keys.max(1);
+            let value = ((x >> 40) % 2001) as i64 - 1000;
+            out.push_str(&format!("{key},{value}\n"));
+        }
+        // Written under a hidden name and renamed, as the file source expects.
+        let tmp = dir.join(format!(".batch-{b:06}.csv"));
+        std::fs::write(&tmp, out)?;
+        std::fs::rename(&tmp, dir.join(format!("batch-{b:06}.csv")))?;
+    }
+    Ok(())
+}
+
+fn parse(line: &str) -> Result<(u64, i64), String> {
+    let (k, v) = line.split_once(',').ok_or_else(|| format!("expected key,value, got {line:?}"))?;
+    let k = k.trim().parse::<u64>().map_err(|e| format!("bad key {k:?}: {e}"))?;
+    let v = v.trim().parse::<i64>().map_err(|e| format!("bad value {v:?}: {e}"))?;
+    Ok((k, v))
+}
+
+fn input_files(dir: &Path) -> Result<Vec<PathBuf>, BoxError> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| !n.starts_with('.') && !n.starts_with('_'))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(format!("no input files in {}", dir.display()).into());
+    }
+    Ok(files)
+}
+
+/// The floor: a minimal single-threaded loop, no engine.
+fn floor(dir: &Path) -> Result<(FxHashMap<u64, (u64, i64)>, u64, f64), BoxError> {
+    let t0 = Instant::now();
+    let mut m: FxHashMap<u64, (u64, i64)> = FxHashMap::default();
+    let mut events = 0u64;
+    for f in input_files(dir)? {
+        let text = std::fs::read_to_string(&f)?;
+        for line in text.lines() {
+            let (k, v) = parse(line).map_err(|e| format!("{}: {e}", f.display()))?;
+            let e = m.entry(k).or_insert((0, 0));
+            e.0 += 1;
+            e.1 += v;
+            events += 1;
+        }
+    }
+    Ok((m, events, t0.elapsed().as_secs_f64()))
+}
+
+/// Defines the KRA job on a context.
+fn define(ctx: &StreamingContext, input: &Path) -> cairn::Result<()> {
+    let rows = ctx.text_file_stream_parsed("input", input.to_str().unwrap_or_default(), 1, parse)?;
+    rows.map_with_state(
+        "kra",
+        StateSpec::function(|_k: &u64, v: Option<i64>, st: &mut cairn::State<'_, (u64, i64)>| {
+            match st.get_mut() {
+                Some(s) => {
+                    s.0 += 1;
+                    s.1 += v.unwrap_or(0);
+                }
+                None => st.update((1u64, v.unwrap_or(0))),
+            }
+        }),
+    )
+    .foreach_batch(|_, _| Ok(()));
+    Ok(())
+}
+
+struct EngineRun {
+    events_per_s: f64,
+    batch_ms: Vec<f64>,
+    summary: cairn::RunSummary,
+    waited_batches: usize,
+}
+
+fn run_engine(input: &Path, ctx: StreamingContext, events: u64) -> Result<EngineRun, BoxError> {
+    define(&ctx, input)?;
+    let lat = Arc::new(Mutex::new(Vec::new()));
+    let last = Arc::new(Mutex::new(None::<Instant>));
+    let waited = Arc::new(Mutex::new(0usize));
+    let (l, t, w) = (lat.clone(), last.clone(), waited.clone());
+    ctx.on_batch(move |p: &BatchProgress| {
+        l.lock().expect("lock").push(p.processing_ms + p.checkpoint_ms);
+        *t.lock().expect("lock") = Some(Instant::now());
+        if p.checkpoint_wait_ms > 1.0 {
+            *w.lock().expect("lock") += 1;
+        }
+    });
+    let t0 = Instant::now();
+    let summary = ctx.run_available()?;
+    let end = last.lock().expect("lock").unwrap_or_else(Instant::now);
+    let secs = (end - t0).as_secs_f64().max(1e-9);
+    let batch_ms = lat.lock().expect("lock").clone();
+    let waited_batches = *waited.lock().expect("lock");
+    Ok(EngineRun { events_per_s: events as f64 / secs, batch_ms, summary, waited_batches })
+}
+
+fn builder(batches: u64) -> cairn::StreamingContextBuilder {
+    let _ = batches;
+    StreamingContext::builder()
+        .app_name("kra")
+        .batch_interval(Duration::from_secs(1))
+        .trigger(Trigger::AvailableNow)
+}
+
+fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    s[((s.len() - 1) as f64 * p).round() as usize]
+}
+
+fn dir_objects(dir: &Path) -> (u64, u64) {
+    let mut n = 0;
+    let mut bytes = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(m) = e.metadata() {
+                n += 1;
+                bytes += m.len();
+            }
+        }
+    }
+    (n, bytes)
+}
+
+fn checkpointed_state(dir: &Path) -> Result<FxHashMap<u64, (u64, i64)>, BoxError> {
+    let store = CheckpointStore::open(dir.to_str().unwrap_or_default())?;
+    let rec = store.recover()?;
+    let state = rec.state.ok_or("no checkpoint was written")?;
+    let table = state.tables.iter().find(|t| t.id == "kra").ok_or("no kra table in the checkpoint")?;
+    let mut m = FxHashMap::default();
+    for e in table.reader() {
+        let (k, v) = e?;
+        let Some(v) = v else { continue };
+        let key: u64 = postcard::from_bytes(k)?;
+        let (value, _seen): ((u64, i64), i64) = postcard::from_bytes(v)?;
+        m.insert(key, value);
+    }
+    Ok(m)
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        .map_or(0, |pages| pages * 4096)
+}
+
+fn kra(mut a: KraArgs) -> Result<(), BoxError> {
+    if a.quick {
+        a.keys = a.keys.min(10_000);
+        a.batches = a.batches.min(10);
+        a.rows = a.rows.min(20_000);
+        a.recovery_keys = a.recovery_keys.min(50_000);
+        a.delay_ms = a.delay_ms.min(200);
+    }
+    let tmp = tempfile::tempdir()?;
+    let input = match &a.input {
+        Some(d) => d.clone(),
+        None => {
+            let d = tmp.path().join("input");
+            eprintln!("generating {} batches x {} rows over {} keys...", a.batches, a.rows, a.keys);
+            generate(&d, a.keys, a.batches, a.rows, a.seed)?;
+            d
+        }
+    };
+    let batches = input_files(&input)?.len() as u64;
+
+    eprintln!("floor...");
+    let (expected, events, floor_s) = floor(&input)?;
+    let floor_eps = events as f64 / floor_s;
+
+    eprintln!("engine, checkpoint every batch...");
+    let ckpt_dir = tmp.path().join("ckpt");
+    let rss0 = rss_bytes();
+    let with = run_engine(
+        &input,
+        builder(batches).checkpoint(ckpt_dir.to_str().unwrap_or_default()).build()?,
+        events,
+    )?;
+    let rss_per_key = rss_bytes().saturating_sub(rss0) as f64 / expected.len().max(1) as f64;
+    let correct = checkpointed_state(&ckpt_dir)? == expected;
+    let (objects_total, bytes_total) = dir_objects(&ckpt_dir);
+
+    eprintln!("engine, no state checkpoints...");
+    let without = run_engine(
+        &input,
+        builder(batches)
+            .checkpoint("memory://")
+            .checkpoint_interval(Duration::from_secs(batches * 10 + 10))
+            .build()?,
+        events,
+    )?;
+
+    eprintln!("storage latency: every state write delayed {} ms...", a.delay_ms);
+    let every = 5u32;
+    let undelayed = run_engine(&input, latency_ctx(tmp.path(), "undelayed", 0, every)?, events)?;
+    let delayed = run_engine(&input, latency_ctx(tmp.path(), "delayed", a.delay_ms, every)?, events)?;
+
+    eprintln!("recovery with {} keys of state...", a.recovery_keys);
+    let (restore_s, recovery_s) = recovery(tmp.path(), &a)?;
+
+    let s = &with.summary;
+    let objects_per_batch = (s.checkpoint_objects + s.log_objects) as f64 / batches as f64;
+    let ckpt_bytes_per_batch = s.checkpoint_bytes as f64 / batches as f64;
+    let p50 = percentile(&with.batch_ms, 0.5);
+    let p99 = percentile(&with.batch_ms, 0.99);
+    let rows: Vec<(&str, String)> = vec![
+        ("events", events.to_string()),
+        ("batches", batches.to_string()),
+        ("keys in state", expected.len().to_string()),
+        ("events/s, checkpoint every batch", format!("{:.0}", with.events_per_s)),
+        ("events/s, no state checkpoints", format!("{:.0}", without.events_per_s)),
+        ("ratio checkpoint / no checkpoint", format!("{:.3}", with.events_per_s / without.events_per_s)),
+        ("events/s, single-threaded floor", format!("{floor_eps:.0}")),
+        ("ratio engine / floor", format!("{:.3}", with.events_per_s / floor_eps)),
+        ("batch latency p50 / p99 ms", format!("{p50:.1} / {p99:.1}")),
+        ("checkpoint bytes per batch", format!("{ckpt_bytes_per_batch:.0}")),
+        ("new objects per batch (log + state)", format!("{objects_per_batch:.2}")),
+        ("objects in checkpoint location at end", format!("{objects_total} ({bytes_total} bytes)")),
+        ("process RSS growth per key (approx.)", format!("{rss_per_key:.0} B")),
+        (
+            "storage latency run (ckpt every 5 batches)",
+            format!(
+                "p99 {:.1} ms vs {:.1} ms undelayed; {:.0} vs {:.0} events/s; {} of {} batches waited",
+                percentile(&delayed.batch_ms, 0.99),
+                percentile(&undelayed.batch_ms, 0.99),
+                delayed.events_per_s,
+                undelayed.events_per_s,
+                delayed.waited_batches,
+                delayed.batch_ms.len()
+            ),
+        ),
+        ("recovery: restore / first new batch s", format!("{restore_s:.3} / {recovery_s:.3}")),
+        ("final state equals the floor's", correct.to_string()),
+    ];
+    let mut out = std::io::stdout().lock();
+    for (k, v) in &rows {
+        writeln!(out, "{k:<45} {v}")?;
+    }
+    let json = serde_json::json!({
+        "events": events,
+        "batches": batches,
+        "events_per_s": with.events_per_s.round(),
+        "events_per_s_no_ckpt": without.events_per_s.round(),
+        "ckpt_ratio": with.events_per_s / without.events_per_s,
+        "floor_events_per_s": floor_eps.round(),
+        "ratio_to_floor": with.events_per_s / floor_eps,
+        "p50_batch_ms": p50,
+        "p99_batch_ms": p99,
+        "ckpt_bytes_per_batch": ckpt_bytes_per_batch.round(),
+        "objects_per_batch": objects_per_batch,
+        "ckpt_objects_total": objects_total,
+        "state_rss_bytes_per_key": rss_per_key.round(),
+        "delay_ms": a.delay_ms,
+        "delayed_p99_batch_ms": percentile(&delayed.batch_ms, 0.99),
+        "undelayed_p99_batch_ms": percentile(&undelayed.batch_ms, 0.99),
+        "delayed_events_per_s": delayed.events_per_s.round(),
+        "undelayed_events_per_s": undelayed.events_per_s.round(),
+        "restore_s": restore_s,
+        "recovery_s": recovery_s,
+        "correct": correct,
+    });
+    writeln!(out, "{json}")?;
+    if !correct {
+        return Err("the engine's final state differs from the floor's".into());
+    }
+    Ok(())
+}
+
+fn latency_ctx(tmp: &Path, name: &str, delay_ms: u64, every: u32) -> Result<StreamingContext, BoxError> {
+    let dir = tmp.join(name);
+    std::fs::create_dir_all(&dir)?;
+    let faulty = FaultyStore::new(Arc::new(LocalFileSystem::new_with_prefix(&dir)?), "state/");
+    faulty.set_delay(Duration::from_millis(delay_ms));
+    let store = CheckpointStore::with_store(
+        faulty,
+        ObjPath::from(""),
+        format!("delayed({delay_ms} ms):{}", dir.display()),
+    );
+    Ok(builder(0).checkpoint_store(store).checkpoint_interval(Duration::from_secs(every as u64)).build()?)
+}
+
+/// Kills a worker with SIGKILL after batch 25 (or 60% of the batches, whichever is smaller) and
+/// times the restart: (state restore seconds, seconds from spawn to the first new batch).
+fn recovery(tmp: &Path, a: &KraArgs) -> Result<(f64, f64), BoxError> {
+    let input = tmp.join("recovery-input");
+    let batches = if a.quick { 20 } else { 30 };
+    let kill_after = (batches * 6 / 10).min(25);
+    // Enough rows that nearly every key is in the state by the kill.
+    let rows = (a.recovery_keys * 5 / kill_after).max(1);
+    generate(&input, a.recovery_keys, batches, rows, a.seed ^ 0xabcdef)?;
+    let ckpt = tmp.join("recovery-ckpt");
+    let exe = std::env::current_exe()?;
+    let spawn = || {
+        Command::new(&exe)
+            .args(["kra-worker", input.to_str().unwrap_or_default(), ckpt.to_str().unwrap_or_default()])
+            .stdout(Stdio::piped())
+            .spawn()
+    };
+    let mut first = spawn()?;
+    let lines = BufReader::new(first.stdout.take().ok_or("no stdout")?).lines();
+    for line in lines {
+        let line = line?;
+        if line.starts_with(&format!("BATCH {kill_after} ")) {
+            break;
+        }
+    }
+    first.kill()?; // SIGKILL
+    first.wait()?;
+    let t0 = Instant::now();
+    let mut second = spawn()?;
+    let mut restore_s = f64::NAN;
+    let mut recovery_s = f64::NAN;
+    for line in BufReader::new(second.stdout.take().ok_or("no stdout")?).lines() {
+        let line = line?;
+        if let Some(ms) = line.strip_prefix("RESTORED ") {
+            restore_s = ms.trim().parse::<f64>().unwrap_or(f64::NAN) / 1e3;
+        }
+        if line.starts_with("BATCH ") && line.ends_with(" new") {
+            recovery_s = t0.elapsed().as_secs_f64();
+            break;
+        }
+    }
+    second.kill().ok();
+    second.wait()?;
+    if recovery_s.is_nan() {
+        return Err("the restarted worker never completed a new batch".into());
+    }
+    Ok((restore_s, recovery_s))
+}
+
+/// One KRA process for the recovery measurement: prints `RESTORED <ms>` once state is back, and
+/// `BATCH <id> new|replayed` after every batch.
+fn worker(input: &Path, checkpoint: &Path) -> Result<(), BoxError> {
+    let t0 = Instant::now();
+    let loc = checkpoint.to_str().unwrap_or_default().to_string();
+    let ctx = StreamingContext::get_or_create(&loc, |loc| {
+        let ctx = builder(0).checkpoint(loc).build()?;
+        define(&ctx, input)?;
+        Ok(ctx)
+    })?;
+    println!("RESTORED {:.1}", t0.elapsed().as_secs_f64() * 1e3);
+    ctx.on_batch(|p| {
+        println!("BATCH {} {}", p.batch_id, if p.replayed { "replayed" } else { "new" });
+        let _ = std::io::stdout().flush();
+    });
+    ctx.run_available()?;
+    Ok(())
+}

@@ -1,0 +1,118 @@
+//! Every object name in a checkpoint location (and in a file sink's output location) is built
+//! and parsed here, and nowhere else.
+//!
+//! Batch ids are zero-padded to 20 digits so that lexical listing order is numeric order.
+
+use crate::BatchId;
+use object_store::path::Path;
+
+/// The kinds of object found under a checkpoint location.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ObjectName {
+    /// `metadata`: job metadata, written once.
+    Metadata,
+    /// `_lease`: which process holds the location.
+    Lease,
+    /// `log/<batch>.plan`: a batch's planned input.
+    Plan(BatchId),
+    /// `log/<batch>.commit`: a batch's commit record.
+    Commit(BatchId),
+    /// `state/<batch>-<parent>.delta`: state changed since the checkpoint of batch `parent`. The
+    /// parent is in the name so recovery and retention can resolve chains from a listing alone.
+    Delta { batch: BatchId, parent: BatchId },
+    /// `state/<batch>.full`: all state as of the end of the batch.
+    Full(BatchId),
+}
+
+/// Builds object paths under one root prefix.
+///
+/// ```
+/// use cairn_checkpoint::paths::{Paths, ObjectName};
+/// use cairn_checkpoint::BatchId;
+/// let p = Paths::new("jobs/a");
+/// let plan = p.path(ObjectName::Plan(BatchId(7)));
+/// assert_eq!(plan.as_ref(), "jobs/a/log/00000000000000000007.plan");
+/// assert_eq!(p.parse(&plan), Some(ObjectName::Plan(BatchId(7))));
+/// ```
+#[derive(Debug, Clone)]
+pub struct Paths {
+    root: Path,
+}
+
+impl Paths {
+    /// Paths under `root` (may be empty).
+    pub fn new(root: impl Into<Path>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The root prefix.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The prefix holding batch logs.
+    pub fn log_dir(&self) -> Path {
+        self.root.child("log")
+    }
+
+    /// The prefix holding state checkpoints.
+    pub fn state_dir(&self) -> Path {
+        self.root.child("state")
+    }
+
+    /// The path of an object.
+    pub fn path(&self, name: ObjectName) -> Path {
+        match name {
+            ObjectName::Metadata => self.root.child("metadata"),
+            ObjectName::Lease => self.root.child("_lease"),
+            ObjectName::Plan(b) => self.log_dir().child(format!("{:020}.plan", b.0)),
+            ObjectName::Commit(b) => self.log_dir().child(format!("{:020}.commit", b.0)),
+            ObjectName::Delta { batch, parent } => {
+                self.state_dir().child(format!("{:020}-{:020}.delta", batch.0, parent.0))
+            }
+            ObjectName::Full(b) => self.state_dir().child(format!("{:020}.full", b.0)),
+        }
+    }
+
+    /// Recognises an object under this root; `None` for anything else (temporary or foreign files).
+    pub fn parse(&self, path: &Path) -> Option<ObjectName> {
+        let rel: Vec<_> = path.prefix_match(&self.root)?.collect();
+        match rel.as_slice() {
+            [name] if name.as_ref() == "metadata" => Some(ObjectName::Metadata),
+            [name] if name.as_ref() == "_lease" => Some(ObjectName::Lease),
+            [dir, file] => {
+                let (stem, ext) = file.as_ref().split_once('.')?;
+                match (dir.as_ref(), ext) {
+                    ("log", "plan") => Some(ObjectName::Plan(batch_number(stem)?)),
+                    ("log", "commit") => Some(ObjectName::Commit(batch_number(stem)?)),
+                    ("state", "full") => Some(ObjectName::Full(batch_number(stem)?)),
+                    ("state", "delta") => {
+                        let (b, p) = stem.split_once('-')?;
+                        Some(ObjectName::Delta { batch: batch_number(b)?, parent: batch_number(p)? })
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+
+    /// A file sink's output object for a batch: `part-<batch>.txt` under the sink's root.
+    pub fn sink_part(&self, batch: BatchId) -> Path {
+        self.root.child(format!("part-{:020}.txt", batch.0))
+    }
+
+    /// The batch id of a file sink's output object, if `path` is one.
+    pub fn parse_sink_part(&self, path: &Path) -> Option<BatchId> {
+        let rel: Vec<_> = path.prefix_match(&self.root)?.collect();
+        let [file] = rel.as_slice() else { return None };
+        batch_number(file.as_ref().strip_prefix("part-")?.strip_suffix(".txt")?)
+    }
+}
+
+fn batch_number(s: &str) -> Option<BatchId> {
+    if s.len() != 20 || !s.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok().map(BatchId)
+}

@@ -1,0 +1,507 @@
+//! The I/O edge: reads and writes checkpoint objects through an [`ObjectStore`], following the
+//! decisions of [`crate::protocol`]. Everything is exposed as blocking calls (the engine's
+//! scheduler is synchronous); a small private tokio runtime drives the async object store.
+
+use crate::frame::ObjectKind;
+use crate::paths::{ObjectName, Paths};
+use crate::protocol::{self, Listing};
+use crate::{codec, merge};
+use crate::{
+    BatchCommit, BatchId, BatchPlan, CheckpointKind, Error, GraphDescription, JobMetadata, Result,
+    StateCheckpoint, TableData,
+};
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectMeta, ObjectStore, PutMode, PutOptions, PutPayload};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+/// Bytes and objects written by one call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    pub bytes: u64,
+    pub objects: u64,
+}
+
+/// State restored from the newest usable checkpoint.
+#[derive(Debug, Clone)]
+pub struct RestoredState {
+    /// The batch after which the state was taken.
+    pub batch_id: BatchId,
+    /// The graph that wrote it.
+    pub graph: GraphDescription,
+    /// One merged table per id: only live entries, no tombstones.
+    pub tables: Vec<TableData>,
+    /// The objects that were loaded, oldest first.
+    pub chain: Vec<ObjectName>,
+}
+
+/// What recovery found.
+#[derive(Debug, Clone)]
+pub struct Recovered {
+    pub metadata: Option<JobMetadata>,
+    pub state: Option<RestoredState>,
+    /// Batches planned after the restored checkpoint, in order, to be re-run with identical input.
+    pub replay: Vec<BatchPlan>,
+    /// Which of the replayed batches already have a commit record.
+    pub committed: BTreeSet<BatchId>,
+    /// The id the next new batch gets.
+    pub next_batch: BatchId,
+    /// Problems recovery worked around (a corrupt newest checkpoint, a torn trailing plan...).
+    pub warnings: Vec<String>,
+    /// Time spent reading and merging state objects.
+    pub restore_ms: u64,
+    pub bytes_read: u64,
+    pub objects_read: u64,
+}
+
+/// What a retention pass did.
+#[derive(Debug, Clone, Default)]
+pub struct RetentionReport {
+    pub kept_checkpoints: Vec<BatchId>,
+    pub deleted: Vec<ObjectName>,
+}
+
+/// A checkpoint location.
+pub struct CheckpointStore {
+    store: Arc<dyn ObjectStore>,
+    paths: Paths,
+    location: String,
+    rt: Arc<tokio::runtime::Runtime>,
+}
+
+/// Resolves a location string to an object store and a root prefix: a local path (created if
+/// missing), a `file:///abs/path` URL, or `memory://` (a fresh in-memory store, for tests).
+///
+/// ```
+/// let (_store, root) = cairn_checkpoint::store::open_store("memory://").unwrap();
+/// assert_eq!(root.as_ref(), "");
+/// assert!(cairn_checkpoint::store::open_store("s3://bucket/x").is_err());
+/// ```
+pub fn open_store(location: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
+    let invalid = |reason: String| Error::InvalidLocation { location: location.to_string(), reason };
+    let local_dir = if let Some((scheme, rest)) = location.split_once("://") {
+        match scheme {
+            "memory" => return Ok((Arc::new(object_store::memory::InMemory::new()), Path::from(""))),
+            "file" => {
+                let url = url::Url::parse(location).map_err(|e| invalid(e.to_string()))?;
+                url.to_file_path().map_err(|_| invalid(format!("{rest:?} is not an absolute local path")))?
+            }
+            other => {
+                return Err(invalid(format!(
+                    "the {other}:// scheme is not supported in this build; supported: a local path, file:///abs/path, memory://"
+                )))
+            }
+        }
+    } else {
+        if location.trim().is_empty() {
+            return Err(invalid("empty location".into()));
+        }
+        std::path::PathBuf::from(location)
+    };
+    std::fs::create_dir_all(&local_dir).map_err(|e| invalid(format!("cannot create directory: {e}")))?;
+    let dir = local_dir.canonicalize().map_err(|e| invalid(format!("cannot resolve directory: {e}")))?;
+    let fs =
+        object_store::local::LocalFileSystem::new_with_prefix(&dir).map_err(|e| invalid(e.to_string()))?;
+    Ok((Arc::new(fs), Path::from("")))
+}
+
+fn runtime() -> Arc<tokio::runtime::Runtime> {
+    static RT: std::sync::OnceLock<Arc<tokio::runtime::Runtime>> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        Arc::new(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("cairn-ckpt-io")
+                .enable_time()
+                .build()
+                .expect("cannot start the checkpoint I/O runtime"),
+        )
+    })
+    .clone()
+}
+
+impl Clone for CheckpointStore {
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            paths: self.paths.clone(),
+            location: self.location.clone(),
+            rt: self.rt.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for CheckpointStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointStore").field("location", &self.location).finish()
+    }
+}
+
+enum Created {
+    New,
+    Exists(Vec<u8>),
+}
+
+impl CheckpointStore {
+    /// Opens a location (see [`open_store`]).
+    ///
+    /// ```
+    /// use cairn_checkpoint::CheckpointStore;
+    /// let store = CheckpointStore::open("memory://").unwrap();
+    /// assert!(store.read_metadata().unwrap().is_none());
+    /// ```
+    pub fn open(location: &str) -> Result<Self> {
+        let (store, root) = open_store(location)?;
+        Ok(Self::with_store(store, root, location))
+    }
+
+    /// Uses an existing object store (e.g. wrapped to inject latency or faults) under `root`.
+    pub fn with_store(store: Arc<dyn ObjectStore>, root: Path, location: impl Into<String>) -> Self {
+        Self { store, paths: Paths::new(root), location: location.into(), rt: runtime() }
+    }
+
+    /// The location as given.
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// Object names under this location.
+    pub fn paths(&self) -> &Paths {
+        &self.paths
+    }
+
+    /// The underlying object store.
+    pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// Runs a future on this store's runtime, blocking the caller.
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    fn get(&self, path: &Path) -> Result<Option<Vec<u8>>> {
+        let r = self.block_on(async { self.store.get(path).await?.bytes().await });
+        match r {
+            Ok(b) => Ok(Some(b.to_vec())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Error::storage(path, e)),
+        }
+    }
+
+    fn get_required(&self, path: &Path) -> Result<Vec<u8>> {
+        self.get(path)?.ok_or_else(|| Error::corrupt(path, "object is missing"))
+    }
+
+    fn put(&self, path: &Path, bytes: Vec<u8>, mode: PutMode) -> Result<Created> {
+        let r = self.block_on(self.store.put_opts(path, PutPayload::from(bytes), PutOptions::from(mode)));
+        match r {
+            Ok(_) => Ok(Created::New),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(Created::Exists(self.get_required(path)?)),
+            Err(e) => Err(Error::storage(path, e)),
+        }
+    }
+
+    /// The job metadata, if the location has been initialised.
+    pub fn read_metadata(&self) -> Result<Option<JobMetadata>> {
+        let path = self.paths.path(ObjectName::Metadata);
+        match self.get(&path)? {
+            None => Ok(None),
+            Some(b) => Ok(Some(codec::decode_json(path.as_ref(), &b, ObjectKind::Metadata)?)),
+        }
+    }
+
+    /// Writes the job metadata once; an identical existing object is accepted.
+    pub fn create_metadata(&self, m: &JobMetadata) -> Result<()> {
+        let path = self.paths.path(ObjectName::Metadata);
+        let bytes = codec::encode_json(ObjectKind::Metadata, m);
+        match self.put(&path, bytes.clone(), PutMode::Create)? {
+            Created::New => Ok(()),
+            Created::Exists(old) if old == bytes => Ok(()),
+            Created::Exists(_) => Err(Error::Conflict {
+                path: path.to_string(),
+                reason: "another job initialised this location first".into(),
+            }),
+        }
+    }
+
+    /// Logs a batch's plan with a conditional create. Re-logging the same plan (a replay) is
+    /// accepted; a different plan for the same batch means another writer: a conflict.
+    pub fn write_plan(&self, plan: &BatchPlan) -> Result<WriteStats> {
+        let path = self.paths.path(ObjectName::Plan(plan.batch_id));
+        let bytes = codec::encode_json(ObjectKind::Plan, plan);
+        let len = bytes.len() as u64;
+        match self.put(&path, bytes, PutMode::Create)? {
+            Created::New => Ok(WriteStats { bytes: len, objects: 1 }),
+            Created::Exists(old) => {
+                match codec::decode_json::<BatchPlan>(path.as_ref(), &old, ObjectKind::Plan) {
+                    Ok(existing)
+                        if existing.batch_id == plan.batch_id && existing.sources == plan.sources =>
+                    {
+                        Ok(WriteStats::default())
+                    }
+                    Ok(_) => Err(Error::Conflict {
+                        path: path.to_string(),
+                        reason: format!(
+                            "batch {} was already planned with different input by another writer",
+                            plan.batch_id
+                        ),
+                    }),
+                    Err(e) => {
+                        tracing::warn!("replacing a corrupt plan object ({e})");
+                        let bytes = codec::encode_json(ObjectKind::Plan, plan);
+                        self.put(&path, bytes, PutMode::Overwrite)?;
+                        Ok(WriteStats { bytes: len, objects: 1 })
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads a batch's plan.
+    pub fn read_plan(&self, batch: BatchId) -> Result<BatchPlan> {
+        let path = self.paths.path(ObjectName::Plan(batch));
+        codec::decode_json(path.as_ref(), &self.get_required(&path)?, ObjectKind::Plan)
+    }
+
+    /// Reads a batch's commit record.
+    pub fn read_commit(&self, batch: BatchId) -> Result<BatchCommit> {
+        let path = self.paths.path(ObjectName::Commit(batch));
+        codec::decode_json(path.as_ref(), &self.get_required(&path)?, ObjectKind::Commit)
+    }
+
+    /// Writes a batch's commit record; an existing one (from an earlier attempt) is kept.
+    pub fn write_commit(&self, c: &BatchCommit) -> Result<WriteStats> {
+        let path = self.paths.path(ObjectName::Commit(c.batch_id));
+        let bytes = codec::encode_json(ObjectKind::Commit, c);
+        let len = bytes.len() as u64;
+        match self.put(&path, bytes, PutMode::Create)? {
+            Created::New => Ok(WriteStats { bytes: len, objects: 1 }),
+            Created::Exists(_) => Ok(WriteStats::default()),
+        }
+    }
+
+    /// Writes a state checkpoint as one object, by conditional create. An existing valid
+    /// checkpoint of the same batch is kept (a replay recomputed it); a corrupt one (a torn
+    /// earlier write) is replaced.
+    pub fn write_checkpoint(&self, ckpt: &StateCheckpoint) -> Result<WriteStats> {
+        let name = match ckpt.kind {
+            CheckpointKind::Full => ObjectName::Full(ckpt.batch_id),
+            CheckpointKind::Delta { parent } => ObjectName::Delta { batch: ckpt.batch_id, parent },
+        };
+        let path = self.paths.path(name);
+        let bytes = codec::encode_state(ckpt);
+        let len = bytes.len() as u64;
+        match self.put(&path, bytes.clone(), PutMode::Create)? {
+            Created::New => Ok(WriteStats { bytes: len, objects: 1 }),
+            Created::Exists(old) if old == bytes => Ok(WriteStats::default()),
+            Created::Exists(old) => match codec::decode_state(path.as_ref(), &old) {
+                Ok(existing) if existing.batch_id == ckpt.batch_id && existing.kind == ckpt.kind => {
+                    Ok(WriteStats::default())
+                }
+                Ok(_) => Err(Error::Conflict {
+                    path: path.to_string(),
+                    reason: "a different checkpoint already exists under this name".into(),
+                }),
+                Err(e) => {
+                    tracing::warn!("replacing a torn checkpoint object ({e})");
+                    self.put(&path, bytes, PutMode::Overwrite)?;
+                    Ok(WriteStats { bytes: len, objects: 1 })
+                }
+            },
+        }
+    }
+
+    /// Writes raw bytes (failpoints use it to leave a torn object behind).
+    pub fn write_raw(&self, name: ObjectName, bytes: Vec<u8>) -> Result<()> {
+        self.put(&self.paths.path(name), bytes, PutMode::Overwrite).map(|_| ())
+    }
+
+    /// Every recognised object of the location.
+    pub fn listing(&self) -> Result<Listing> {
+        let root = self.paths.root().clone();
+        let prefix = if root.as_ref().is_empty() { None } else { Some(&root) };
+        let metas: Vec<ObjectMeta> = self
+            .block_on(self.store.list(prefix).try_collect::<Vec<_>>())
+            .map_err(|e| Error::storage(&self.location, e))?;
+        Ok(Listing::new(metas.iter().filter_map(|m| self.paths.parse(&m.location))))
+    }
+
+    /// Reads and verifies a state checkpoint object.
+    pub fn read_state(&self, name: ObjectName) -> Result<StateCheckpoint> {
+        let path = self.paths.path(name);
+        let ckpt = codec::decode_state(path.as_ref(), &self.get_required(&path)?)?;
+        let expected = match name {
+            ObjectName::Full(b) => (b, CheckpointKind::Full),
+            ObjectName::Delta { batch, parent } => (batch, CheckpointKind::Delta { parent }),
+            _ => return Err(Error::corrupt(&path, "not a state object name")),
+        };
+        if (ckpt.batch_id, ckpt.kind) != expected {
+            return Err(Error::corrupt(
+                &path,
+                format!(
+                    "holds the checkpoint of batch {} ({:?}), not what its name says",
+                    ckpt.batch_id, ckpt.kind
+                ),
+            ));
+        }
+        Ok(ckpt)
+    }
+
+    /// Finds what to restore: the newest checkpoint whose objects all verify, and the planned
+    /// batches after it. Damage is worked around where possible and reported in `warnings`.
+    pub fn recover(&self) -> Result<Recovered> {
+        let t0 = std::time::Instant::now();
+        let metadata = self.read_metadata()?;
+        let listing = self.listing()?;
+        let mut warnings = Vec::new();
+        let mut failures = Vec::new();
+        let mut cache: HashMap<ObjectName, std::result::Result<StateCheckpoint, String>> = HashMap::new();
+        let (mut bytes_read, mut objects_read) = (0u64, 0u64);
+        let mut restored = None;
+        for attempt in protocol::recovery_attempts(&listing) {
+            let mut chain = Vec::with_capacity(attempt.chain.len());
+            let mut failure = None;
+            for name in &attempt.chain {
+                let entry = cache.entry(*name).or_insert_with(|| {
+                    objects_read += 1;
+                    let path = self.paths.path(*name);
+                    let bytes = self.get_required(&path);
+                    if let Ok(b) = &bytes {
+                        bytes_read += b.len() as u64;
+                    }
+                    bytes.and_then(|_| self.read_state(*name)).map_err(|e| e.to_string())
+                });
+                match entry {
+                    Ok(c) => chain.push(c.clone()),
+                    Err(e) => {
+                        failure = Some(e.clone());
+                        break;
+                    }
+                }
+            }
+            let outcome = match failure {
+                Some(e) => Err(e),
+                None => merge::merge_chain(chain).map_err(|e| e.to_string()).and_then(|merged| {
+                    let replay = protocol::replay_batches(&listing, Some(attempt.batch))?;
+                    Ok((merged, replay))
+                }),
+            };
+            match outcome {
+                Ok((merged, replay)) => {
+                    restored = Some((merged, attempt.chain.clone(), replay));
+                    break;
+                }
+                Err(e) => {
+                    let w = format!("checkpoint after batch {} unusable: {e}; falling back", attempt.batch);
+                    tracing::warn!("{w}");
+                    warnings.push(w);
+                    failures.push(format!("batch {}: {e}", attempt.batch));
+                }
+            }
+        }
+        let (state, replay_ids) = match restored {
+            Some((merged, chain, replay)) => (
+                Some(RestoredState {
+                    batch_id: merged.batch_id,
+                    graph: merged.graph,
+                    tables: merged.tables,
+                    chain,
+                }),
+                replay,
+            ),
+            None if listing.checkpoints().is_empty() => {
+                let replay = protocol::replay_batches(&listing, None)
+                    .map_err(|reason| Error::Unrecoverable { location: self.location.clone(), reason })?;
+                (None, replay)
+            }
+            None => {
+                return Err(Error::Unrecoverable {
+                    location: self.location.clone(),
+                    reason: format!("every checkpoint failed to load: {}", failures.join("; ")),
+                })
+            }
+        };
+        let restore_ms = t0.elapsed().as_millis() as u64;
+        let commits: BTreeSet<BatchId> = listing.commits().into_iter().collect();
+        let mut replay = Vec::with_capacity(replay_ids.len());
+        for (i, id) in replay_ids.iter().enumerate() {
+            match self.read_plan(*id) {
+                Ok(p) if p.batch_id == *id => replay.push(p),
+                Ok(p) => {
+                    return Err(Error::Unrecoverable {
+                        location: self.location.clone(),
+                        reason: format!("the plan object of batch {id} holds batch {}", p.batch_id),
+                    })
+                }
+                Err(e) if i + 1 == replay_ids.len() && !commits.contains(id) => {
+                    // A torn last plan: that batch never ran to commit. It is planned afresh.
+                    let w = format!(
+                        "the plan of the last batch {id} is unreadable ({e}); it will be planned again"
+                    );
+                    tracing::warn!("{w}");
+                    warnings.push(w);
+                }
+                Err(e) => {
+                    return Err(Error::Unrecoverable {
+                        location: self.location.clone(),
+                        reason: format!(
+                            "the plan of batch {id} is unreadable ({e}) and later batches depend on it"
+                        ),
+                    })
+                }
+            }
+        }
+        let next_batch = match (replay.last(), &state) {
+            (Some(p), _) => BatchId(p.batch_id.0 + 1),
+            (None, Some(s)) => BatchId(s.batch_id.0 + 1),
+            (None, None) => BatchId(0),
+        };
+        let committed = replay.iter().map(|p| p.batch_id).filter(|b| commits.contains(b)).collect();
+        Ok(Recovered {
+            metadata,
+            state,
+            replay,
+            committed,
+            next_batch,
+            warnings,
+            restore_ms,
+            bytes_read,
+            objects_read,
+        })
+    }
+
+    /// Writes a full snapshot of the checkpoint of `batch`, merged from its chain, unless one
+    /// exists; reads it back to verify before it counts. Returns what was written.
+    pub fn compact(&self, batch: BatchId) -> Result<Option<WriteStats>> {
+        let listing = self.listing()?;
+        if listing.contains(ObjectName::Full(batch)) {
+            return Ok(None);
+        }
+        let chain = protocol::chain(&listing, batch, true).ok_or_else(|| Error::Unrecoverable {
+            location: self.location.clone(),
+            reason: format!("cannot compact batch {batch}: its checkpoint chain is incomplete"),
+        })?;
+        let loaded = chain.iter().map(|n| self.read_state(*n)).collect::<Result<Vec<_>>>()?;
+        let merged = merge::merge_chain(loaded)?;
+        let stats = self.write_checkpoint(&merged)?;
+        self.read_state(ObjectName::Full(batch))?;
+        Ok(Some(stats))
+    }
+
+    /// Keeps the newest `keep` checkpoints and what they need; deletes the rest in an order that
+    /// never breaks recovery if interrupted.
+    pub fn apply_retention(&self, keep: usize) -> Result<RetentionReport> {
+        let plan = protocol::plan_retention(&self.listing()?, keep);
+        let mut deleted = Vec::new();
+        for name in plan.delete {
+            let path = self.paths.path(name);
+            match self.block_on(self.store.delete(&path)) {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => deleted.push(name),
+                Err(e) => return Err(Error::storage(&path, e)),
+            }
+        }
+        Ok(RetentionReport { kept_checkpoints: plan.keep_checkpoints, deleted })
+    }
+}

@@ -1,0 +1,162 @@
+//! State tables: the unit of state inside a checkpoint.
+//!
+//! A table is a flat byte buffer of entries, each `u32 LE key length, key bytes, u8 tag` followed,
+//! when the tag is 1 (value), by `u32 LE value length, value bytes`; tag 0 is a tombstone (the key
+//! was removed since the parent checkpoint). Keys and values are opaque here: operators encode them,
+//! so compaction and recovery can merge tables without knowing any Rust type. Writing appends into
+//! one buffer, so checkpointing a million keys costs no allocation per key.
+
+use crate::{Error, Result};
+
+const TAG_TOMBSTONE: u8 = 0;
+const TAG_VALUE: u8 = 1;
+
+/// One operator state (or source position set) inside a checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableData {
+    /// `operator name` or `operator name/sub-table`, unique within a checkpoint.
+    pub id: String,
+    /// Number of entries in `data`.
+    pub entries: u64,
+    /// Encoded entries, see the module docs.
+    pub data: Vec<u8>,
+}
+
+impl TableData {
+    /// Iterates over the entries.
+    pub fn reader(&self) -> TableReader<'_> {
+        TableReader { data: &self.data, pos: 0, table: &self.id }
+    }
+}
+
+/// Appends entries to a table buffer.
+///
+/// ```
+/// use cairn_checkpoint::{TableWriter, TableData};
+/// let mut w = TableWriter::new();
+/// w.put(b"k1", b"v1");
+/// w.delete(b"k2");
+/// let t: TableData = w.finish("op");
+/// let got: Vec<_> = t.reader().map(|e| e.unwrap()).collect();
+/// assert_eq!(got, vec![(&b"k1"[..], Some(&b"v1"[..])), (&b"k2"[..], None)]);
+/// ```
+#[derive(Debug, Default)]
+pub struct TableWriter {
+    data: Vec<u8>,
+    entries: u64,
+}
+
+impl TableWriter {
+    /// An empty writer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records `key = value`.
+    pub fn put(&mut self, key: &[u8], value: &[u8]) {
+        self.put_with(|b| b.extend_from_slice(key), |b| b.extend_from_slice(value));
+    }
+
+    /// Records a removal of `key`.
+    pub fn delete(&mut self, key: &[u8]) {
+        self.delete_with(|b| b.extend_from_slice(key));
+    }
+
+    /// Records `key = value`, letting the caller encode both straight into the buffer.
+    pub fn put_with(&mut self, key: impl FnOnce(&mut Vec<u8>), value: impl FnOnce(&mut Vec<u8>)) {
+        self.write_sized(key);
+        self.data.push(TAG_VALUE);
+        self.write_sized(value);
+        self.entries += 1;
+    }
+
+    /// Records a removal, letting the caller encode the key straight into the buffer.
+    pub fn delete_with(&mut self, key: impl FnOnce(&mut Vec<u8>)) {
+        self.write_sized(key);
+        self.data.push(TAG_TOMBSTONE);
+        self.entries += 1;
+    }
+
+    /// Appends every entry of another writer (used to join per-partition buffers).
+    pub fn append(&mut self, other: TableWriter) {
+        self.data.extend_from_slice(&other.data);
+        self.entries += other.entries;
+    }
+
+    /// Number of entries written so far.
+    pub fn len(&self) -> u64 {
+        self.entries
+    }
+
+    /// True when nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.entries == 0
+    }
+
+    /// Closes the table under the given id.
+    pub fn finish(self, id: impl Into<String>) -> TableData {
+        TableData { id: id.into(), entries: self.entries, data: self.data }
+    }
+
+    fn write_sized(&mut self, f: impl FnOnce(&mut Vec<u8>)) {
+        let at = self.data.len();
+        self.data.extend_from_slice(&[0; 4]);
+        f(&mut self.data);
+        let len = (self.data.len() - at - 4) as u32;
+        self.data[at..at + 4].copy_from_slice(&len.to_le_bytes());
+    }
+}
+
+/// Iterator over a table's `(key, Some(value) | None for a tombstone)` entries.
+pub struct TableReader<'a> {
+    data: &'a [u8],
+    pos: usize,
+    table: &'a str,
+}
+
+impl<'a> TableReader<'a> {
+    fn sized(&mut self) -> Result<&'a [u8]> {
+        let len_bytes = self.data.get(self.pos..self.pos + 4).ok_or_else(|| self.malformed())?;
+        let len = u32::from_le_bytes(len_bytes.try_into().expect("4 bytes")) as usize;
+        let start = self.pos + 4;
+        let bytes = self.data.get(start..start + len).ok_or_else(|| self.malformed())?;
+        self.pos = start + len;
+        Ok(bytes)
+    }
+
+    fn malformed(&self) -> Error {
+        Error::Decode {
+            path: format!("table {}", self.table),
+            reason: format!("entry at byte {} runs past the end of the table", self.pos),
+        }
+    }
+
+    fn entry(&mut self) -> Result<(&'a [u8], Option<&'a [u8]>)> {
+        let key = self.sized()?;
+        let tag = *self.data.get(self.pos).ok_or_else(|| self.malformed())?;
+        self.pos += 1;
+        match tag {
+            TAG_TOMBSTONE => Ok((key, None)),
+            TAG_VALUE => Ok((key, Some(self.sized()?))),
+            other => Err(Error::Decode {
+                path: format!("table {}", self.table),
+                reason: format!("unknown entry tag {other} at byte {}", self.pos - 1),
+            }),
+        }
+    }
+}
+
+impl<'a> Iterator for TableReader<'a> {
+    type Item = Result<(&'a [u8], Option<&'a [u8]>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.pos >= self.data.len() {
+            return None;
+        }
+        let r = self.entry();
+        if r.is_err() {
+            self.pos = self.data.len();
+        }
+        Some(r)
+    }
+}

@@ -1,0 +1,144 @@
+//! Fault-injection harness for cairn: the crash job (a real process the tests kill), its
+//! independently computed expected output, and helpers to read what it left behind.
+//!
+//! The crash job reads a deterministic generator, keeps per-key running `(count, sum)` with
+//! `map_with_state` and per-key sums over a sliding window with `reduce_by_key_and_window`, and
+//! writes both through the exactly-once file sink. [`expected_totals`] and [`expected_windows`]
+//! compute what those sinks must contain with plain loops, sharing no code with the engine.
+
+mod faulty;
+pub use faulty::FaultyStore;
+
+use cairn::{StateSpec, StreamingContext};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Generator partitions of the crash job.
+pub const PARTITIONS: u32 = 3;
+/// Window length and slide of the crash job, in batches.
+pub const WINDOW_BATCHES: u64 = 3;
+
+/// Parameters shared by the crash job and the model.
+#[derive(Debug, Clone, Copy)]
+pub struct JobParams {
+    pub batches: u64,
+    pub rate: u64,
+    pub keys: u64,
+}
+
+/// Record `offset` of generator partition `partition`: `(key, value)`.
+pub fn record(partition: u32, offset: u64, keys: u64) -> (u64, i64) {
+    let mut x = ((partition as u64) << 40) ^ offset ^ 0x5bd1_e995;
+    x = x.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    x ^= x >> 31;
+    (x % keys, (x >> 33) as i64 % 1000 - 100)
+}
+
+/// The offsets of each partition in batch `b`: the generator gives every partition an equal
+/// share of `rate` (the first `rate % partitions` partitions one more).
+fn batch_records(p: &JobParams, b: u64) -> Vec<(u64, i64)> {
+    let n = PARTITIONS as u64;
+    let mut out = Vec::new();
+    for part in 0..PARTITIONS {
+        let share = p.rate / n + u64::from((part as u64) < p.rate % n);
+        for o in b * share..(b + 1) * share {
+            out.push(record(part, o, p.keys));
+        }
+    }
+    out
+}
+
+/// Expected lines of the totals sink per batch (sorted): `key,count,sum` after each record.
+pub fn expected_totals(p: &JobParams) -> Vec<Vec<String>> {
+    let mut state: BTreeMap<u64, (u64, i64)> = BTreeMap::new();
+    (0..p.batches)
+        .map(|b| {
+            let mut lines: Vec<String> = batch_records(p, b)
+                .into_iter()
+                .map(|(k, v)| {
+                    let s = state.entry(k).or_insert((0, 0));
+                    s.0 += 1;
+                    s.1 += v;
+                    format!("{k},{},{}", s.0, s.1)
+                })
+                .collect();
+            lines.sort();
+            lines
+        })
+        .collect()
+}
+
+/// Expected final state of the totals operator.
+pub fn expected_final_state(p: &JobParams) -> BTreeMap<u64, (u64, i64)> {
+    let mut state = BTreeMap::new();
+    for b in 0..p.batches {
+        for (k, v) in batch_records(p, b) {
+            let s: &mut (u64, i64) = state.entry(k).or_insert((0, 0));
+            s.0 += 1;
+            s.1 += v;
+        }
+    }
+    state
+}
+
+/// Expected lines of the window sink per batch (sorted): `key,sum` over the last
+/// [`WINDOW_BATCHES`] batches, for keys present in the window.
+pub fn expected_windows(p: &JobParams) -> Vec<Vec<String>> {
+    let per_batch: Vec<BTreeMap<u64, i64>> = (0..p.batches)
+        .map(|b| {
+            let mut m = BTreeMap::new();
+            for (k, v) in batch_records(p, b) {
+                *m.entry(k).or_insert(0) += v;
+            }
+            m
+        })
+        .collect();
+    (0..p.batches as usize)
+        .map(|b| {
+            let from = (b + 1).saturating_sub(WINDOW_BATCHES as usize);
+            let mut sums: BTreeMap<u64, i64> = BTreeMap::new();
+            for m in &per_batch[from..=b] {
+                for (k, v) in m {
+                    *sums.entry(*k).or_insert(0) += v;
+                }
+            }
+            let mut lines: Vec<String> = sums.into_iter().map(|(k, v)| format!("{k},{v}")).collect();
+            lines.sort();
+            lines
+        })
+        .collect()
+}
+
+/// Batch interval of the crash job.
+pub const INTERVAL: Duration = Duration::from_millis(10);
+
+/// Defines the crash job's graph on `ctx`: generator → running totals (`map_with_state`
+/// "totals") → file sink `out_totals`, and generator → per-key window sums
+/// (`reduce_by_key_and_window` "window-sums", [`WINDOW_BATCHES`] long, sliding every batch) →
+/// file sink `out_windows`.
+pub fn define_job(
+    ctx: &StreamingContext,
+    p: &JobParams,
+    out_totals: &str,
+    out_windows: &str,
+) -> cairn::Result<()> {
+    let keys = p.keys.max(1);
+    let events = ctx.generator("events", PARTITIONS, p.rate, move |part, o| record(part, o, keys))?;
+    events
+        .map_with_state(
+            "totals",
+            StateSpec::function(|k: &u64, v: Option<i64>, st| {
+                let (c, s) = st.get().copied().unwrap_or((0u64, 0i64));
+                let next = (c + 1, s + v.unwrap_or(0));
+                st.update(next);
+                format!("{k},{},{}", next.0, next.1)
+            }),
+        )
+        .save_as_text_files(out_totals)?;
+    let w = INTERVAL * WINDOW_BATCHES as u32;
+    events
+        .reduce_by_key_and_window("window-sums", |a, b| a + b, Some(|a: i64, b: i64| a - b), w, INTERVAL)
+        .map(|(k, v)| format!("{k},{v}"))
+        .save_as_text_files(out_windows)?;
+    Ok(())
+}

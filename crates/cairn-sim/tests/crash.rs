@@ -1,0 +1,168 @@
+//! Crash tests: a real process running a stateful job with the file sink is killed with SIGKILL
+//! at seeded random moments and at every named failpoint, restarted each time, and its committed
+//! output and final state are compared with an independently computed answer.
+
+use cairn_checkpoint::CheckpointStore;
+use cairn_sim::{expected_final_state, expected_totals, expected_windows, JobParams};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+struct Dirs {
+    _tmp: tempfile::TempDir,
+    ckpt: String,
+    totals: String,
+    windows: String,
+}
+
+fn dirs() -> Dirs {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let p = |s: &str| tmp.path().join(s).to_str().expect("utf-8 path").to_string();
+    Dirs { ckpt: p("ckpt"), totals: p("out-totals"), windows: p("out-windows"), _tmp: tmp }
+}
+
+fn job(d: &Dirs, p: &JobParams, every: u64, parallelism: u64, failpoint: Option<&str>) -> Command {
+    job_paced(d, p, every, parallelism, failpoint, 0)
+}
+
+fn job_paced(
+    d: &Dirs,
+    p: &JobParams,
+    every: u64,
+    parallelism: u64,
+    failpoint: Option<&str>,
+    pace_ms: u64,
+) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_crash-job"));
+    c.args([&d.ckpt, &d.totals, &d.windows])
+        .args([p.batches, p.rate, p.keys, every, parallelism].map(|n| n.to_string()))
+        .env("CAIRN_LOG", "warn")
+        .env("CRASH_JOB_PACE_MS", pace_ms.to_string())
+        .stdout(std::process::Stdio::null());
+    match failpoint {
+        Some(f) => c.env("CAIRN_FAILPOINT", f),
+        None => c.env_remove("CAIRN_FAILPOINT"),
+    };
+    c
+}
+
+fn wait_timeout(child: &mut Child, limit: Duration) -> ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return s;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            panic!("crash-job did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn run_to_end(d: &Dirs, p: &JobParams, every: u64, parallelism: u64) {
+    let mut child = job(d, p, every, parallelism, None).spawn().expect("spawn crash-job");
+    let status = wait_timeout(&mut child, Duration::from_secs(120));
+    assert!(status.success(), "final run failed: {status}");
+}
+
+fn sink_batches(dir: &str) -> Vec<(u64, Vec<String>)> {
+    if !Path::new(dir).exists() {
+        return Vec::new();
+    }
+    cairn::read_text_output(dir).expect("read sink output")
+}
+
+fn check_output(d: &Dirs, p: &JobParams) {
+    for (dir, expected) in [(&d.totals, expected_totals(p)), (&d.windows, expected_windows(p))] {
+        let got = sink_batches(dir);
+        let ids: Vec<u64> = got.iter().map(|(b, _)| *b).collect();
+        assert_eq!(ids, (0..p.batches).collect::<Vec<_>>(), "{dir}: every batch exactly once");
+        for ((b, mut lines), want) in got.into_iter().zip(expected) {
+            lines.sort();
+            assert_eq!(
+                lines.len(),
+                want.len(),
+                "{dir}: batch {b} has {} lines, expected {}",
+                lines.len(),
+                want.len()
+            );
+            assert!(lines == want, "{dir}: batch {b} differs from the expected output");
+        }
+    }
+    // The final state, read straight from the checkpoint.
+    let store = CheckpointStore::open(&d.ckpt).expect("open checkpoint");
+    let rec = store.recover().expect("recover");
+    assert!(rec.replay.is_empty(), "a clean stop leaves nothing to replay");
+    let state = rec.state.expect("a final checkpoint exists");
+    assert_eq!(state.batch_id.0, p.batches - 1, "final checkpoint is after the last batch");
+    let table = state.tables.iter().find(|t| t.id == "totals").expect("totals table");
+    let mut got = BTreeMap::new();
+    for e in table.reader() {
+        let (k, v) = e.expect("entry");
+        let key: u64 = postcard::from_bytes(k).expect("key");
+        let (value, _seen): ((u64, i64), i64) = postcard::from_bytes(v.expect("live entry")).expect("value");
+        got.insert(key, value);
+    }
+    assert_eq!(got, expected_final_state(p), "final state");
+}
+
+/// xorshift64*: a seeded sequence of kill delays, reproducible from the printed seed.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+#[test]
+fn survives_random_sigkills() {
+    let kills: u64 = std::env::var("CAIRN_CRASH_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(25);
+    let seed: u64 =
+        std::env::var("CAIRN_CRASH_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x00c0_ffee);
+    eprintln!("crash test: {kills} kills, seed {seed} (set CAIRN_CRASH_SEED to reproduce)");
+    let p = JobParams { batches: 1500, rate: 300, keys: 97 };
+    let d = dirs();
+    let mut rng = Rng(seed | 1);
+    let mut killed_running = 0;
+    for i in 0..kills {
+        let mut child = job_paced(&d, &p, 1 + i % 3, 1 + i % 3, None, 3).spawn().expect("spawn crash-job");
+        let delay = 20 + rng.next() % 400;
+        std::thread::sleep(Duration::from_millis(delay));
+        if child.try_wait().expect("try_wait").is_none() {
+            killed_running += 1;
+        }
+        child.kill().ok(); // SIGKILL
+        child.wait().expect("reap");
+    }
+    eprintln!("crash test: {killed_running} of {kills} kills hit a running job");
+    let done = sink_batches(&d.totals).len();
+    assert!(
+        done < p.batches as usize,
+        "the kills must interrupt the job before it finishes (it did {done} batches)"
+    );
+    run_to_end(&d, &p, 2, 2);
+    check_output(&d, &p);
+}
+
+#[test]
+fn survives_every_failpoint() {
+    let p = JobParams { batches: 12, rate: 200, keys: 31 };
+    for fp in cairn::failpoint::ALL {
+        let d = dirs();
+        let mut child = job(&d, &p, 1, 2, Some(&format!("{fp}@5"))).spawn().expect("spawn crash-job");
+        let status = wait_timeout(&mut child, Duration::from_secs(60));
+        assert!(!status.success(), "failpoint {fp} must crash the job");
+        let before = sink_batches(&d.totals).len();
+        assert!(
+            before < p.batches as usize,
+            "failpoint {fp}: the job must not finish before crashing (it did {before} batches)"
+        );
+        run_to_end(&d, &p, 1, 2);
+        check_output(&d, &p);
+    }
+}

@@ -1,0 +1,98 @@
+//! Storage failures and slowness, through a fault-injecting object store under a real local
+//! directory: a full disk stops the job with a clear error and loses nothing; slow checkpoint
+//! writes become reported backpressure, not lost or duplicated data.
+
+use cairn::checkpoint::object_store::{local::LocalFileSystem, path::Path as ObjPath};
+use cairn::checkpoint::CheckpointStore;
+use cairn::{StreamingContext, Trigger};
+use cairn_sim::{define_job, expected_totals, expected_windows, FaultyStore, JobParams, INTERVAL};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    faulty: Arc<FaultyStore>,
+    totals: String,
+    windows: String,
+}
+
+fn setup(only: &str) -> Setup {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ckpt = tmp.path().join("ckpt");
+    std::fs::create_dir_all(&ckpt).expect("mkdir");
+    let local = Arc::new(LocalFileSystem::new_with_prefix(&ckpt).expect("local store"));
+    let faulty = FaultyStore::new(local, only);
+    let p = |s: &str| tmp.path().join(s).to_str().expect("utf-8").to_string();
+    Setup { totals: p("totals"), windows: p("windows"), faulty, _tmp: tmp }
+}
+
+fn context(s: &Setup, p: &JobParams) -> StreamingContext {
+    let store = CheckpointStore::with_store(s.faulty.clone(), ObjPath::from(""), "faulty-local");
+    let ctx = StreamingContext::builder()
+        .batch_interval(INTERVAL)
+        .checkpoint_store(store)
+        .parallelism(2)
+        .trigger(Trigger::AvailableNow)
+        .stop_after_batches(p.batches)
+        .build()
+        .expect("build");
+    define_job(&ctx, p, &s.totals, &s.windows).expect("define");
+    ctx
+}
+
+fn check_exact(s: &Setup, p: &JobParams) {
+    for (dir, expected) in [(&s.totals, expected_totals(p)), (&s.windows, expected_windows(p))] {
+        let got = cairn::read_text_output(dir).expect("read output");
+        assert_eq!(got.len(), p.batches as usize, "{dir}: one output per batch");
+        for ((b, mut lines), want) in got.into_iter().zip(expected) {
+            lines.sort();
+            assert!(lines == want, "{dir}: batch {b} differs from the model");
+        }
+    }
+}
+
+#[test]
+fn full_disk_stops_with_a_clear_error_and_loses_nothing() {
+    let p = JobParams { batches: 20, rate: 150, keys: 23 };
+    let s = setup("");
+    let ctx = context(&s, &p);
+    let faulty = s.faulty.clone();
+    ctx.on_batch(move |b| {
+        if b.batch_id == 7 {
+            faulty.set_failing(true);
+        }
+    });
+    let err = ctx.run_available().expect_err("writes fail, so the job must stop");
+    let msg = err.to_string();
+    assert!(msg.contains("No space left on device"), "the error names the cause: {msg}");
+    let done = cairn::read_text_output(&s.totals).expect("read").len();
+    assert!((8..20).contains(&done), "the job stopped soon after the disk filled ({done} batches)");
+
+    s.faulty.set_failing(false);
+    let summary = context(&s, &p).run_available().expect("restart on a healthy disk");
+    assert!(summary.replayed_batches >= 1, "the batches after the last checkpoint are replayed");
+    check_exact(&s, &p);
+}
+
+#[test]
+fn slow_checkpoint_storage_is_backpressure_not_loss() {
+    let p = JobParams { batches: 15, rate: 100, keys: 11 };
+    let s = setup("state/");
+    s.faulty.set_delay(Duration::from_millis(150));
+    let ctx = context(&s, &p);
+    let waited = Arc::new(AtomicU64::new(0));
+    let w = waited.clone();
+    ctx.on_batch(move |b| {
+        if b.checkpoint_wait_ms > 10.0 {
+            w.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    ctx.run_available().expect("slow storage is not an error");
+    assert!(
+        waited.load(Ordering::SeqCst) > 0,
+        "checkpointing every 10 ms batch on 150 ms writes must report waiting"
+    );
+    assert!(s.faulty.puts() > 0, "state writes went through the slow store");
+    check_exact(&s, &p);
+}

@@ -1,0 +1,451 @@
+//! `StreamingContext`: configuration, the graph's entry points (sources), and the job lifecycle.
+
+use crate::clock::{self, Clock};
+use crate::dstream::{DStream, Data};
+use crate::error::{Error, Result};
+use crate::graph::Graph;
+use crate::scheduler::{self, Prepared, RunSummary};
+use crate::source::{self, Generator, QueueHandle, Source, TextFiles};
+use cairn_checkpoint::CheckpointStore;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// When batches run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// One batch every batch interval, forever (until stopped).
+    ProcessingTime,
+    /// Process what the sources have now, batch after batch without waiting, then stop. For
+    /// backfills, tests and benchmarks.
+    AvailableNow,
+}
+
+/// Progress of one batch, handed to [`StreamingContext::on_batch`] listeners.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchProgress {
+    pub batch_id: u64,
+    pub batch_time_ms: i64,
+    /// Records read from sources.
+    pub records: u64,
+    /// Time to run the batch's operators and sinks.
+    pub processing_ms: f64,
+    /// Time the scheduler spent on checkpointing for this batch: logging the plan and commit,
+    /// cutting a state snapshot, and waiting for room in the checkpoint queue.
+    pub checkpoint_ms: f64,
+    /// Of `checkpoint_ms`, time spent blocked because storage fell behind (backpressure).
+    pub checkpoint_wait_ms: f64,
+    /// Whether a state checkpoint was cut after this batch.
+    pub checkpointed: bool,
+    /// Duration of the most recent completed background checkpoint write.
+    pub last_checkpoint_write_ms: Option<f64>,
+    /// Live keys over all stateful operators.
+    pub state_keys: u64,
+    /// True for a batch re-run after a restart with its logged input.
+    pub replayed: bool,
+}
+
+type Listener = Box<dyn Fn(&BatchProgress) + Send + Sync>;
+
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub app_name: String,
+    pub batch_interval: Duration,
+    pub checkpoint: Option<String>,
+    pub store: Option<CheckpointStore>,
+    pub checkpoint_interval: Option<Duration>,
+    pub parallelism: usize,
+    pub trigger: Trigger,
+    pub keep_checkpoints: usize,
+    pub full_snapshot_every: usize,
+    pub max_pending_checkpoints: usize,
+    pub stop_after_batches: Option<u64>,
+    pub drop_state: Vec<String>,
+    pub stop_on_signals: bool,
+    pub lease_ttl: Duration,
+    pub clock: Arc<dyn Clock>,
+}
+
+/// Builds a [`StreamingContext`].
+///
+/// ```
+/// use cairn::{StreamingContext, Trigger};
+/// use std::time::Duration;
+/// let ctx = StreamingContext::builder()
+///     .app_name("clicks")
+///     .batch_interval(Duration::from_secs(1))
+///     .checkpoint_interval(Duration::from_secs(10))
+///     .parallelism(4)
+///     .trigger(Trigger::ProcessingTime)
+///     .build()
+///     .unwrap();
+/// ```
+#[must_use]
+pub struct StreamingContextBuilder {
+    cfg: Config,
+}
+
+impl StreamingContextBuilder {
+    /// Name shown in logs and stored in the checkpoint's metadata.
+    pub fn app_name(mut self, name: impl Into<String>) -> Self {
+        self.cfg.app_name = name.into();
+        self
+    }
+    /// Time between batches (default 1 s). Pinned in the checkpoint: batch times and windows
+    /// depend on it, so a restart with a different interval is refused.
+    pub fn batch_interval(mut self, d: Duration) -> Self {
+        self.cfg.batch_interval = d;
+        self
+    }
+    /// Checkpoint location: a local directory or `file://` URL (or `memory://` for tests).
+    pub fn checkpoint(mut self, location: impl Into<String>) -> Self {
+        self.cfg.checkpoint = Some(location.into());
+        self
+    }
+    /// Uses an already opened checkpoint store (for example one wrapped to inject latency).
+    pub fn checkpoint_store(mut self, store: CheckpointStore) -> Self {
+        self.cfg.checkpoint = Some(store.location().to_string());
+        self.cfg.store = Some(store);
+        self
+    }
+    /// How often state is checkpointed (default: every batch). Should be a multiple of the batch
+    /// interval; a longer interval writes less but replays more batches after a crash.
+    pub fn checkpoint_interval(mut self, d: Duration) -> Self {
+        self.cfg.checkpoint_interval = Some(d);
+        self
+    }
+    /// Partitions of keyed operators (default: the number of cores).
+    pub fn parallelism(mut self, n: usize) -> Self {
+        self.cfg.parallelism = n.max(1);
+        self
+    }
+    /// When batches run (default [`Trigger::ProcessingTime`]).
+    pub fn trigger(mut self, t: Trigger) -> Self {
+        self.cfg.trigger = t;
+        self
+    }
+    /// State checkpoints kept by retention (default 10, at least 1). Older checkpoints, and batch
+    /// logs nothing needs any more, are deleted after each checkpoint.
+    pub fn keep_checkpoints(mut self, n: usize) -> Self {
+        self.cfg.keep_checkpoints = n.max(1);
+        self
+    }
+    /// A full snapshot is compacted in the background every `k` checkpoints (default 10),
+    /// bounding the deltas recovery must read.
+    pub fn full_snapshot_every(mut self, k: usize) -> Self {
+        self.cfg.full_snapshot_every = k.max(1);
+        self
+    }
+    /// Checkpoints that may wait for storage before the scheduler blocks (default 2).
+    pub fn max_pending_checkpoints(mut self, n: usize) -> Self {
+        self.cfg.max_pending_checkpoints = n.max(1);
+        self
+    }
+    /// Stops (gracefully) once batch `n - 1` is done, counting batches before any restart.
+    pub fn stop_after_batches(mut self, n: u64) -> Self {
+        self.cfg.stop_after_batches = Some(n);
+        self
+    }
+    /// Allows a restart to discard the state of an operator removed from the code.
+    pub fn drop_state(mut self, operator: impl Into<String>) -> Self {
+        self.cfg.drop_state.push(operator.into());
+        self
+    }
+    /// Stops gracefully on SIGINT/SIGTERM (finish the batch, write a final checkpoint); a
+    /// second signal exits at once.
+    pub fn stop_on_signals(mut self, yes: bool) -> Self {
+        self.cfg.stop_on_signals = yes;
+        self
+    }
+    /// How long a crashed holder of the checkpoint location on another host keeps it (default
+    /// 10 s). A holder on this host that died is detected at once.
+    pub fn lease_ttl(mut self, d: Duration) -> Self {
+        self.cfg.lease_ttl = d;
+        self
+    }
+    /// Replaces the wall clock (tests).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.cfg.clock = clock;
+        self
+    }
+
+    /// Checks the configuration and creates the context.
+    pub fn build(self) -> Result<StreamingContext> {
+        let cfg = self.cfg;
+        if cfg.batch_interval.is_zero() {
+            return Err(Error::Config("batch interval must be greater than zero".into()));
+        }
+        if cfg.app_name.trim().is_empty() {
+            return Err(Error::Config("app name must not be empty".into()));
+        }
+        if let Some(ci) = cfg.checkpoint_interval {
+            let (c, b) = (ci.as_millis(), cfg.batch_interval.as_millis());
+            if c < b {
+                tracing::warn!(
+                    "checkpoint interval {c} ms is shorter than the batch interval {b} ms; checkpointing every batch instead"
+                );
+            } else if c % b != 0 {
+                tracing::warn!(
+                    "checkpoint interval {c} ms is not a multiple of the batch interval {b} ms; checkpointing every {} batches",
+                    c / b
+                );
+            }
+        }
+        let graph = Graph::new(cfg.parallelism, cfg.batch_interval.as_millis() as u64);
+        Ok(StreamingContext {
+            inner: Arc::new(Inner {
+                cfg,
+                graph,
+                stop: Arc::new(AtomicBool::new(false)),
+                listeners: Mutex::new(Vec::new()),
+                phase: Mutex::new(Phase::Defining),
+            }),
+        })
+    }
+}
+
+enum Phase {
+    Defining,
+    Prepared(Box<Prepared>),
+    Running(JoinHandle<Result<RunSummary>>),
+    Finished,
+}
+
+pub(crate) struct Inner {
+    pub cfg: Config,
+    pub graph: Arc<Graph>,
+    pub stop: Arc<AtomicBool>,
+    pub listeners: Mutex<Vec<Listener>>,
+    phase: Mutex<Phase>,
+}
+
+impl Inner {
+    pub fn notify(&self, p: &BatchProgress) {
+        for l in self.listeners.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            l(p);
+        }
+    }
+}
+
+/// Stops a running context from another thread: the running batch finishes, a final checkpoint
+/// is written, then `await_termination` returns.
+#[derive(Clone)]
+pub struct StopHandle(Arc<AtomicBool>);
+
+impl StopHandle {
+    /// Requests a graceful stop.
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The entry point of a streaming job: define sources and operators on it, then `start` it.
+///
+/// ```
+/// use cairn::StreamingContext;
+/// let dir = tempfile::tempdir().unwrap();
+/// let loc = dir.path().to_str().unwrap().to_string();
+/// for _run in 0..2 {
+///     // The second run restores from the checkpoint instead of starting over.
+///     let ctx = StreamingContext::get_or_create(&loc, |loc| {
+///         let ctx = StreamingContext::builder().checkpoint(loc).stop_after_batches(3).build()?;
+///         let nums = ctx.generator("nums", 1, 10, |_, o| (o % 3, 1u64))?;
+///         nums.update_state_by_key("count", |_, vs: Vec<u64>, old: Option<u64>| {
+///             Some(old.unwrap_or(0) + vs.len() as u64)
+///         })
+///         .foreach_batch(|_, _| Ok(()));
+///         Ok(ctx)
+///     })
+///     .unwrap();
+///     let summary = ctx.run_available().unwrap();
+///     assert_eq!(summary.next_batch, 3);
+/// }
+/// ```
+#[derive(Clone)]
+pub struct StreamingContext {
+    inner: Arc<Inner>,
+}
+
+impl StreamingContext {
+    /// A builder with defaults: app `cairn`, 1 s batches, no checkpoint location, checkpoint
+    /// every batch, parallelism = cores, processing-time trigger.
+    pub fn builder() -> StreamingContextBuilder {
+        StreamingContextBuilder {
+            cfg: Config {
+                app_name: "cairn".into(),
+                batch_interval: Duration::from_secs(1),
+                checkpoint: None,
+                store: None,
+                checkpoint_interval: None,
+                parallelism: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+                trigger: Trigger::ProcessingTime,
+                keep_checkpoints: 10,
+                full_snapshot_every: 10,
+                max_pending_checkpoints: 2,
+                stop_after_batches: None,
+                drop_state: Vec::new(),
+                stop_on_signals: false,
+                lease_ttl: Duration::from_secs(10),
+                clock: clock::system(),
+            },
+        }
+    }
+
+    /// Spark's `getOrCreate`: `setup(location)` builds the context and its graph (always — Rust
+    /// closures are code, not data); if `location` holds a checkpoint, the context then restores
+    /// from it, checking the graph against the stored one. Errors (an incompatible change, a
+    /// location held by another process, an unusable checkpoint) surface here, before `start`.
+    pub fn get_or_create(
+        location: &str,
+        setup: impl FnOnce(&str) -> Result<StreamingContext>,
+    ) -> Result<StreamingContext> {
+        let ctx = setup(location)?;
+        match ctx.inner.cfg.checkpoint.as_deref() {
+            Some(l) if l == location => {}
+            other => {
+                return Err(Error::Config(format!(
+                    "get_or_create({location:?}) built a context whose checkpoint location is {other:?}; use .checkpoint(location) in the setup function"
+                )))
+            }
+        }
+        ctx.prepare()?;
+        Ok(ctx)
+    }
+
+    /// The configured parallelism.
+    pub fn parallelism(&self) -> usize {
+        self.inner.cfg.parallelism
+    }
+
+    /// Adds a source under a stable name (its offsets are checkpointed under that name).
+    pub fn source<S: Source>(&self, name: &str, source: S) -> Result<DStream<S::Item>> {
+        self.check_defining()?;
+        source::register(&self.inner.graph, name, source)
+    }
+
+    /// A deterministic generator source: `rate` records per batch over `partitions`, record
+    /// `o` of partition `p` being `f(p, o)`.
+    pub fn generator<T: Data>(
+        &self,
+        name: &str,
+        partitions: u32,
+        rate: u64,
+        f: impl Fn(u32, u64) -> T + Send + Sync + 'static,
+    ) -> Result<DStream<T>> {
+        self.source(name, Generator::new(partitions, rate, f))
+    }
+
+    /// An in-memory queue of batches (tests and examples; not durable across restarts).
+    pub fn queue_stream<T: Data>(&self, name: &str) -> Result<(QueueHandle<T>, DStream<T>)> {
+        let (handle, q) = source::queue();
+        Ok((handle, self.source(name, q)?))
+    }
+
+    /// New text files in a directory, at most `max_files` per batch, one `String` per line;
+    /// see [`TextFiles`].
+    pub fn text_file_stream(&self, name: &str, location: &str, max_files: usize) -> Result<DStream<String>> {
+        self.source(name, TextFiles::new(location, max_files)?)
+    }
+
+    /// Like [`text_file_stream`](Self::text_file_stream), parsing every line with `parse`; a line
+    /// it rejects fails the batch with the file and byte offset (see [`TextFiles::on_malformed`]
+    /// through [`source`](Self::source) to skip instead).
+    pub fn text_file_stream_parsed<T: Data>(
+        &self,
+        name: &str,
+        location: &str,
+        max_files: usize,
+        parse: impl Fn(&str) -> std::result::Result<T, String> + Send + Sync + 'static,
+    ) -> Result<DStream<T>> {
+        self.source(name, TextFiles::parsed(location, max_files, parse)?)
+    }
+
+    /// Calls `f` after every batch with its progress.
+    pub fn on_batch(&self, f: impl Fn(&BatchProgress) + Send + Sync + 'static) {
+        self.inner.listeners.lock().unwrap_or_else(|e| e.into_inner()).push(Box::new(f));
+    }
+
+    /// A handle that stops the job gracefully from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.inner.stop.clone())
+    }
+
+    fn phase(&self) -> std::sync::MutexGuard<'_, Phase> {
+        self.inner.phase.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check_defining(&self) -> Result<()> {
+        match *self.phase() {
+            Phase::Defining => Ok(()),
+            _ => Err(Error::Lifecycle(
+                "the graph cannot change after the context was prepared or started".into(),
+            )),
+        }
+    }
+
+    /// Validates the graph, takes the checkpoint location and restores state (idempotent).
+    fn prepare(&self) -> Result<()> {
+        let mut phase = self.phase();
+        if let Phase::Defining = *phase {
+            let prepared = scheduler::prepare(&self.inner)?;
+            *phase = Phase::Prepared(Box::new(prepared));
+        }
+        Ok(())
+    }
+
+    /// Starts processing on a background thread: replays the batches a crash left uncommitted,
+    /// then takes new input.
+    pub fn start(&self) -> Result<()> {
+        self.start_with(self.inner.cfg.trigger)
+    }
+
+    fn start_with(&self, trigger: Trigger) -> Result<()> {
+        self.prepare()?;
+        let mut phase = self.phase();
+        let prepared = match std::mem::replace(&mut *phase, Phase::Finished) {
+            Phase::Prepared(p) => p,
+            other => {
+                *phase = other;
+                return Err(Error::Lifecycle("the context was already started".into()));
+            }
+        };
+        if self.inner.cfg.stop_on_signals {
+            scheduler::install_signal_handlers(&self.inner.stop)?;
+        }
+        let inner = self.inner.clone();
+        let handle = std::thread::Builder::new()
+            .name("cairn-scheduler".into())
+            .spawn(move || scheduler::run(inner, *prepared, trigger))
+            .map_err(|e| Error::Lifecycle(format!("cannot start the scheduler thread: {e}")))?;
+        *phase = Phase::Running(handle);
+        Ok(())
+    }
+
+    /// Requests a graceful stop (see [`StopHandle`]).
+    pub fn stop(&self) {
+        self.stop_handle().stop();
+    }
+
+    /// Waits until the job stops (by `stop`, a signal, `stop_after_batches`, or the end of
+    /// input under [`Trigger::AvailableNow`]) and returns how it went.
+    pub fn await_termination(&self) -> Result<RunSummary> {
+        let handle = match std::mem::replace(&mut *self.phase(), Phase::Finished) {
+            Phase::Running(h) => h,
+            _ => return Err(Error::Lifecycle("the context is not running".into())),
+        };
+        handle.join().map_err(|_| Error::Lifecycle("the scheduler thread panicked".into()))?
+    }
+
+    /// `start` then `await_termination`.
+    pub fn run(&self) -> Result<RunSummary> {
+        self.start()?;
+        self.await_termination()
+    }
+
+    /// Runs with [`Trigger::AvailableNow`] whatever the configured trigger, and waits.
+    pub fn run_available(&self) -> Result<RunSummary> {
+        self.start_with(Trigger::AvailableNow)?;
+        self.await_termination()
+    }
+}

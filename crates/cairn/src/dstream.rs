@@ -1,0 +1,247 @@
+//! `DStream<T>`: a stream of batches, and its element-wise and whole-batch operators.
+
+use crate::error::{Error, Result};
+use crate::graph::{BatchCtx, BatchInfo, Graph, Node, Output, Partitions, Shared};
+use rayon::prelude::*;
+use std::fmt::Debug;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+
+/// What stream elements must be: cheap to move between threads. Blanket-implemented.
+pub trait Data: Clone + Send + Sync + 'static {}
+impl<T: Clone + Send + Sync + 'static> Data for T {}
+
+/// Errors returned by user functions (`foreach_batch`, parsers): anything printable.
+pub type UserError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A discretized stream: a sequence of batches of `T`, each split into partitions.
+///
+/// Transformations build new streams lazily; output operations (`foreach_batch`, `print`,
+/// `save_as_text_files`) make the job compute them once per batch.
+///
+/// ```
+/// use cairn::StreamingContext;
+/// use std::sync::{Arc, Mutex};
+/// let ctx = StreamingContext::builder().app_name("doc").build().unwrap();
+/// let (queue, words) = ctx.queue_stream::<String>("words").unwrap();
+/// queue.push(vec!["a".into(), "bb".into(), "ccc".into()]);
+/// let seen = Arc::new(Mutex::new(Vec::new()));
+/// let s = seen.clone();
+/// words.map(|w| w.len()).filter(|n| *n > 1).foreach_batch(move |_, lens| {
+///     s.lock().unwrap().extend(lens);
+///     Ok(())
+/// });
+/// ctx.run_available().unwrap();
+/// assert_eq!(*seen.lock().unwrap(), vec![2, 3]);
+/// ```
+pub struct DStream<T> {
+    pub(crate) node: Arc<Shared<T>>,
+    pub(crate) graph: Arc<Graph>,
+}
+
+impl<T> Clone for DStream<T> {
+    fn clone(&self) -> Self {
+        Self { node: self.node.clone(), graph: self.graph.clone() }
+    }
+}
+
+/// A node defined by a function of the parent's whole batch.
+struct FnNode<T, U, F> {
+    parent: Arc<Shared<T>>,
+    f: F,
+    _types: PhantomData<fn(T) -> U>,
+}
+
+impl<T, U, F> Node<U> for FnNode<T, U, F>
+where
+    T: Data,
+    U: Data,
+    F: Fn(Partitions<T>, &BatchCtx<'_>) -> Result<Partitions<U>> + Send + Sync,
+{
+    fn compute(&self, ctx: &BatchCtx<'_>) -> Result<Partitions<U>> {
+        (self.f)(self.parent.compute(ctx)?, ctx)
+    }
+}
+
+struct UnionNode<T> {
+    parents: Vec<Arc<Shared<T>>>,
+}
+
+impl<T: Data> Node<T> for UnionNode<T> {
+    fn compute(&self, ctx: &BatchCtx<'_>) -> Result<Partitions<T>> {
+        let mut out = Vec::new();
+        for p in &self.parents {
+            out.extend(p.compute(ctx)?);
+        }
+        Ok(out)
+    }
+}
+
+impl<T: Data> DStream<T> {
+    pub(crate) fn from_node(graph: Arc<Graph>, node: impl Node<T> + 'static) -> Self {
+        Self { node: Shared::new(node), graph }
+    }
+
+    /// A child stream computed from this stream's whole batch.
+    pub(crate) fn derive<U: Data>(
+        &self,
+        f: impl Fn(Partitions<T>, &BatchCtx<'_>) -> Result<Partitions<U>> + Send + Sync + 'static,
+    ) -> DStream<U> {
+        self.node.add_consumer();
+        DStream::from_node(self.graph.clone(), FnNode { parent: self.node.clone(), f, _types: PhantomData })
+    }
+
+    /// Registers an output pulling this stream.
+    pub(crate) fn output(
+        &self,
+        run: impl Fn(Partitions<T>, &BatchCtx<'_>) -> Result<()> + Send + Sync + 'static,
+    ) {
+        struct Out<T, F> {
+            node: Arc<Shared<T>>,
+            run: F,
+        }
+        impl<T: Data, F: Fn(Partitions<T>, &BatchCtx<'_>) -> Result<()> + Send + Sync> Output for Out<T, F> {
+            fn run(&self, ctx: &BatchCtx<'_>) -> Result<()> {
+                (self.run)(self.node.compute(ctx)?, ctx)
+            }
+        }
+        self.node.add_consumer();
+        self.graph.add_output(Out { node: self.node.clone(), run });
+    }
+
+    /// Applies `f` to each partition, in parallel across partitions.
+    ///
+    /// ```
+    /// # use cairn::StreamingContext;
+    /// # let ctx = StreamingContext::builder().build().unwrap();
+    /// # let (q, s) = ctx.queue_stream::<i64>("in").unwrap();
+    /// let sums = s.map_partitions(|part| vec![part.iter().sum::<i64>()]);
+    /// # q.push(vec![1, 2, 3]);
+    /// # let out = cairn::testing::collect(&sums);
+    /// # ctx.run_available().unwrap();
+    /// # assert_eq!(out.lock().unwrap().concat(), vec![6]);
+    /// ```
+    pub fn map_partitions<U: Data>(
+        &self,
+        f: impl Fn(Vec<T>) -> Vec<U> + Send + Sync + 'static,
+    ) -> DStream<U> {
+        self.derive(move |parts, _| Ok(parts.into_par_iter().map(&f).collect()))
+    }
+
+    /// Applies `f` to each element.
+    pub fn map<U: Data>(&self, f: impl Fn(T) -> U + Send + Sync + 'static) -> DStream<U> {
+        self.map_partitions(move |p| p.into_iter().map(&f).collect())
+    }
+
+    /// Keeps the elements for which `f` is true.
+    pub fn filter(&self, f: impl Fn(&T) -> bool + Send + Sync + 'static) -> DStream<T> {
+        self.map_partitions(move |mut p| {
+            p.retain(&f);
+            p
+        })
+    }
+
+    /// Maps each element to any number of elements.
+    ///
+    /// ```
+    /// # use cairn::StreamingContext;
+    /// # let ctx = StreamingContext::builder().build().unwrap();
+    /// # let (q, lines) = ctx.queue_stream::<String>("in").unwrap();
+    /// let words = lines.flat_map(|l| l.split(' ').map(str::to_string).collect::<Vec<_>>());
+    /// # q.push(vec!["a b".into(), "c".into()]);
+    /// # let out = cairn::testing::collect(&words);
+    /// # ctx.run_available().unwrap();
+    /// # assert_eq!(out.lock().unwrap().concat(), vec!["a", "b", "c"]);
+    /// ```
+    pub fn flat_map<U: Data, I: IntoIterator<Item = U>>(
+        &self,
+        f: impl Fn(T) -> I + Send + Sync + 'static,
+    ) -> DStream<U> {
+        self.map_partitions(move |p| p.into_iter().flat_map(&f).collect())
+    }
+
+    /// The elements of this stream and of `other`, batch by batch.
+    pub fn union(&self, other: &DStream<T>) -> DStream<T> {
+        self.node.add_consumer();
+        other.node.add_consumer();
+        DStream::from_node(
+            self.graph.clone(),
+            UnionNode { parents: vec![self.node.clone(), other.node.clone()] },
+        )
+    }
+
+    /// Replaces each batch with `f(batch info, partitions)`: arbitrary batch-level logic.
+    pub fn transform<U: Data>(
+        &self,
+        f: impl Fn(&BatchInfo, Partitions<T>) -> Partitions<U> + Send + Sync + 'static,
+    ) -> DStream<U> {
+        self.derive(move |parts, ctx| Ok(f(&ctx.info, parts)))
+    }
+
+    /// Spreads each batch round-robin over `n` partitions (at least 1).
+    pub fn repartition(&self, n: usize) -> DStream<T> {
+        let n = n.max(1);
+        self.derive(move |parts, _| {
+            let total: usize = parts.iter().map(Vec::len).sum();
+            let mut out: Partitions<T> = (0..n).map(|_| Vec::with_capacity(total / n + 1)).collect();
+            for (i, x) in parts.into_iter().flatten().enumerate() {
+                out[i % n].push(x);
+            }
+            Ok(out)
+        })
+    }
+
+    /// The number of elements in each batch, as a single-element batch.
+    pub fn count(&self) -> DStream<u64> {
+        self.derive(|parts, _| Ok(vec![vec![parts.iter().map(|p| p.len() as u64).sum()]]))
+    }
+
+    /// Combines each batch's elements with `f` into at most one element (none for an empty batch).
+    pub fn reduce(&self, f: impl Fn(T, T) -> T + Send + Sync + 'static) -> DStream<T> {
+        self.derive(move |parts, _| {
+            let partials: Vec<T> = parts.into_par_iter().filter_map(|p| p.into_iter().reduce(&f)).collect();
+            Ok(vec![partials.into_iter().reduce(&f).into_iter().collect()])
+        })
+    }
+
+    /// Calls `f` with every batch's id, time and elements (in partition order). An error fails
+    /// the batch: it is not committed, and replays with the same id after a restart.
+    pub fn foreach_batch(
+        &self,
+        f: impl FnMut(&BatchInfo, Vec<T>) -> std::result::Result<(), UserError> + Send + 'static,
+    ) {
+        let f = Mutex::new(f);
+        let sink = format!("foreach_batch#{}", self.graph.lock().outputs.len());
+        self.output(move |parts, ctx| {
+            let data: Vec<T> = parts.into_iter().flatten().collect();
+            let mut f = f.lock().unwrap_or_else(|e| e.into_inner());
+            f(&ctx.info, data).map_err(|e| Error::Sink {
+                sink: sink.clone(),
+                batch: ctx.info.batch_id,
+                message: e.to_string(),
+            })
+        });
+    }
+
+    /// Prints the first `n` elements of every batch to stdout.
+    pub fn print(&self, n: usize)
+    where
+        T: Debug,
+    {
+        self.output(move |parts, ctx| {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "-------------------------------------------");
+            let _ = writeln!(out, "Batch {} (time {} ms)", ctx.info.batch_id, ctx.info.batch_time_ms);
+            let _ = writeln!(out, "-------------------------------------------");
+            let total: usize = parts.iter().map(Vec::len).sum();
+            for x in parts.iter().flatten().take(n) {
+                let _ = writeln!(out, "{x:?}");
+            }
+            if total > n {
+                let _ = writeln!(out, "... ({} more)", total - n);
+            }
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,43 @@
+//! The public error type.
+
+/// Errors from building or running a streaming job.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The job's configuration is invalid; nothing was started.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A checkpoint could not be read, written or trusted.
+    #[error(transparent)]
+    Checkpoint(#[from] cairn_checkpoint::Error),
+    /// The code's graph is not compatible with the graph stored in the checkpoint.
+    #[error("incompatible change to stateful operator {operator:?}: {difference}")]
+    Incompatible { operator: String, difference: String },
+    /// A source failed to plan or read its input.
+    #[error("source {source_name:?}: {message}")]
+    Source { source_name: String, message: String },
+    /// A sink failed; the batch was not committed and will be replayed on restart.
+    #[error("sink {sink:?} failed in batch {batch}: {message}")]
+    Sink { sink: String, batch: u64, message: String },
+    /// State could not be encoded or decoded.
+    #[error("state of operator {operator:?}: {message}")]
+    State { operator: String, message: String },
+    /// The context was used in a way its lifecycle does not allow.
+    #[error("{0}")]
+    Lifecycle(String),
+    /// A user function returned an error.
+    #[error("user function failed: {0}")]
+    User(String),
+}
+
+/// Result alias for cairn.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn state(operator: &str, message: impl std::fmt::Display) -> Self {
+        Error::State { operator: operator.to_string(), message: message.to_string() }
+    }
+    pub(crate) fn source(name: &str, message: impl std::fmt::Display) -> Self {
+        Error::Source { source_name: name.to_string(), message: message.to_string() }
+    }
+}

@@ -1,0 +1,55 @@
+//! Named crash points for tests: with `CAIRN_FAILPOINT=<name>` (optionally `<name>@<batch>`) in
+//! the environment, the process aborts the moment it reaches that point, as a crash would leave it.
+//! Unset (the normal case), a failpoint costs one relaxed atomic load.
+
+use std::sync::OnceLock;
+
+/// After a batch's plan is logged, before it runs.
+pub const AFTER_PLAN: &str = "after-plan";
+/// After state was updated in memory, before sinks ran.
+pub const MID_BATCH: &str = "mid-batch";
+/// After the sinks wrote, before the commit record.
+pub const AFTER_SINK: &str = "after-sink";
+/// While writing a checkpoint: a torn (truncated) object is left behind.
+pub const MID_CHECKPOINT: &str = "mid-checkpoint";
+/// After a checkpoint was written, before retention ran.
+pub const AFTER_CHECKPOINT: &str = "after-checkpoint";
+
+/// Every failpoint, for tests that iterate over them.
+pub const ALL: [&str; 5] = [AFTER_PLAN, MID_BATCH, AFTER_SINK, MID_CHECKPOINT, AFTER_CHECKPOINT];
+
+struct Armed {
+    name: String,
+    batch: Option<u64>,
+}
+
+fn armed() -> Option<&'static Armed> {
+    static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
+    ARMED
+        .get_or_init(|| {
+            let v = std::env::var("CAIRN_FAILPOINT").ok()?;
+            let (name, batch) = match v.split_once('@') {
+                Some((n, b)) => (n.to_string(), b.parse().ok()),
+                None => (v, None),
+            };
+            Some(Armed { name, batch })
+        })
+        .as_ref()
+}
+
+/// True when the named failpoint is armed for this batch.
+pub(crate) fn is_armed(name: &str, batch: u64) -> bool {
+    armed().is_some_and(|a| a.name == name && a.batch.is_none_or(|b| b == batch))
+}
+
+/// Aborts the process if the named failpoint is armed for this batch.
+pub(crate) fn hit(name: &str, batch: u64) {
+    if is_armed(name, batch) {
+        crash(name, batch);
+    }
+}
+
+pub(crate) fn crash(name: &str, batch: u64) -> ! {
+    eprintln!("cairn: failpoint {name} hit at batch {batch}; aborting");
+    std::process::abort();
+}

@@ -1,0 +1,156 @@
+//! The job graph: nodes that compute one batch's partitions, the outputs that pull them, the
+//! stateful operators whose state is checkpointed, and the sources whose offsets are.
+
+use crate::error::{Error, Result};
+use crate::source::SourceDyn;
+use crate::state::StatefulOp;
+use cairn_checkpoint::{BatchPlan, OffsetRange};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// One batch's data, split into partitions that are processed in parallel.
+pub type Partitions<T> = Vec<Vec<T>>;
+
+/// Identity of a batch, handed to user functions and sinks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchInfo {
+    /// 0, 1, 2, ...; a replayed batch keeps its id, so sinks can deduplicate on it.
+    pub batch_id: u64,
+    /// The batch's logical time in milliseconds since the Unix epoch (on the batch-interval grid).
+    pub batch_time_ms: i64,
+}
+
+/// Everything a node needs to compute its part of a batch.
+pub(crate) struct BatchCtx<'a> {
+    pub info: BatchInfo,
+    pub plan: &'a BatchPlan,
+    pub parallelism: usize,
+    /// Batch time of batch 0: windows slide on the grid that starts here.
+    pub start_time_ms: i64,
+    /// Records read from sources in this batch.
+    pub records: std::sync::atomic::AtomicU64,
+}
+
+impl BatchCtx<'_> {
+    pub fn ranges(&self, source: &str) -> &[OffsetRange] {
+        self.plan.sources.iter().find(|s| s.source == source).map(|s| s.ranges.as_slice()).unwrap_or(&[])
+    }
+}
+
+/// Computes a batch's partitions for one stream.
+pub(crate) trait Node<T>: Send + Sync {
+    fn compute(&self, ctx: &BatchCtx<'_>) -> Result<Partitions<T>>;
+}
+
+struct Cached<T> {
+    batch: u64,
+    served: usize,
+    data: Partitions<T>,
+}
+
+/// A node plus the bookkeeping that lets several downstream streams share one computation per
+/// batch: with one consumer the output is moved, with more it is computed once and cloned.
+pub(crate) struct Shared<T> {
+    node: Box<dyn Node<T>>,
+    consumers: AtomicUsize,
+    cache: Mutex<Option<Cached<T>>>,
+}
+
+impl<T: Clone + Send + Sync + 'static> Shared<T> {
+    pub fn new(node: impl Node<T> + 'static) -> Arc<Self> {
+        Arc::new(Self { node: Box::new(node), consumers: AtomicUsize::new(0), cache: Mutex::new(None) })
+    }
+
+    pub fn add_consumer(&self) {
+        self.consumers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn compute(&self, ctx: &BatchCtx<'_>) -> Result<Partitions<T>> {
+        let consumers = self.consumers.load(Ordering::Relaxed);
+        if consumers <= 1 {
+            return self.node.compute(ctx);
+        }
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = !matches!(&*cache, Some(c) if c.batch == ctx.info.batch_id);
+        if fresh {
+            let data = self.node.compute(ctx)?;
+            *cache = Some(Cached { batch: ctx.info.batch_id, served: 0, data });
+        }
+        let c = cache.as_mut().expect("filled above");
+        c.served += 1;
+        if c.served >= consumers {
+            Ok(cache.take().expect("filled above").data)
+        } else {
+            Ok(c.data.clone())
+        }
+    }
+}
+
+/// An output operation: runs once per batch, pulling its stream.
+pub(crate) trait Output: Send + Sync {
+    fn run(&self, ctx: &BatchCtx<'_>) -> Result<()>;
+}
+
+#[derive(Default)]
+pub(crate) struct GraphInner {
+    pub sources: Vec<Arc<dyn SourceDyn>>,
+    pub outputs: Vec<Box<dyn Output>>,
+    pub stateful: Vec<Arc<dyn StatefulOp>>,
+    names: BTreeSet<String>,
+    /// Mistakes found while building the graph, reported together when the job starts.
+    pub errors: Vec<String>,
+}
+
+/// Shared by every DStream of a context.
+pub(crate) struct Graph {
+    pub parallelism: usize,
+    pub batch_interval_ms: u64,
+    pub inner: Mutex<GraphInner>,
+}
+
+impl Graph {
+    pub fn new(parallelism: usize, batch_interval_ms: u64) -> Arc<Self> {
+        Arc::new(Self { parallelism, batch_interval_ms, inner: Mutex::new(GraphInner::default()) })
+    }
+
+    /// Records a graph-building mistake; `start` refuses to run a graph that has any.
+    pub fn defer_error(&self, message: String) {
+        self.lock().errors.push(message);
+    }
+
+    /// Claims a name for a stateful operator, deferring any error to `start` so operator
+    /// methods stay chainable.
+    pub fn claim_stateful(&self, name: &str) {
+        if let Err(e) = self.claim_name(name) {
+            self.defer_error(e.to_string());
+        }
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, GraphInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Claims a stable name; names identify state in checkpoints, so they must be unique.
+    pub fn claim_name(&self, name: &str) -> Result<()> {
+        if name.is_empty() || name.contains('/') || name.starts_with('$') {
+            return Err(Error::Config(format!(
+                "operator name {name:?} is not allowed: use a non-empty name without '/' or a leading '$'"
+            )));
+        }
+        if !self.lock().names.insert(name.to_string()) {
+            return Err(Error::Config(format!(
+                "two stateful operators or sources are named {name:?}; names identify state in checkpoints and must be unique"
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn add_output(&self, o: impl Output + 'static) {
+        self.lock().outputs.push(Box::new(o));
+    }
+
+    pub fn add_stateful(&self, op: Arc<dyn StatefulOp>) {
+        self.lock().stateful.push(op);
+    }
+}

@@ -1,0 +1,33 @@
+//! Object-store access for sources and sinks (the checkpoint store has its own, in
+//! `cairn-checkpoint`). One small runtime serves every blocking call.
+
+use cairn_checkpoint::object_store::{path::Path, ObjectStore};
+use std::sync::{Arc, OnceLock};
+
+pub(crate) fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("cairn-io")
+            .enable_time()
+            .build()
+            .expect("cannot start the I/O runtime")
+    })
+    .block_on(f)
+}
+
+/// An object-store location: a local path, `file://` URL, or `memory://`.
+#[derive(Clone)]
+pub(crate) struct Location {
+    pub label: String,
+    pub store: Arc<dyn ObjectStore>,
+    pub root: Path,
+}
+
+impl Location {
+    pub fn open(location: &str) -> crate::Result<Self> {
+        let (store, root) = cairn_checkpoint::store::open_store(location)?;
+        Ok(Self { label: location.to_string(), store, root })
+    }
+}

@@ -1,0 +1,234 @@
+//! Keyed state with change tracking, and its encoding into checkpoint tables.
+//!
+//! State lives in one hash map per partition. Every write marks the key dirty once per checkpoint
+//! interval (a flag in the slot plus one pushed key), so a checkpoint serializes only the keys
+//! changed since the previous one, without scanning the whole map.
+
+use crate::error::{Error, Result};
+use crate::keyed::{partition_of, Key};
+use cairn_checkpoint::{OperatorDescription, TableData, TableWriter};
+use rayon::prelude::*;
+use rustc_hash::FxHashMap;
+use serde::{de::DeserializeOwned, Serialize};
+use std::collections::VecDeque;
+use std::sync::{Mutex, MutexGuard};
+
+/// What checkpointed state values (and keys) must be: serializable with serde.
+pub trait StateData: Serialize + DeserializeOwned + Send + Sync + 'static {}
+impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> StateData for T {}
+
+/// The scheduler's view of an operator with checkpointed state.
+pub(crate) trait StatefulOp: Send + Sync {
+    fn describe(&self) -> OperatorDescription;
+    /// Changes since the previous snapshot (`full == false`) or everything (`full == true`);
+    /// either way, change tracking restarts from here.
+    fn snapshot(&self, full: bool) -> Result<Vec<TableData>>;
+    /// Loads the tables this operator wrote (ids `name` or `name/...`), redistributing keys over
+    /// the current parallelism.
+    fn restore(&self, tables: &[&TableData]) -> Result<()>;
+    /// Number of live keys (for progress reports).
+    fn key_count(&self) -> usize;
+}
+
+/// The first encoding error of a snapshot; a `Cell` so the key and value closures of one entry
+/// can both record into it.
+pub(crate) type EncodeError = std::cell::Cell<Option<String>>;
+
+pub(crate) fn encode_into<T: Serialize + ?Sized>(value: &T, buf: &mut Vec<u8>, err: &EncodeError) {
+    let taken = std::mem::take(buf);
+    match postcard::to_extend(value, taken) {
+        Ok(v) => *buf = v,
+        Err(e) => {
+            let first = err.take().unwrap_or_else(|| e.to_string());
+            err.set(Some(first));
+        }
+    }
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(op: &str, bytes: &[u8]) -> Result<T> {
+    postcard::from_bytes(bytes).map_err(|e| {
+        Error::state(
+            op,
+            format!(
+                "cannot decode {} from the checkpoint ({e}); if the type changed, bump the operator's state version",
+                std::any::type_name::<T>()
+            ),
+        )
+    })
+}
+
+/// One stored value.
+pub(crate) struct Slot<S> {
+    pub value: S,
+    /// Batch time at which the key last received data (drives idle timeouts).
+    pub seen_ms: i64,
+    /// Listed in the partition's change list since the last snapshot.
+    pub dirty: bool,
+}
+
+/// One partition of keyed state.
+pub(crate) struct StatePart<K, S> {
+    pub map: FxHashMap<K, Slot<S>>,
+    /// Keys changed (or removed) since the last snapshot; each listed once while its slot is dirty.
+    pub dirty: Vec<K>,
+    /// `(deadline, key)` in deadline order; stale entries are skipped when they come due.
+    pub timers: VecDeque<(i64, K)>,
+}
+
+impl<K: Key, S> Default for StatePart<K, S> {
+    fn default() -> Self {
+        Self { map: FxHashMap::default(), dirty: Vec::new(), timers: VecDeque::new() }
+    }
+}
+
+impl<K: Key, S> StatePart<K, S> {
+    /// Marks a present key changed.
+    #[inline]
+    pub fn touch(dirty: &mut Vec<K>, key: &K, slot: &mut Slot<S>) {
+        if !slot.dirty {
+            slot.dirty = true;
+            dirty.push(key.clone());
+        }
+    }
+
+    /// Inserts or replaces a value, marking it changed.
+    pub fn put(&mut self, key: K, value: S, seen_ms: i64) {
+        match self.map.entry(key) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                let slot = e.get_mut();
+                slot.value = value;
+                slot.seen_ms = seen_ms;
+                if !slot.dirty {
+                    slot.dirty = true;
+                    self.dirty.push(e.key().clone());
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                self.dirty.push(e.key().clone());
+                e.insert(Slot { value, seen_ms, dirty: true });
+            }
+        }
+    }
+
+    /// A new slot for a key known to be absent, marked changed.
+    pub fn new_slot(dirty: &mut Vec<K>, key: &K, value: S, seen_ms: i64) -> Slot<S> {
+        dirty.push(key.clone());
+        Slot { value, seen_ms, dirty: true }
+    }
+
+    /// Records the removal of a slot the caller already took out of the map.
+    pub fn removed(dirty: &mut Vec<K>, key: K, slot: &Slot<S>) {
+        if !slot.dirty {
+            dirty.push(key);
+        }
+    }
+
+    fn snapshot(&mut self, full: bool, w: &mut TableWriter, err: &EncodeError)
+    where
+        K: Serialize,
+        S: Serialize,
+    {
+        if full {
+            self.dirty.clear();
+            for (k, slot) in self.map.iter_mut() {
+                slot.dirty = false;
+                w.put_with(|b| encode_into(k, b, err), |b| encode_into(&(&slot.value, slot.seen_ms), b, err));
+            }
+            return;
+        }
+        for k in std::mem::take(&mut self.dirty) {
+            match self.map.get_mut(&k) {
+                Some(slot) if slot.dirty => {
+                    slot.dirty = false;
+                    w.put_with(
+                        |b| encode_into(&k, b, err),
+                        |b| encode_into(&(&slot.value, slot.seen_ms), b, err),
+                    );
+                }
+                Some(_) => {} // listed twice (removed, then re-added): already written above
+                None => w.delete_with(|b| encode_into(&k, b, err)),
+            }
+        }
+    }
+}
+
+/// Keyed state split into the context's partitions.
+pub(crate) struct KeyedState<K, S> {
+    pub name: String,
+    parts: Vec<Mutex<StatePart<K, S>>>,
+}
+
+impl<K: Key + StateData, S: StateData> KeyedState<K, S> {
+    pub fn new(name: &str, parallelism: usize) -> Self {
+        Self { name: name.to_string(), parts: (0..parallelism.max(1)).map(|_| Mutex::default()).collect() }
+    }
+
+    pub fn parallelism(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// Locks one partition. Each partition is touched by one task per batch, so this lock is
+    /// never contended; it exists to make the sharing safe, not to arbitrate.
+    pub fn part(&self, i: usize) -> MutexGuard<'_, StatePart<K, S>> {
+        self.parts[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn len(&self) -> usize {
+        (0..self.parts.len()).map(|i| self.part(i).map.len()).sum()
+    }
+
+    /// Serializes changes (or everything) into one table, partitions in parallel.
+    pub fn snapshot(&self, id: &str, full: bool) -> Result<TableData> {
+        let writers: Vec<Result<TableWriter>> = (0..self.parts.len())
+            .into_par_iter()
+            .map(|i| {
+                let mut w = TableWriter::new();
+                let err = EncodeError::default();
+                self.part(i).snapshot(full, &mut w, &err);
+                match err.take() {
+                    Some(e) => Err(Error::state(&self.name, format!("cannot encode state: {e}"))),
+                    None => Ok(w),
+                }
+            })
+            .collect();
+        let mut all = TableWriter::new();
+        for w in writers {
+            all.append(w?);
+        }
+        Ok(all.finish(id))
+    }
+
+    /// Replaces the state with a table's entries; keys go to the partition that owns them now.
+    pub fn restore(&self, table: &TableData) -> Result<()> {
+        let n = self.parts.len();
+        let mut parts: Vec<StatePart<K, S>> = (0..n).map(|_| StatePart::default()).collect();
+        for entry in table.reader() {
+            let (k, v) = entry?;
+            let key: K = decode(&self.name, k)?;
+            let Some(v) = v else { continue };
+            let (value, seen_ms): (S, i64) = decode(&self.name, v)?;
+            let p = partition_of(&key, n);
+            parts[p].map.insert(key, Slot { value, seen_ms, dirty: false });
+        }
+        for (i, p) in parts.into_iter().enumerate() {
+            *self.part(i) = p;
+        }
+        Ok(())
+    }
+}
+
+/// The description of a keyed operator for the graph check.
+pub(crate) fn describe<K, S>(name: &str, kind: &str, version: u32) -> OperatorDescription {
+    OperatorDescription {
+        name: name.to_string(),
+        kind: kind.to_string(),
+        key_type: std::any::type_name::<K>().to_string(),
+        state_type: std::any::type_name::<S>().to_string(),
+        state_version: version,
+    }
+}
+
+/// Finds the table with exactly this id.
+pub(crate) fn table<'a>(tables: &[&'a TableData], id: &str) -> Option<&'a TableData> {
+    tables.iter().copied().find(|t| t.id == id)
+}

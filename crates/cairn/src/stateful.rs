@@ -1,0 +1,457 @@
+//! Stateful keyed operators: `update_state_by_key` and `map_with_state`.
+
+use crate::dstream::{DStream, Data};
+use crate::error::Result;
+use crate::failpoint;
+use crate::graph::Partitions;
+use crate::keyed::{shuffle, Key};
+use crate::state::{describe, table, KeyedState, Slot, StateData, StatePart, StatefulOp};
+use cairn_checkpoint::{OperatorDescription, TableData};
+use rayon::prelude::*;
+use rustc_hash::FxHashMap;
+use std::collections::hash_map::Entry;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A stateful operator's stable name (its id in checkpoints) and the version of its state's
+/// schema. Bump the version when the state type's encoding changes: a restart then refuses to
+/// load the old state instead of misreading it.
+///
+/// ```
+/// use cairn::OpName;
+/// let a: OpName = "totals".into();
+/// assert_eq!(a.version(), 1);
+/// assert_eq!(OpName::new("totals").with_version(2).version(), 2);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpName {
+    name: String,
+    version: u32,
+}
+
+impl OpName {
+    /// A name with state version 1.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self { name: name.into(), version: 1 }
+    }
+    /// Sets the state schema version.
+    pub fn with_version(mut self, version: u32) -> Self {
+        self.version = version;
+        self
+    }
+    /// The name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The state schema version.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+}
+
+impl From<&str> for OpName {
+    fn from(s: &str) -> Self {
+        Self::new(s)
+    }
+}
+
+impl From<String> for OpName {
+    fn from(s: String) -> Self {
+        Self::new(s)
+    }
+}
+
+struct KeyedOp<K, S> {
+    kind: &'static str,
+    version: u32,
+    state: KeyedState<K, S>,
+}
+
+impl<K: Key + StateData, S: StateData> StatefulOp for KeyedOp<K, S> {
+    fn describe(&self) -> OperatorDescription {
+        describe::<K, S>(&self.state.name, self.kind, self.version)
+    }
+    fn snapshot(&self, full: bool) -> Result<Vec<TableData>> {
+        Ok(vec![self.state.snapshot(&self.state.name, full)?])
+    }
+    fn restore(&self, tables: &[&TableData]) -> Result<()> {
+        match table(tables, &self.state.name) {
+            Some(t) => self.state.restore(t),
+            None => Ok(()),
+        }
+    }
+    fn key_count(&self) -> usize {
+        self.state.len()
+    }
+}
+
+/// The state of one key, as seen by a `map_with_state` function.
+///
+/// ```
+/// use cairn::State;
+/// let mut slot = Some(3);
+/// let mut s = State::detached(&mut slot);
+/// assert_eq!(s.get(), Some(&3));
+/// s.update(4);
+/// assert!(s.exists());
+/// s.remove();
+/// assert!(!s.exists());
+/// ```
+pub struct State<'a, S> {
+    current: Option<&'a mut S>,
+    replacement: Option<S>,
+    removed: bool,
+    updated: bool,
+    timing_out: bool,
+}
+
+impl<'a, S> State<'a, S> {
+    fn new(current: Option<&'a mut S>, timing_out: bool) -> Self {
+        Self { current, replacement: None, removed: false, updated: false, timing_out }
+    }
+
+    /// A state handle over a plain option, for unit-testing state functions.
+    pub fn detached(slot: &'a mut Option<S>) -> Self {
+        Self::new(slot.as_mut(), false)
+    }
+
+    /// Whether the key has state.
+    pub fn exists(&self) -> bool {
+        !self.removed && (self.replacement.is_some() || self.current.is_some())
+    }
+
+    /// The key's state, if any.
+    pub fn get(&self) -> Option<&S> {
+        if self.removed {
+            return None;
+        }
+        self.replacement.as_ref().or(self.current.as_deref())
+    }
+
+    /// Mutable access to existing state; counts as an update.
+    pub fn get_mut(&mut self) -> Option<&mut S> {
+        if self.removed || self.timing_out {
+            return None;
+        }
+        self.updated = true;
+        match &mut self.replacement {
+            Some(r) => Some(r),
+            None => self.current.as_deref_mut(),
+        }
+    }
+
+    /// Sets the key's state. Ignored while the key is timing out (its state is being removed).
+    pub fn update(&mut self, value: S) {
+        if self.timing_out {
+            return;
+        }
+        self.replacement = Some(value);
+        self.updated = true;
+        self.removed = false;
+    }
+
+    /// Removes the key's state.
+    pub fn remove(&mut self) {
+        self.removed = true;
+        self.replacement = None;
+    }
+
+    /// True when the function is called because the key was idle for the spec's timeout; the
+    /// state is removed after this call.
+    pub fn is_timing_out(&self) -> bool {
+        self.timing_out
+    }
+}
+
+type InitialState<K, S> = Vec<(K, S)>;
+
+/// How `map_with_state` treats each key: the function, an optional idle timeout, an optional
+/// initial state (used only when the job starts without a checkpoint).
+///
+/// The function is called once per record with `Some(value)`, and once with `None` when a key
+/// has had no data for the timeout (checked every batch, against batch time).
+pub struct StateSpec<K, V, S, U> {
+    func: Arc<dyn Fn(&K, Option<V>, &mut State<'_, S>) -> U + Send + Sync>,
+    timeout: Option<Duration>,
+    initial: InitialState<K, S>,
+}
+
+impl<K, V, S, U> StateSpec<K, V, S, U> {
+    /// A spec with the given function, no timeout and no initial state.
+    pub fn function(f: impl Fn(&K, Option<V>, &mut State<'_, S>) -> U + Send + Sync + 'static) -> Self {
+        Self { func: Arc::new(f), timeout: None, initial: Vec::new() }
+    }
+    /// Removes keys that received no data for `idle` (batch time), calling the function once
+    /// with `None` and `is_timing_out()` before removal.
+    pub fn timeout(mut self, idle: Duration) -> Self {
+        self.timeout = Some(idle);
+        self
+    }
+    /// State to start from on a fresh start (ignored when restoring from a checkpoint).
+    pub fn initial_state(mut self, initial: Vec<(K, S)>) -> Self {
+        self.initial = initial;
+        self
+    }
+}
+
+impl<K: Key + StateData, V: Data> DStream<(K, V)> {
+    /// Keeps a state per key across batches: `f(key, new values, previous state)` returns the
+    /// new state (`None` removes it). Called for every key that received values in the batch;
+    /// emits `(key, new state)` for those keys.
+    ///
+    /// Unlike Spark, keys without new values are not visited every batch (that would cost the
+    /// whole state per batch); use `map_with_state` with a timeout to expire idle keys.
+    ///
+    /// ```
+    /// # use cairn::StreamingContext;
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let ctx = StreamingContext::builder().checkpoint(dir.path().to_str().unwrap()).build().unwrap();
+    /// # let (q, s) = ctx.queue_stream::<(char, i64)>("in").unwrap();
+    /// let totals = s.update_state_by_key("totals", |_k, vs: Vec<i64>, old: Option<i64>| {
+    ///     Some(old.unwrap_or(0) + vs.iter().sum::<i64>())
+    /// });
+    /// # q.push(vec![('a', 1), ('a', 2)]);
+    /// # q.push(vec![('a', 10)]);
+    /// # let out = cairn::testing::collect(&totals);
+    /// # ctx.run_available().unwrap();
+    /// # assert_eq!(out.lock().unwrap().clone(), vec![vec![('a', 3)], vec![('a', 13)]]);
+    /// ```
+    pub fn update_state_by_key<S: StateData + Data>(
+        &self,
+        name: impl Into<OpName>,
+        f: impl Fn(&K, Vec<V>, Option<S>) -> Option<S> + Send + Sync + 'static,
+    ) -> DStream<(K, S)> {
+        let name = name.into();
+        self.graph.claim_stateful(name.name());
+        let op = Arc::new(KeyedOp {
+            kind: "update_state_by_key",
+            version: name.version(),
+            state: KeyedState::<K, S>::new(name.name(), self.graph.parallelism),
+        });
+        self.graph.add_stateful(op.clone());
+        self.derive(move |parts, ctx| {
+            let n = op.state.parallelism();
+            let shuffled = shuffle(parts, n);
+            let now = ctx.info.batch_time_ms;
+            let out: Partitions<(K, S)> = shuffled
+                .into_par_iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let mut grouped: FxHashMap<K, Vec<V>> = FxHashMap::default();
+                    let mut order = Vec::new();
+                    for (k, v) in p {
+                        match grouped.entry(k) {
+                            Entry::Occupied(mut e) => e.get_mut().push(v),
+                            Entry::Vacant(e) => {
+                                order.push(e.key().clone());
+                                e.insert(vec![v]);
+                            }
+                        }
+                    }
+                    let mut guard = op.state.part(i);
+                    let StatePart { map, dirty, .. } = &mut *guard;
+                    let mut out = Vec::with_capacity(order.len());
+                    for k in order {
+                        let vs = grouped.remove(&k).expect("grouped above");
+                        let old = map.remove(&k);
+                        let was_dirty = old.as_ref().is_some_and(|s| s.dirty);
+                        let new = f(&k, vs, old.map(|s| s.value));
+                        if !was_dirty {
+                            dirty.push(k.clone());
+                        }
+                        if let Some(s) = new {
+                            map.insert(k.clone(), Slot { value: s.clone(), seen_ms: now, dirty: true });
+                            out.push((k, s));
+                        }
+                    }
+                    out
+                })
+                .collect();
+            failpoint::hit(failpoint::MID_BATCH, ctx.info.batch_id);
+            Ok(out)
+        })
+    }
+
+    /// Calls `spec`'s function for every record with the key's state, emitting what it returns;
+    /// see [`StateSpec`] for timeouts and initial state.
+    ///
+    /// ```
+    /// # use cairn::{StreamingContext, StateSpec};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let ctx = StreamingContext::builder().checkpoint(dir.path().to_str().unwrap()).build().unwrap();
+    /// # let (q, s) = ctx.queue_stream::<(String, u64)>("in").unwrap();
+    /// let running = s.map_with_state("running", StateSpec::function(|k: &String, v: Option<u64>, st| {
+    ///     let total = st.get().copied().unwrap_or(0) + v.unwrap_or(0);
+    ///     st.update(total);
+    ///     (k.clone(), total)
+    /// }));
+    /// # q.push(vec![("a".into(), 1), ("a".into(), 2)]);
+    /// # let out = cairn::testing::collect(&running);
+    /// # ctx.run_available().unwrap();
+    /// # assert_eq!(out.lock().unwrap().concat(), vec![("a".to_string(), 1), ("a".to_string(), 3)]);
+    /// ```
+    pub fn map_with_state<S: StateData, U: Data>(
+        &self,
+        name: impl Into<OpName>,
+        spec: StateSpec<K, V, S, U>,
+    ) -> DStream<U> {
+        let name = name.into();
+        self.graph.claim_stateful(name.name());
+        let op = Arc::new(MapWithStateOp {
+            inner: KeyedOp {
+                kind: "map_with_state",
+                version: name.version(),
+                state: KeyedState::<K, S>::new(name.name(), self.graph.parallelism),
+            },
+            timeout_ms: spec.timeout.map(|d| d.as_millis() as i64),
+            initial: std::sync::Mutex::new(Some(spec.initial)),
+        });
+        self.graph.add_stateful(op.clone());
+        let func = spec.func;
+        self.derive(move |parts, ctx| {
+            op.seed_initial(ctx.info.batch_time_ms);
+            let n = op.inner.state.parallelism();
+            let now = ctx.info.batch_time_ms;
+            let timeout = op.timeout_ms;
+            let out: Partitions<U> = shuffle(parts, n)
+                .into_par_iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let mut guard = op.inner.state.part(i);
+                    let part: &mut StatePart<K, S> = &mut guard;
+                    let mut out = Vec::with_capacity(p.len());
+                    for (k, v) in p {
+                        out.push(apply_record(part, k, v, now, timeout, &*func));
+                    }
+                    if let Some(t) = timeout {
+                        expire(part, now, t, &*func, &mut out);
+                    }
+                    out
+                })
+                .collect();
+            failpoint::hit(failpoint::MID_BATCH, ctx.info.batch_id);
+            Ok(out)
+        })
+    }
+}
+
+type StateFn<K, V, S, U> = dyn Fn(&K, Option<V>, &mut State<'_, S>) -> U + Send + Sync;
+
+/// One record through `map_with_state`: a single hash lookup for existing keys, a second only
+/// when a key is created or removed.
+#[inline]
+fn apply_record<K: Key, V, S, U>(
+    part: &mut StatePart<K, S>,
+    k: K,
+    v: V,
+    now: i64,
+    timeout: Option<i64>,
+    f: &StateFn<K, V, S, U>,
+) -> U {
+    let StatePart { map, dirty, timers } = part;
+    if let Some(slot) = map.get_mut(&k) {
+        let mut st = State::new(Some(&mut slot.value), false);
+        let out = f(&k, Some(v), &mut st);
+        let State { replacement, removed, updated, .. } = st;
+        if removed {
+            if let Some(slot) = map.remove(&k) {
+                StatePart::<K, S>::removed(dirty, k, &slot);
+            }
+            return out;
+        }
+        if let Some(r) = replacement {
+            slot.value = r;
+        }
+        let refreshed = slot.seen_ms != now;
+        slot.seen_ms = now;
+        if updated || refreshed {
+            StatePart::<K, S>::touch(dirty, &k, slot);
+        }
+        if let (true, Some(t)) = (refreshed, timeout) {
+            timers.push_back((now + t, k));
+        }
+        out
+    } else {
+        let mut st = State::new(None, false);
+        let out = f(&k, Some(v), &mut st);
+        if let (false, Some(value)) = (st.removed, st.replacement) {
+            if let Some(t) = timeout {
+                timers.push_back((now + t, k.clone()));
+            }
+            let slot = StatePart::<K, S>::new_slot(dirty, &k, value, now);
+            map.insert(k, slot);
+        }
+        out
+    }
+}
+
+/// Times out keys idle for `timeout` (batch time): the function sees them once more with `None`.
+fn expire<K: Key, V, S, U>(
+    part: &mut StatePart<K, S>,
+    now: i64,
+    timeout: i64,
+    f: &StateFn<K, V, S, U>,
+    out: &mut Vec<U>,
+) {
+    let StatePart { map, dirty, timers } = part;
+    while timers.front().is_some_and(|(deadline, _)| *deadline <= now) {
+        let Some((_, k)) = timers.pop_front() else { break };
+        // A key refreshed after this timer was set has a later timer; skip the stale one.
+        if !map.get(&k).is_some_and(|slot| slot.seen_ms + timeout <= now) {
+            continue;
+        }
+        let Some(mut slot) = map.remove(&k) else { continue };
+        let mut st = State::new(Some(&mut slot.value), true);
+        out.push(f(&k, None, &mut st));
+        StatePart::<K, S>::removed(dirty, k, &slot);
+    }
+}
+
+struct MapWithStateOp<K, S> {
+    inner: KeyedOp<K, S>,
+    timeout_ms: Option<i64>,
+    initial: std::sync::Mutex<Option<InitialState<K, S>>>,
+}
+
+impl<K: Key + StateData, S: StateData> MapWithStateOp<K, S> {
+    /// Loads the spec's initial state on the first batch of a job that did not restore state.
+    fn seed_initial(&self, now: i64) {
+        let Some(initial) = self.initial.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
+        let n = self.inner.state.parallelism();
+        for (k, s) in initial {
+            let i = crate::keyed::partition_of(&k, n);
+            let mut part = self.inner.state.part(i);
+            if let Some(t) = self.timeout_ms {
+                part.timers.push_back((now + t, k.clone()));
+            }
+            part.put(k, s, now);
+        }
+    }
+}
+
+impl<K: Key + StateData, S: StateData> StatefulOp for MapWithStateOp<K, S> {
+    fn describe(&self) -> OperatorDescription {
+        self.inner.describe()
+    }
+    fn snapshot(&self, full: bool) -> Result<Vec<TableData>> {
+        self.inner.snapshot(full)
+    }
+    fn restore(&self, tables: &[&TableData]) -> Result<()> {
+        // Restored state replaces the initial state.
+        self.initial.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.inner.restore(tables)?;
+        if let Some(t) = self.timeout_ms {
+            for i in 0..self.inner.state.parallelism() {
+                let mut part = self.inner.state.part(i);
+                let mut timers: Vec<(i64, K)> =
+                    part.map.iter().map(|(k, s)| (s.seen_ms + t, k.clone())).collect();
+                timers.sort_by_key(|(d, _)| *d);
+                part.timers = timers.into();
+            }
+        }
+        Ok(())
+    }
+    fn key_count(&self) -> usize {
+        self.inner.key_count()
+    }
+}

@@ -1,0 +1,413 @@
+//! Windowed operators. Windows hold past batches, so they are stateful here: the buffered
+//! batches are checkpointed (as slices keyed by batch time) and restored, unlike Spark where a
+//! restart recomputes them from lineage that may no longer exist.
+
+use crate::dstream::{DStream, Data};
+use crate::error::Result;
+use crate::graph::{BatchCtx, Partitions};
+use crate::keyed::{partition_of, shuffle, Key};
+use crate::state::{decode, describe, encode_into, table, KeyedState, StateData, StatePart, StatefulOp};
+use crate::stateful::OpName;
+use cairn_checkpoint::{OperatorDescription, TableData, TableWriter};
+use rayon::prelude::*;
+use rustc_hash::FxHashMap;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Past batches by batch time, one list per partition, with change tracking for checkpoints.
+struct Slices<T> {
+    name: String,
+    /// `(batch time, partition) -> elements`.
+    slices: Mutex<SliceState<T>>,
+}
+
+struct SliceState<T> {
+    by_time: BTreeMap<i64, Vec<Vec<T>>>,
+    /// Slices added since the last snapshot.
+    added: Vec<i64>,
+    /// The `(time, partition)` keys under which each slice lives in the checkpoint chain. After
+    /// a restore at another parallelism these are the old partition numbers, so evictions must
+    /// delete exactly these keys, not the current layout's.
+    stored: BTreeMap<i64, Vec<u32>>,
+    /// Keys to delete at the next snapshot.
+    evicted: Vec<(i64, u32)>,
+}
+
+impl<T: StateData + Data> Slices<T> {
+    fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            slices: Mutex::new(SliceState {
+                by_time: BTreeMap::new(),
+                added: Vec::new(),
+                stored: BTreeMap::new(),
+                evicted: Vec::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SliceState<T>> {
+        self.slices.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds this batch's slice and drops those older than the window; returns the dropped ones.
+    fn push(&self, time: i64, parts: Vec<Vec<T>>, window_ms: i64) -> Vec<Vec<Vec<T>>> {
+        let mut s = self.lock();
+        s.by_time.insert(time, parts);
+        s.added.push(time);
+        let keep_from = time - window_ms + 1;
+        let old: Vec<i64> = s.by_time.range(..keep_from).map(|(t, _)| *t).collect();
+        let mut dropped = Vec::new();
+        for t in old {
+            let parts = s.by_time.remove(&t).expect("listed above");
+            if let Some(pos) = s.added.iter().position(|a| *a == t) {
+                s.added.remove(pos); // never checkpointed: nothing to delete
+            }
+            if let Some(keys) = s.stored.remove(&t) {
+                s.evicted.extend(keys.into_iter().map(|i| (t, i)));
+            }
+            dropped.push(parts);
+        }
+        dropped
+    }
+
+    fn snapshot(&self, id: String, full: bool) -> Result<TableData> {
+        let mut s = self.lock();
+        let mut w = TableWriter::new();
+        let err = crate::state::EncodeError::default();
+        let times: Vec<i64> = if full { s.by_time.keys().copied().collect() } else { s.added.clone() };
+        if full {
+            s.stored.clear(); // a full snapshot starts the chain afresh
+        }
+        for t in times {
+            let Some(n) = s.by_time.get(&t).map(Vec::len) else { continue };
+            for i in 0..n {
+                let p = &s.by_time[&t][i];
+                w.put_with(|b| encode_into(&(t, i as u32), b, &err), |b| encode_into(p, b, &err));
+            }
+            s.stored.insert(t, (0..n as u32).collect());
+        }
+        if !full {
+            for (t, i) in &s.evicted {
+                w.delete_with(|b| encode_into(&(*t, *i), b, &err));
+            }
+        }
+        s.added.clear();
+        s.evicted.clear();
+        match err.take() {
+            Some(e) => Err(crate::Error::state(&self.name, format!("cannot encode window: {e}"))),
+            None => Ok(w.finish(id)),
+        }
+    }
+
+    /// Loads slices, mapping stored partition `i` to `place(i, element)` of `n` partitions.
+    fn restore(&self, t: &TableData, n: usize, place: impl Fn(usize, &T) -> usize) -> Result<()> {
+        let mut by_time: BTreeMap<i64, Vec<Vec<T>>> = BTreeMap::new();
+        let mut stored: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
+        for entry in t.reader() {
+            let (k, v) = entry?;
+            let Some(v) = v else { continue };
+            let (time, i): (i64, u32) = decode(&self.name, k)?;
+            stored.entry(time).or_default().push(i);
+            let items: Vec<T> = decode(&self.name, v)?;
+            let parts = by_time.entry(time).or_insert_with(|| (0..n).map(|_| Vec::new()).collect());
+            for x in items {
+                let p = place(i as usize, &x);
+                parts[p].push(x);
+            }
+        }
+        let mut s = self.lock();
+        s.by_time = by_time;
+        s.stored = stored;
+        s.added.clear();
+        s.evicted.clear();
+        Ok(())
+    }
+}
+
+struct WindowOp<T> {
+    slices: Slices<T>,
+    n: usize,
+}
+
+impl<T: StateData + Data> StatefulOp for WindowOp<T> {
+    fn describe(&self) -> OperatorDescription {
+        describe::<(), T>(&self.slices.name, "window", 1)
+    }
+    fn snapshot(&self, full: bool) -> Result<Vec<TableData>> {
+        Ok(vec![self.slices.snapshot(self.slices.name.clone(), full)?])
+    }
+    fn restore(&self, tables: &[&TableData]) -> Result<()> {
+        match table(tables, &self.slices.name) {
+            Some(t) => self.slices.restore(t, self.n, |i, _| i % self.n),
+            None => Ok(()),
+        }
+    }
+    fn key_count(&self) -> usize {
+        self.slices.lock().by_time.len()
+    }
+}
+
+/// Checks window and slide against the batch interval; returns them in milliseconds.
+fn window_params(d: &DStream<impl Data>, name: &str, window: Duration, slide: Duration) -> (i64, i64) {
+    let (w, s, b) = (window.as_millis() as i64, slide.as_millis() as i64, d.graph.batch_interval_ms as i64);
+    for (what, v) in [("window length", w), ("slide", s)] {
+        if v <= 0 || b <= 0 || v % b != 0 {
+            d.graph.defer_error(format!(
+                "operator {name:?}: {what} of {v} ms must be a positive multiple of the batch interval ({b} ms)"
+            ));
+        }
+    }
+    (w.max(1), s.max(1))
+}
+
+fn on_slide(ctx: &BatchCtx<'_>, slide_ms: i64) -> bool {
+    (ctx.info.batch_time_ms - ctx.start_time_ms).rem_euclid(slide_ms) == 0
+}
+
+impl<T: StateData + Data> DStream<T> {
+    /// Every `slide`, the elements of the batches of the last `window` (both multiples of the
+    /// batch interval). The buffered batches are checkpointed under `name`.
+    ///
+    /// ```
+    /// # use cairn::StreamingContext;
+    /// # use std::time::Duration;
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let ctx = StreamingContext::builder().batch_interval(Duration::from_secs(1))
+    /// #     .checkpoint(dir.path().to_str().unwrap()).build().unwrap();
+    /// # let (q, s) = ctx.queue_stream::<u32>("in").unwrap();
+    /// let last_two = s.window("last2", Duration::from_secs(2), Duration::from_secs(1));
+    /// # for b in [vec![1], vec![2], vec![3]] { q.push(b); }
+    /// # let out = cairn::testing::collect(&last_two);
+    /// # ctx.run_available().unwrap();
+    /// # let got: Vec<Vec<u32>> = out.lock().unwrap().iter().map(|b| { let mut v = b.clone(); v.sort(); v }).collect();
+    /// # assert_eq!(got, vec![vec![1], vec![1, 2], vec![2, 3]]);
+    /// ```
+    pub fn window(&self, name: impl Into<OpName>, window: Duration, slide: Duration) -> DStream<T> {
+        let name = name.into();
+        self.graph.claim_stateful(name.name());
+        let (w, s) = window_params(self, name.name(), window, slide);
+        let n = self.graph.parallelism;
+        let op = Arc::new(WindowOp { slices: Slices::new(name.name()), n });
+        self.graph.add_stateful(op.clone());
+        self.derive(move |parts, ctx| {
+            let mut parts = parts;
+            // Keep the slice shape fixed at `n` partitions so a restore maps slots one to one.
+            if parts.len() != n {
+                let mut fixed: Partitions<T> = (0..n).map(|_| Vec::new()).collect();
+                for (i, p) in parts.into_iter().enumerate() {
+                    fixed[i % n].extend(p);
+                }
+                parts = fixed;
+            }
+            op.slices.push(ctx.info.batch_time_ms, parts, w);
+            if !on_slide(ctx, s) {
+                return Ok(Vec::new());
+            }
+            let st = op.slices.lock();
+            let mut out: Partitions<T> = (0..n).map(|_| Vec::new()).collect();
+            for parts in st.by_time.values() {
+                for (i, p) in parts.iter().enumerate() {
+                    out[i].extend(p.iter().cloned());
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Every `slide`, the number of elements in the last `window`.
+    pub fn count_by_window(
+        &self,
+        name: impl Into<OpName>,
+        window: Duration,
+        slide: Duration,
+    ) -> DStream<u64> {
+        self.map(|_| ((), 1u64))
+            .reduce_by_key_and_window(name, |a, b| a + b, Some(|a: u64, b: u64| a - b), window, slide)
+            .map(|(_, c)| c)
+    }
+}
+
+type Agg<V> = (V, u32);
+
+struct ReduceWindowOp<K, V> {
+    name: String,
+    slices: Slices<(K, V)>,
+    /// With an inverse function: the running window aggregate and how many slices feed each key.
+    agg: Option<KeyedState<K, Agg<V>>>,
+    n: usize,
+}
+
+impl<K: Key + StateData, V: StateData + Data> StatefulOp for ReduceWindowOp<K, V> {
+    fn describe(&self) -> OperatorDescription {
+        describe::<K, V>(&self.name, "reduce_by_key_and_window", 1)
+    }
+    fn snapshot(&self, full: bool) -> Result<Vec<TableData>> {
+        let mut t = vec![self.slices.snapshot(format!("{}/slices", self.name), full)?];
+        if let Some(agg) = &self.agg {
+            t.push(agg.snapshot(&format!("{}/agg", self.name), full)?);
+        }
+        Ok(t)
+    }
+    fn restore(&self, tables: &[&TableData]) -> Result<()> {
+        if let Some(t) = table(tables, &format!("{}/slices", self.name)) {
+            self.slices.restore(t, self.n, |_, (k, _)| partition_of(k, self.n))?;
+        }
+        if let (Some(agg), Some(t)) = (&self.agg, table(tables, &format!("{}/agg", self.name))) {
+            agg.restore(t)?;
+        }
+        Ok(())
+    }
+    fn key_count(&self) -> usize {
+        self.agg.as_ref().map_or(0, |a| a.len())
+    }
+}
+
+impl<K: Key + StateData, V: StateData + Data> DStream<(K, V)> {
+    /// Every `slide`, each key's values over the last `window`, combined with `reduce`.
+    ///
+    /// With an `inverse` (e.g. subtraction for a sum), the window is maintained incrementally:
+    /// values entering are added and values leaving are removed, so the cost per batch is that
+    /// of the batch, not of the window. Without it, each slide reduces every buffered batch.
+    ///
+    /// ```
+    /// # use cairn::StreamingContext;
+    /// # use std::time::Duration;
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let ctx = StreamingContext::builder().batch_interval(Duration::from_secs(1))
+    /// #     .checkpoint(dir.path().to_str().unwrap()).build().unwrap();
+    /// # let (q, s) = ctx.queue_stream::<(char, i64)>("in").unwrap();
+    /// let sums = s.reduce_by_key_and_window("sums", |a, b| a + b, Some(|a, b| a - b),
+    ///     Duration::from_secs(2), Duration::from_secs(1));
+    /// # for b in [vec![('a', 1)], vec![('a', 2)], vec![('a', 4)]] { q.push(b); }
+    /// # let out = cairn::testing::collect(&sums);
+    /// # ctx.run_available().unwrap();
+    /// # assert_eq!(*out.lock().unwrap(), vec![vec![('a', 1)], vec![('a', 3)], vec![('a', 6)]]);
+    /// ```
+    pub fn reduce_by_key_and_window<R, I>(
+        &self,
+        name: impl Into<OpName>,
+        reduce: R,
+        inverse: Option<I>,
+        window: Duration,
+        slide: Duration,
+    ) -> DStream<(K, V)>
+    where
+        R: Fn(V, V) -> V + Send + Sync + 'static,
+        I: Fn(V, V) -> V + Send + Sync + 'static,
+    {
+        let name = name.into();
+        self.graph.claim_stateful(name.name());
+        let (w, s) = window_params(self, name.name(), window, slide);
+        let n = self.graph.parallelism;
+        let op = Arc::new(ReduceWindowOp {
+            name: name.name().to_string(),
+            slices: Slices::new(name.name()),
+            agg: inverse.as_ref().map(|_| KeyedState::new(name.name(), n)),
+            n,
+        });
+        self.graph.add_stateful(op.clone());
+        let reduced = self.reduce_by_key_inner(reduce);
+        let reduce = reduced.1;
+        reduced.0.derive(move |parts, ctx| {
+            let parts = if parts.len() == n { parts } else { shuffle(parts, n) };
+            let now = ctx.info.batch_time_ms;
+            if let (Some(agg), Some(inv)) = (&op.agg, &inverse) {
+                parts.par_iter().enumerate().for_each(|(i, p)| {
+                    let mut part = agg.part(i);
+                    for (k, v) in p {
+                        add_to(&mut part, k, v.clone(), &*reduce, now);
+                    }
+                });
+                let dropped = op.slices.push(now, parts, w);
+                for slice in dropped {
+                    slice.into_par_iter().enumerate().for_each(|(i, p)| {
+                        let mut part = agg.part(i);
+                        for (k, v) in p {
+                            subtract_from(&mut part, &k, v, inv, now);
+                        }
+                    });
+                }
+                if !on_slide(ctx, s) {
+                    return Ok(Vec::new());
+                }
+                return Ok((0..n)
+                    .into_par_iter()
+                    .map(|i| agg.part(i).map.iter().map(|(k, s)| (k.clone(), s.value.0.clone())).collect())
+                    .collect());
+            }
+            op.slices.push(now, parts, w);
+            if !on_slide(ctx, s) {
+                return Ok(Vec::new());
+            }
+            let st = op.slices.lock();
+            Ok((0..n)
+                .into_par_iter()
+                .map(|i| {
+                    let mut m: FxHashMap<K, V> = FxHashMap::default();
+                    for parts in st.by_time.values() {
+                        for (k, v) in &parts[i] {
+                            let nv = match m.remove(k) {
+                                Some(old) => reduce(old, v.clone()),
+                                None => v.clone(),
+                            };
+                            m.insert(k.clone(), nv);
+                        }
+                    }
+                    m.into_iter().collect()
+                })
+                .collect())
+        })
+    }
+
+    /// `reduce_by_key` that also hands back the shared reduce function.
+    #[allow(clippy::type_complexity)]
+    fn reduce_by_key_inner<R: Fn(V, V) -> V + Send + Sync + 'static>(
+        &self,
+        reduce: R,
+    ) -> (DStream<(K, V)>, Arc<dyn Fn(V, V) -> V + Send + Sync>) {
+        let reduce: Arc<dyn Fn(V, V) -> V + Send + Sync> = Arc::new(reduce);
+        let r = reduce.clone();
+        (self.reduce_by_key(move |a, b| r(a, b)), reduce)
+    }
+}
+
+fn add_to<K: Key, V: Data>(
+    part: &mut StatePart<K, Agg<V>>,
+    k: &K,
+    v: V,
+    reduce: &(dyn Fn(V, V) -> V + Send + Sync),
+    now: i64,
+) {
+    let StatePart { map, dirty, .. } = part;
+    if let Some(slot) = map.get_mut(k) {
+        let (old, count) = slot.value.clone();
+        slot.value = (reduce(old, v), count + 1);
+        StatePart::<K, Agg<V>>::touch(dirty, k, slot);
+    } else {
+        let slot = StatePart::<K, Agg<V>>::new_slot(dirty, k, (v, 1), now);
+        map.insert(k.clone(), slot);
+    }
+}
+
+fn subtract_from<K: Key, V: Data>(
+    part: &mut StatePart<K, Agg<V>>,
+    k: &K,
+    v: V,
+    inverse: &(impl Fn(V, V) -> V + ?Sized),
+    _now: i64,
+) {
+    let StatePart { map, dirty, .. } = part;
+    let Some(slot) = map.get_mut(k) else { return };
+    if slot.value.1 <= 1 {
+        // The last slice holding this key left the window: the key leaves with it.
+        if let Some(slot) = map.remove(k) {
+            StatePart::<K, Agg<V>>::removed(dirty, k.clone(), &slot);
+        }
+        return;
+    }
+    let (old, count) = slot.value.clone();
+    slot.value = (inverse(old, v), count - 1);
+    StatePart::<K, Agg<V>>::touch(dirty, k, slot);
+}

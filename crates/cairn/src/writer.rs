@@ -1,0 +1,203 @@
+//! Background checkpoint writing. The scheduler hands each cut checkpoint to a bounded queue and
+//! goes on with the next batch; a writer thread stores it, and a maintenance thread compacts full
+//! snapshots and applies retention. When storage falls behind, the queue fills and `submit`
+//! blocks: backpressure the scheduler reports, instead of memory growing without bound.
+
+use crate::error::{Error, Result};
+use crate::failpoint;
+use cairn_checkpoint::paths::ObjectName;
+use cairn_checkpoint::{codec, BatchId, CheckpointKind, CheckpointStore, StateCheckpoint};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Figures about background checkpoint writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct WriterStats {
+    /// Duration of the latest completed write.
+    pub last_write_ms: Option<f64>,
+    /// Checkpoints written.
+    pub written: u64,
+    /// Bytes of checkpoint objects written (compacted snapshots included).
+    pub bytes: u64,
+    /// Objects created (compacted snapshots included).
+    pub objects: u64,
+}
+
+#[derive(Default)]
+struct Shared {
+    stats: WriterStats,
+    error: Option<String>,
+}
+
+fn lock(s: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) struct CheckpointWriter {
+    tx: Option<SyncSender<StateCheckpoint>>,
+    shared: Arc<Mutex<Shared>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Store attempts per checkpoint before the job stops (nothing is lost: the batch log and the
+/// previous checkpoint still recover everything).
+const ATTEMPTS: u32 = 4;
+
+impl CheckpointWriter {
+    pub fn start(store: CheckpointStore, capacity: usize, full_every: usize, keep: usize) -> Self {
+        // `capacity` checkpoints may be pending: one being written, the rest queued.
+        let (tx, rx) = sync_channel::<StateCheckpoint>(capacity.saturating_sub(1));
+        let (maint_tx, maint_rx) = channel::<BatchId>();
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let mut threads = Vec::new();
+        {
+            let (store, shared) = (store.clone(), shared.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("cairn-ckpt-writer".into())
+                    .spawn(move || write_loop(&store, rx, &shared, maint_tx))
+                    .expect("cannot start the checkpoint writer thread"),
+            );
+        }
+        {
+            let shared = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("cairn-ckpt-maintenance".into())
+                    .spawn(move || maintenance_loop(&store, maint_rx, &shared, full_every, keep))
+                    .expect("cannot start the checkpoint maintenance thread"),
+            );
+        }
+        Self { tx: Some(tx), shared, threads }
+    }
+
+    /// Queues a checkpoint; blocks while the queue is full. Returns the ms spent blocked.
+    pub fn submit(&self, ckpt: StateCheckpoint) -> Result<f64> {
+        self.check()?;
+        let t0 = Instant::now();
+        let tx = self.tx.as_ref().expect("submit after finish");
+        tx.send(ckpt).map_err(|_| self.failure())?;
+        Ok(t0.elapsed().as_secs_f64() * 1e3)
+    }
+
+    /// Fails if a background write failed for good.
+    pub fn check(&self) -> Result<()> {
+        match &lock(&self.shared).error {
+            Some(e) => Err(Error::Lifecycle(format!("checkpoint writer failed: {e}"))),
+            None => Ok(()),
+        }
+    }
+
+    fn failure(&self) -> Error {
+        let e = lock(&self.shared).error.clone().unwrap_or_else(|| "the writer thread stopped".into());
+        Error::Lifecycle(format!("checkpoint writer failed: {e}"))
+    }
+
+    pub fn stats(&self) -> WriterStats {
+        lock(&self.shared).stats
+    }
+
+    /// Waits until every queued checkpoint is written and maintenance is done; returns the
+    /// final figures and whether every write succeeded.
+    pub fn finish(mut self) -> (WriterStats, Result<()>) {
+        drop(self.tx.take());
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        (self.stats(), self.check())
+    }
+}
+
+fn object_name(c: &StateCheckpoint) -> ObjectName {
+    match c.kind {
+        CheckpointKind::Full => ObjectName::Full(c.batch_id),
+        CheckpointKind::Delta { parent } => ObjectName::Delta { batch: c.batch_id, parent },
+    }
+}
+
+fn write_loop(
+    store: &CheckpointStore,
+    rx: Receiver<StateCheckpoint>,
+    shared: &Mutex<Shared>,
+    maint: Sender<BatchId>,
+) {
+    for ckpt in rx {
+        let batch = ckpt.batch_id;
+        if failpoint::is_armed(failpoint::MID_CHECKPOINT, batch.0) {
+            // A torn write, as a store without atomic puts could leave it: half the object.
+            let bytes = codec::encode_state(&ckpt);
+            let _ = store.write_raw(object_name(&ckpt), bytes[..bytes.len() / 2].to_vec());
+            failpoint::crash(failpoint::MID_CHECKPOINT, batch.0);
+        }
+        let t0 = Instant::now();
+        let mut attempt = 0;
+        let stats = loop {
+            attempt += 1;
+            match store.write_checkpoint(&ckpt) {
+                Ok(s) => break Ok(s),
+                Err(e) if attempt < ATTEMPTS => {
+                    tracing::warn!(
+                        "checkpoint after batch {batch}: write attempt {attempt} failed: {e}; retrying"
+                    );
+                    std::thread::sleep(Duration::from_millis(100 << attempt));
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        let mut s = lock(shared);
+        match stats {
+            Ok(w) => {
+                s.stats.last_write_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
+                s.stats.written += 1;
+                s.stats.bytes += w.bytes;
+                s.stats.objects += w.objects;
+            }
+            Err(e) => {
+                tracing::error!("checkpoint after batch {batch} could not be written: {e}");
+                s.error = Some(format!("checkpoint after batch {batch}: {e}"));
+                return; // dropping rx makes the next submit fail
+            }
+        }
+        drop(s);
+        failpoint::hit(failpoint::AFTER_CHECKPOINT, batch.0);
+        let _ = maint.send(batch);
+    }
+}
+
+fn maintenance_loop(
+    store: &CheckpointStore,
+    rx: Receiver<BatchId>,
+    shared: &Mutex<Shared>,
+    full_every: usize,
+    keep: usize,
+) {
+    let mut since_full = 0usize;
+    while let Ok(mut batch) = rx.recv() {
+        since_full += 1;
+        // Coalesce: when checkpoints arrive faster than maintenance runs, work on the newest.
+        while let Ok(b) = rx.try_recv() {
+            batch = b;
+            since_full += 1;
+        }
+        if since_full >= full_every {
+            match store.compact(batch) {
+                Ok(written) => {
+                    since_full = 0;
+                    if let Some(w) = written {
+                        let mut s = lock(shared);
+                        s.stats.bytes += w.bytes;
+                        s.stats.objects += w.objects;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("compacting a full snapshot at batch {batch} failed (will retry): {e}")
+                }
+            }
+        }
+        if let Err(e) = store.apply_retention(keep) {
+            tracing::warn!("checkpoint retention failed (will retry after the next checkpoint): {e}");
+        }
+    }
+}

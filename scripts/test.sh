@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it. Everything it needs comes from crates.io via cargo; no
+# external service is used by the engine-foundation tests. Later suites that need a broker or an
+# object-store server start them from scripts/ on 127.0.0.1 and stop them on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# One RUSTFLAGS for every step, so lint, build and test share one set of compiled artifacts.
+export RUSTFLAGS="${RUSTFLAGS:-} -D warnings"
+
+echo "== format"
+cargo fmt --all -- --check
+echo "== lint"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
+echo "== doctests"
+cargo test --workspace --doc --locked
+echo "== all tests passed"
