@@ -41,8 +41,16 @@ fn unique_owner() -> String {
     format!("{}-{}-{:x}-{n}", hostname(), std::process::id(), wall_ms())
 }
 
+/// Whether a process of this host is running: present in /proc and not a zombie (a process
+/// killed a moment ago stays a zombie until its parent reaps it).
 fn pid_alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may contain spaces.
+        Ok(stat) => {
+            stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
+        }
+        Err(_) => false,
+    }
 }
 
 fn describe(r: &LeaseRecord, now: i64) -> String {
@@ -78,11 +86,19 @@ impl CheckpointStore {
     /// Takes the location for this process, or fails with [`Error::Locked`] naming the holder.
     pub fn acquire_lease(&self, ttl: Duration) -> Result<Lease> {
         let ttl_ms = ttl.as_millis().max(100) as u64;
-        let now = wall_ms();
         let host = hostname();
-        if let Some(cur) = self.read_lease()? {
+        // A holder on this host that was just killed may take a moment to exit: give it that.
+        let mut patience = 20;
+        while let Some(cur) = self.read_lease()? {
+            let now = wall_ms();
             let fresh = now - cur.heartbeat_ms < cur.ttl_ms as i64;
-            let dead_here = cur.host == host && cur.pid != std::process::id() && !pid_alive(cur.pid);
+            let same_host = cur.host == host && cur.pid != std::process::id();
+            let dead_here = same_host && !pid_alive(cur.pid);
+            if fresh && !dead_here && same_host && patience > 0 {
+                patience -= 1;
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
             if fresh && !dead_here {
                 return Err(Error::Locked {
                     location: self.location().to_string(),
@@ -93,7 +109,9 @@ impl CheckpointStore {
             if dead_here {
                 tracing::info!("taking over the lease of pid {} (no longer running)", cur.pid);
             }
+            break;
         }
+        let now = wall_ms();
         let owner = unique_owner();
         let record = LeaseRecord {
             owner: owner.clone(),

@@ -177,7 +177,9 @@ pub struct RetentionPlan {
 /// use cairn_checkpoint::BatchId as B;
 /// let l = Listing::new([Plan(B(0)), Commit(B(0)), Full(B(0)), Plan(B(1)), Commit(B(1)), Full(B(1))]);
 /// let p = plan_retention(&l, 1);
-/// assert_eq!(p.delete, vec![Plan(B(0)), Commit(B(0)), Full(B(0))]);
+/// // Replay after the kept checkpoint (batch 1) starts at batch 2: no log entry is needed.
+/// assert_eq!(p.delete, vec![Commit(B(0)), Plan(B(0)), Commit(B(1)), Plan(B(1)), Full(B(0))]);
+/// assert_eq!(p.keep_checkpoints, vec![B(1)]);
 /// ```
 pub fn plan_retention(listing: &Listing, keep: usize) -> RetentionPlan {
     let keep = keep.max(1);

@@ -125,7 +125,8 @@ fn survives_random_sigkills() {
     let seed: u64 =
         std::env::var("CAIRN_CRASH_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x00c0_ffee);
     eprintln!("crash test: {kills} kills, seed {seed} (set CAIRN_CRASH_SEED to reproduce)");
-    let p = JobParams { batches: 1500, rate: 300, keys: 97 };
+    // Enough batches (at ~3 ms each) that the kills all land before the job could finish.
+    let p = JobParams { batches: 400 + 60 * kills, rate: 300, keys: 97 };
     let d = dirs();
     let mut rng = Rng(seed | 1);
     let mut killed_running = 0;
@@ -133,8 +134,11 @@ fn survives_random_sigkills() {
         let mut child = job_paced(&d, &p, 1 + i % 3, 1 + i % 3, None, 3).spawn().expect("spawn crash-job");
         let delay = 20 + rng.next() % 400;
         std::thread::sleep(Duration::from_millis(delay));
-        if child.try_wait().expect("try_wait").is_none() {
-            killed_running += 1;
+        match child.try_wait().expect("try_wait") {
+            None => killed_running += 1,
+            Some(status) => {
+                assert!(status.success(), "crash-job failed on its own after restart {i}: {status}")
+            }
         }
         child.kill().ok(); // SIGKILL
         child.wait().expect("reap");

@@ -173,24 +173,26 @@ fn maintenance_loop(
     full_every: usize,
     keep: usize,
 ) {
-    let mut since_full = 0usize;
     while let Ok(mut batch) = rx.recv() {
-        since_full += 1;
         // Coalesce: when checkpoints arrive faster than maintenance runs, work on the newest.
         while let Ok(b) = rx.try_recv() {
             batch = b;
-            since_full += 1;
         }
-        if since_full >= full_every {
+        // The chain length is read from the location, not counted in memory, so restarts
+        // (which may come more often than every K checkpoints) still get snapshots cut.
+        let chain_len = store
+            .listing()
+            .ok()
+            .and_then(|l| cairn_checkpoint::protocol::chain(&l, batch, true))
+            .map_or(0, |c| c.len());
+        if chain_len > full_every {
             match store.compact(batch) {
-                Ok(written) => {
-                    since_full = 0;
-                    if let Some(w) = written {
-                        let mut s = lock(shared);
-                        s.stats.bytes += w.bytes;
-                        s.stats.objects += w.objects;
-                    }
+                Ok(Some(w)) => {
+                    let mut s = lock(shared);
+                    s.stats.bytes += w.bytes;
+                    s.stats.objects += w.objects;
                 }
+                Ok(None) => {}
                 Err(e) => {
                     tracing::warn!("compacting a full snapshot at batch {batch} failed (will retry): {e}")
                 }
