@@ -135,9 +135,12 @@ fn input_files(dir: &Path) -> Result<Vec<PathBuf>, BoxError> {
 }
 
 /// The floor: a minimal single-threaded loop, no engine.
-fn floor(dir: &Path) -> Result<(FxHashMap<u64, (u64, i64)>, u64, f64), BoxError> {
+/// Per key: (count, sum).
+type KraState = FxHashMap<u64, (u64, i64)>;
+
+fn floor(dir: &Path) -> Result<(KraState, u64, f64), BoxError> {
     let t0 = Instant::now();
-    let mut m: FxHashMap<u64, (u64, i64)> = FxHashMap::default();
+    let mut m: KraState = FxHashMap::default();
     let mut events = 0u64;
     for f in input_files(dir)? {
         let text = std::fs::read_to_string(&f)?;
@@ -236,7 +239,7 @@ fn dir_objects(dir: &Path) -> (u64, u64) {
     (n, bytes)
 }
 
-fn checkpointed_state(dir: &Path) -> Result<FxHashMap<u64, (u64, i64)>, BoxError> {
+fn checkpointed_state(dir: &Path) -> Result<KraState, BoxError> {
     let store = CheckpointStore::open(dir.to_str().unwrap_or_default())?;
     let rec = store.recover()?;
     let state = rec.state.ok_or("no checkpoint was written")?;

@@ -171,7 +171,7 @@ type InitialState<K, S> = Vec<(K, S)>;
 /// The function is called once per record with `Some(value)`, and once with `None` when a key
 /// has had no data for the timeout (checked every batch, against batch time).
 pub struct StateSpec<K, V, S, U> {
-    func: Arc<dyn Fn(&K, Option<V>, &mut State<'_, S>) -> U + Send + Sync>,
+    func: Arc<StateFn<K, V, S, U>>,
     timeout: Option<Duration>,
     initial: InitialState<K, S>,
 }
@@ -397,7 +397,7 @@ fn expire<K: Key, V, S, U>(
     while timers.front().is_some_and(|(deadline, _)| *deadline <= now) {
         let Some((_, k)) = timers.pop_front() else { break };
         // A key refreshed after this timer was set has a later timer; skip the stale one.
-        if !map.get(&k).is_some_and(|slot| slot.seen_ms + timeout <= now) {
+        if map.get(&k).is_none_or(|slot| slot.seen_ms + timeout > now) {
             continue;
         }
         let Some(mut slot) = map.remove(&k) else { continue };
