@@ -38,6 +38,8 @@ pub struct BatchProgress {
     pub checkpoint_wait_ms: f64,
     /// Whether a state checkpoint was cut after this batch.
     pub checkpointed: bool,
+    /// A checkpoint was due but put off because storage is still writing earlier ones.
+    pub checkpoint_deferred: bool,
     /// Duration of the most recent completed background checkpoint write.
     pub last_checkpoint_write_ms: Option<f64>,
     /// Live keys over all stateful operators.
@@ -60,6 +62,7 @@ pub(crate) struct Config {
     pub keep_checkpoints: usize,
     pub full_snapshot_every: usize,
     pub max_pending_checkpoints: usize,
+    pub max_checkpoint_deferral: Option<u64>,
     pub stop_after_batches: Option<u64>,
     pub drop_state: Vec<String>,
     pub stop_on_signals: bool,
@@ -137,9 +140,17 @@ impl StreamingContextBuilder {
         self.cfg.full_snapshot_every = k.max(1);
         self
     }
-    /// Checkpoints that may wait for storage before the scheduler blocks (default 2).
+    /// Checkpoints that may be waiting for storage at once (default 2).
     pub fn max_pending_checkpoints(mut self, n: usize) -> Self {
         self.cfg.max_pending_checkpoints = n.max(1);
+        self
+    }
+    /// When all pending slots are taken, a due checkpoint is put off for up to this many batches
+    /// (default: 10 checkpoint intervals) rather than stalling the batch; its changes go into the
+    /// next checkpoint. Past that, the scheduler waits for storage (reported as
+    /// `checkpoint_wait_ms`). 0 always waits.
+    pub fn max_checkpoint_deferral(mut self, batches: u64) -> Self {
+        self.cfg.max_checkpoint_deferral = Some(batches);
         self
     }
     /// Stops (gracefully) once batch `n - 1` is done, counting batches before any restart.
@@ -283,6 +294,7 @@ impl StreamingContext {
                 keep_checkpoints: 10,
                 full_snapshot_every: 10,
                 max_pending_checkpoints: 2,
+                max_checkpoint_deferral: None,
                 stop_after_batches: None,
                 drop_state: Vec::new(),
                 stop_on_signals: false,

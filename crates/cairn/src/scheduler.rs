@@ -294,6 +294,8 @@ struct Runner {
     ops: Vec<Arc<dyn StatefulOp>>,
     batches_since_checkpoint: u64,
     checkpoint_every: u64,
+    /// Due checkpoints may be put off this many batches while storage is busy.
+    max_deferral: u64,
     summary: RunSummary,
 }
 
@@ -322,6 +324,7 @@ pub(crate) fn run(inner: Arc<Inner>, p: Prepared, trigger: Trigger) -> Result<Ru
         checkpoint_objects: 0,
         log_objects: 0,
     };
+    let max_deferral = cfg.max_checkpoint_deferral.unwrap_or(checkpoint_every * 10);
     let mut r = Runner {
         inner: inner.clone(),
         p,
@@ -329,6 +332,7 @@ pub(crate) fn run(inner: Arc<Inner>, p: Prepared, trigger: Trigger) -> Result<Ru
         ops,
         batches_since_checkpoint: 0,
         checkpoint_every,
+        max_deferral,
         summary,
     };
     let result = r.run_loop(trigger);
@@ -491,9 +495,18 @@ impl Runner {
         self.batches_since_checkpoint += 1;
         let mut wait_ms = 0.0;
         let mut checkpointed = false;
-        if self.batches_since_checkpoint >= self.checkpoint_every && self.writer.is_some() {
-            wait_ms = self.checkpoint(plan.batch_id)?;
-            checkpointed = true;
+        let mut deferred = false;
+        if let (true, Some(w)) = (self.batches_since_checkpoint >= self.checkpoint_every, &self.writer) {
+            // While storage is busy, a due checkpoint is put off (its changes keep accumulating
+            // and go into the next one) instead of stalling the batch; past the deferral bound
+            // the scheduler waits, which bounds how much a crash can make it replay.
+            let overdue = self.batches_since_checkpoint - self.checkpoint_every >= self.max_deferral;
+            if w.is_full() && !overdue {
+                deferred = true;
+            } else {
+                wait_ms = self.checkpoint(plan.batch_id)?;
+                checkpointed = true;
+            }
         }
         let stats: WriterStats = self.writer.as_ref().map(|w| w.stats()).unwrap_or_default();
         let progress = BatchProgress {
@@ -504,6 +517,7 @@ impl Runner {
             checkpoint_ms: plan_ms + t1.elapsed().as_secs_f64() * 1e3,
             checkpoint_wait_ms: wait_ms,
             checkpointed,
+            checkpoint_deferred: deferred,
             last_checkpoint_write_ms: stats.last_write_ms,
             state_keys: self.ops.iter().map(|o| o.key_count() as u64).sum(),
             replayed,

@@ -29,6 +29,8 @@ pub struct WriterStats {
 struct Shared {
     stats: WriterStats,
     error: Option<String>,
+    /// Checkpoints submitted and not yet written.
+    pending: usize,
 }
 
 fn lock(s: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
@@ -39,6 +41,7 @@ pub(crate) struct CheckpointWriter {
     tx: Option<SyncSender<StateCheckpoint>>,
     shared: Arc<Mutex<Shared>>,
     threads: Vec<JoinHandle<()>>,
+    capacity: usize,
 }
 
 /// Store attempts per checkpoint before the job stops (nothing is lost: the batch log and the
@@ -70,7 +73,12 @@ impl CheckpointWriter {
                     .expect("cannot start the checkpoint maintenance thread"),
             );
         }
-        Self { tx: Some(tx), shared, threads }
+        Self { tx: Some(tx), shared, threads, capacity: capacity.max(1) }
+    }
+
+    /// True when every slot of the queue is taken: a submit now would block.
+    pub fn is_full(&self) -> bool {
+        lock(&self.shared).pending >= self.capacity
     }
 
     /// Queues a checkpoint; blocks while the queue is full. Returns the ms spent blocked.
@@ -78,6 +86,7 @@ impl CheckpointWriter {
         self.check()?;
         let t0 = Instant::now();
         let tx = self.tx.as_ref().expect("submit after finish");
+        lock(&self.shared).pending += 1;
         tx.send(ckpt).map_err(|_| self.failure())?;
         Ok(t0.elapsed().as_secs_f64() * 1e3)
     }
@@ -147,6 +156,7 @@ fn write_loop(
             }
         };
         let mut s = lock(shared);
+        s.pending = s.pending.saturating_sub(1);
         match stats {
             Ok(w) => {
                 s.stats.last_write_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
