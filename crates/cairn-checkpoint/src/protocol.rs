@@ -137,15 +137,6 @@ pub fn recovery_attempts(listing: &Listing) -> Vec<Attempt> {
 pub fn replay_batches(listing: &Listing, after: Option<BatchId>) -> Result<Vec<BatchId>, String> {
     let first = after.map_or(0, |b| b.0 + 1);
     let plans: Vec<BatchId> = listing.plans().into_iter().filter(|b| b.0 >= first).collect();
-    for (i, b) in plans.iter().enumerate() {
-        let want = first + i as u64;
-        if b.0 != want {
-            return Err(format!(
-                "batch log has a gap: plan of batch {want} is missing but batch {} was planned",
-                b.0
-            ));
-        }
-    }
     if after.is_none() {
         if let Some(first_plan) = listing.plans().first() {
             if first_plan.0 != 0 {
@@ -153,6 +144,15 @@ pub fn replay_batches(listing: &Listing, after: Option<BatchId>) -> Result<Vec<B
                     "no state checkpoint, and the batch log starts at batch {first_plan} instead of 0"
                 ));
             }
+        }
+    }
+    for (i, b) in plans.iter().enumerate() {
+        let want = first + i as u64;
+        if b.0 != want {
+            return Err(format!(
+                "batch log has a gap: plan of batch {want} is missing but batch {} was planned",
+                b.0
+            ));
         }
     }
     Ok(plans)

@@ -423,6 +423,16 @@ impl CheckpointStore {
                 })
             }
         };
+        if let (Some(s), Some(newest)) = (&state, listing.checkpoints().last()) {
+            if s.batch_id < *newest {
+                let w = format!(
+                    "restored the checkpoint after batch {} although checkpoints up to batch {newest} exist: the newer ones are damaged or incomplete",
+                    s.batch_id
+                );
+                tracing::warn!("{w}");
+                warnings.push(w);
+            }
+        }
         let restore_ms = t0.elapsed().as_millis() as u64;
         let commits: BTreeSet<BatchId> = listing.commits().into_iter().collect();
         let mut replay = Vec::with_capacity(replay_ids.len());
