@@ -243,13 +243,15 @@ impl<T: Data, F: Fn(&str) -> std::result::Result<T, String> + Send + Sync + 'sta
         Ok(Self {
             location: Location::open(location)?,
             max_files: max_files.max(1),
-            split_bytes: 4 << 20,
+            split_bytes: 0,
             parse,
             malformed: Malformed::Fail,
             skipped: Default::default(),
         })
     }
-    /// Splits files into byte ranges of about this size (default 4 MiB, at least 64 KiB).
+    /// Splits files into byte ranges of about this size (at least 64 KiB). By default a file is
+    /// split into one range per core (ranges of 256 KiB to 16 MiB), so one large file per batch
+    /// is still parsed on every core.
     pub fn split_bytes(mut self, bytes: u64) -> Self {
         self.split_bytes = bytes.max(64 << 10);
         self
@@ -291,10 +293,15 @@ impl<T: Data, F: Fn(&str) -> std::result::Result<T, String> + Send + Sync + 'sta
         files.sort();
         files.truncate(self.max_files);
         let mut out = Vec::new();
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
         for (name, size) in files {
+            let split = match self.split_bytes {
+                0 => size.div_ceil(cores).clamp(256 << 10, 16 << 20),
+                fixed => fixed,
+            };
             let mut start = 0;
             loop {
-                let end = (start + self.split_bytes).min(size);
+                let end = (start + split).min(size);
                 out.push(OffsetRange { partition: name.clone(), start, end });
                 if end >= size {
                     break;
