@@ -391,3 +391,93 @@ pub(crate) fn put_text(
         message: format!("cannot write {name}: {e}"),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &std::path::Path, name: &str, text: &str) {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+
+    fn read_all<T: Data, F: Fn(&str) -> std::result::Result<T, String> + Send + Sync + 'static>(
+        src: &TextFiles<F>,
+    ) -> std::result::Result<Vec<T>, UserError> {
+        let mut out = Vec::new();
+        for r in src.plan(&Positions::new())? {
+            out.extend(src.read(&r)?);
+        }
+        Ok(out)
+    }
+
+    /// Every line comes out exactly once whatever the split size, even when lines straddle range
+    /// boundaries or are longer than a range.
+    #[test]
+    fn split_ranges_yield_every_line_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut lines = Vec::new();
+        let mut x = 7u64;
+        for i in 0..20_000 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let len = if i == 777 { 200_000 } else { (x >> 58) as usize };
+            lines.push(format!("{i}:{}", "y".repeat(len)));
+        }
+        let text = lines.join("\n") + "\n";
+        write(dir.path(), "a.txt", &text);
+        write(dir.path(), "b.txt", "crlf 1\r\ncrlf 2\r\nno newline at end");
+        for split in [64 << 10, 100_000, 1 << 20, 0] {
+            let mut src = TextFiles::new(dir.path().to_str().unwrap(), 10).unwrap();
+            if split > 0 {
+                src = src.split_bytes(split);
+            }
+            let plan = src.plan(&Positions::new()).unwrap();
+            if split == 64 << 10 {
+                assert!(plan.len() > 10, "the big file is split into many ranges");
+            }
+            let got = read_all(&src).unwrap();
+            let mut want = lines.clone();
+            want.extend(["crlf 1", "crlf 2", "no newline at end"].map(String::from));
+            assert_eq!(got.len(), want.len(), "split {split}");
+            assert!(got == want, "split {split}: lines differ");
+        }
+    }
+
+    #[test]
+    fn taken_files_and_hidden_files_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["2.txt", "1.txt", ".tmp", "_SUCCESS", "3.txt"] {
+            write(dir.path(), name, "x\n");
+        }
+        let src = TextFiles::new(dir.path().to_str().unwrap(), 2).unwrap();
+        let mut pos = Positions::new();
+        let first: Vec<String> = src.plan(&pos).unwrap().into_iter().map(|r| r.partition).collect();
+        assert_eq!(first, vec!["1.txt", "2.txt"], "name order, max files per batch");
+        pos.insert("1.txt".into(), 2);
+        pos.insert("2.txt".into(), 2);
+        let next: Vec<String> = src.plan(&pos).unwrap().into_iter().map(|r| r.partition).collect();
+        assert_eq!(next, vec!["3.txt"]);
+    }
+
+    #[test]
+    fn malformed_lines_fail_with_their_place_or_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "in.csv", "1,2\n3,x\n5,6\n");
+        let parse = |l: &str| -> std::result::Result<(u64, i64), String> {
+            let (k, v) = l.split_once(',').ok_or("no comma")?;
+            Ok((
+                k.parse().map_err(|e| format!("{e}"))?,
+                v.parse().map_err(|e| format!("bad value {v:?}: {e}"))?,
+            ))
+        };
+        let strict = TextFiles::parsed(dir.path().to_str().unwrap(), 1, parse).unwrap();
+        let err = read_all(&strict).unwrap_err().to_string();
+        assert!(err.contains("in.csv") && err.contains("at byte 4") && err.contains("bad value"), "{err}");
+        let lenient =
+            TextFiles::parsed(dir.path().to_str().unwrap(), 1, parse).unwrap().on_malformed(Malformed::Skip);
+        assert_eq!(read_all(&lenient).unwrap(), vec![(1, 2), (5, 6)]);
+        assert_eq!(lenient.skipped(), 1);
+        std::fs::write(dir.path().join("in.csv"), b"1,2\n\xff\xfe\n").unwrap();
+        let err = read_all(&strict).unwrap_err().to_string();
+        assert!(err.contains("not UTF-8"), "{err}");
+    }
+}
