@@ -159,7 +159,7 @@ pub(crate) fn prepare(inner: &Inner) -> Result<Prepared> {
         ));
     }
     let graph_desc = describe_graph(inner);
-    let mut positions: BTreeMap<String, SourcePositions> =
+    let positions: BTreeMap<String, SourcePositions> =
         sources.iter().map(|s| (s.clone(), SourcePositions::default())).collect();
     let now = cfg.clock.now_ms();
     let interval = cfg.batch_interval.as_millis() as i64;
@@ -190,6 +190,35 @@ pub(crate) fn prepare(inner: &Inner) -> Result<Prepared> {
         None => CheckpointStore::open(&location)?,
     };
     let lease = store.acquire_lease(cfg.lease_ttl)?;
+    // Whatever fails from here on, this process gives the location back: a caller that fixes
+    // the problem and retries in the same process must not find its own stale lease.
+    match restore(inner, &store, &location, positions, graph_desc, now, aligned_now) {
+        Ok(mut p) => {
+            p.store = Some(store);
+            p.lease = Some(lease);
+            Ok(p)
+        }
+        Err(e) => {
+            if let Err(le) = lease.release() {
+                tracing::warn!("could not release the checkpoint lease: {le}");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Recovery proper: metadata, compatibility check, state, replay list.
+fn restore(
+    inner: &Inner,
+    store: &CheckpointStore,
+    location: &str,
+    mut positions: BTreeMap<String, SourcePositions>,
+    graph_desc: GraphDescription,
+    now: i64,
+    aligned_now: i64,
+) -> Result<Prepared> {
+    let cfg = &inner.cfg;
+    let interval = cfg.batch_interval.as_millis() as i64;
     let recovered = store.recover()?;
     for w in &recovered.warnings {
         tracing::warn!("recovery: {w}");
@@ -208,7 +237,7 @@ pub(crate) fn prepare(inner: &Inner) -> Result<Prepared> {
         None => {
             if recovered.state.is_some() || !recovered.replay.is_empty() {
                 return Err(Error::Checkpoint(cairn_checkpoint::Error::Unrecoverable {
-                    location: location.clone(),
+                    location: location.to_string(),
                     reason: "the metadata object is missing but batches were logged".into(),
                 }));
             }
@@ -262,8 +291,8 @@ pub(crate) fn prepare(inner: &Inner) -> Result<Prepared> {
     let last_batch_time_ms = last_batch_time_ms
         .or_else(|| last_checkpoint.map(|b: BatchId| metadata.start_time_ms + b.0 as i64 * interval));
     Ok(Prepared {
-        store: Some(store),
-        lease: Some(lease),
+        store: None,
+        lease: None,
         positions,
         replay: recovered.replay,
         committed: recovered.committed,
