@@ -50,7 +50,6 @@ proptest! {
         let joined = cairn::testing::collect(&keyed.join(&s2.map(|x| (x.rem_euclid(5), x))));
         ctx.run_available().unwrap();
 
-        let n = batches.len();
         prop_assert_eq!(mapped.lock().unwrap().clone(), batches.iter().map(|b| b.iter().map(|x| x * 3 + 1).collect()).collect::<Vec<Vec<_>>>());
         prop_assert_eq!(filtered.lock().unwrap().clone(), batches.iter().map(|b| b.iter().copied().filter(|x| x % 3 == 0).collect()).collect::<Vec<Vec<_>>>());
         prop_assert_eq!(flat.lock().unwrap().clone(), batches.iter().map(|b| b.iter().flat_map(|&x| vec![x; x.rem_euclid(3) as usize]).collect()).collect::<Vec<Vec<_>>>());
@@ -62,11 +61,11 @@ proptest! {
         }
         prop_assert_eq!(counts.lock().unwrap().clone(), batches.iter().map(|b| vec![b.len() as u64]).collect::<Vec<_>>());
         prop_assert_eq!(reduced.lock().unwrap().clone(), batches.iter().map(|b| if b.is_empty() { vec![] } else { vec![b.iter().sum()] }).collect::<Vec<Vec<i64>>>());
-        for i in 0..n {
+        for (i, batch) in batches.iter().enumerate() {
             let mut m: BTreeMap<i64, u64> = BTreeMap::new();
             let mut sums: BTreeMap<i64, i64> = BTreeMap::new();
             let mut groups: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
-            for &x in &batches[i] {
+            for &x in batch {
                 *m.entry(x).or_default() += 1;
                 *sums.entry(x.rem_euclid(5)).or_default() += x;
                 groups.entry(x.rem_euclid(5)).or_default().push(x);
@@ -76,8 +75,8 @@ proptest! {
             let got: Vec<(i64, Vec<i64>)> = sorted(&gbk.lock().unwrap()[i]).into_iter().map(|(k, v)| (k, sorted(&v))).collect();
             prop_assert_eq!(got, groups.into_iter().map(|(k, v)| (k, sorted(&v))).collect::<Vec<_>>());
             let mut want = Vec::new();
-            for &a in &batches[i] {
-                for &b in &batches[i] {
+            for &a in batch {
+                for &b in batch {
                     if a.rem_euclid(5) == (2 * b).rem_euclid(5) {
                         want.push((a.rem_euclid(5), (a, 2 * b)));
                     }
@@ -435,9 +434,7 @@ fn corrupt_newest_checkpoint_is_reported_and_output_is_unchanged() {
     assert_eq!(summary.replayed_batches, 1, "batch 5 is replayed from the previous checkpoint");
     // Batch 5 ran twice (once before the damage, once replayed): drop the first run's copy.
     o1.totals.lock().unwrap().pop();
-    for b in [&o1.timeouts] {
-        b.lock().unwrap().pop();
-    }
+    o1.timeouts.lock().unwrap().pop();
     o1.windowed.lock().unwrap().pop();
     o1.sums_inv.lock().unwrap().pop();
     o1.sums.lock().unwrap().pop();
