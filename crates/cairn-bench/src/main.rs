@@ -177,6 +177,8 @@ fn define(ctx: &StreamingContext, input: &Path) -> cairn::Result<()> {
 struct EngineRun {
     events_per_s: f64,
     batch_ms: Vec<f64>,
+    /// Per batch: (processing ms, checkpoint ms on the batch path, latest background write ms).
+    parts_ms: Vec<(f64, f64, f64)>,
     summary: cairn::RunSummary,
     waited_batches: usize,
 }
@@ -184,11 +186,17 @@ struct EngineRun {
 fn run_engine(input: &Path, ctx: StreamingContext, events: u64) -> Result<EngineRun, BoxError> {
     define(&ctx, input)?;
     let lat = Arc::new(Mutex::new(Vec::new()));
+    let parts = Arc::new(Mutex::new(Vec::new()));
     let last = Arc::new(Mutex::new(None::<Instant>));
     let waited = Arc::new(Mutex::new(0usize));
-    let (l, t, w) = (lat.clone(), last.clone(), waited.clone());
+    let (l, pa, t, w) = (lat.clone(), parts.clone(), last.clone(), waited.clone());
     ctx.on_batch(move |p: &BatchProgress| {
         l.lock().expect("lock").push(p.processing_ms + p.checkpoint_ms);
+        pa.lock().expect("lock").push((
+            p.processing_ms,
+            p.checkpoint_ms,
+            p.last_checkpoint_write_ms.unwrap_or(0.0),
+        ));
         *t.lock().expect("lock") = Some(Instant::now());
         if p.checkpoint_wait_ms > 1.0 {
             *w.lock().expect("lock") += 1;
@@ -200,7 +208,8 @@ fn run_engine(input: &Path, ctx: StreamingContext, events: u64) -> Result<Engine
     let secs = (end - t0).as_secs_f64().max(1e-9);
     let batch_ms = lat.lock().expect("lock").clone();
     let waited_batches = *waited.lock().expect("lock");
-    Ok(EngineRun { events_per_s: events as f64 / secs, batch_ms, summary, waited_batches })
+    let parts_ms = parts.lock().expect("lock").clone();
+    Ok(EngineRun { events_per_s: events as f64 / secs, batch_ms, parts_ms, summary, waited_batches })
 }
 
 fn builder(batches: u64) -> cairn::StreamingContextBuilder {
@@ -331,6 +340,13 @@ fn kra(mut a: KraArgs) -> Result<(), BoxError> {
         ("events/s, single-threaded floor", format!("{floor_eps:.0}")),
         ("ratio engine / floor", format!("{:.3}", with.events_per_s / floor_eps)),
         ("batch latency p50 / p99 ms", format!("{p50:.1} / {p99:.1}")),
+        ("mean ms: processing / ckpt on batch path / bg write", {
+            let n = with.parts_ms.len().max(1) as f64;
+            let (a, b, c) =
+                with.parts_ms.iter().fold((0.0, 0.0, 0.0), |s, p| (s.0 + p.0, s.1 + p.1, s.2 + p.2));
+            let m = without.parts_ms.iter().map(|p| p.0).sum::<f64>() / without.parts_ms.len().max(1) as f64;
+            format!("{:.1} / {:.1} / {:.1} (no-ckpt processing {m:.1})", a / n, b / n, c / n)
+        }),
         ("checkpoint bytes per batch", format!("{ckpt_bytes_per_batch:.0}")),
         ("new objects per batch (log + state)", format!("{objects_per_batch:.2}")),
         ("objects in checkpoint location at end", format!("{objects_total} ({bytes_total} bytes)")),

@@ -3,11 +3,11 @@
 //! bytes, so merging needs no knowledge of any operator's types.
 
 use crate::{CheckpointKind, Error, Result, StateCheckpoint, TableData, TableWriter};
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
 /// Merges `chain` (oldest first: a full snapshot, then deltas each naming the previous element as
 /// parent) into a full snapshot as of the last element. Later entries win; tombstones remove.
-/// Entries come out sorted by key bytes, so equal chains give identical bytes.
+/// Entry order is unspecified.
 ///
 /// ```
 /// use cairn_checkpoint::merge::merge_chain;
@@ -79,18 +79,19 @@ pub fn merge_chain(chain: Vec<StateCheckpoint>) -> Result<StateCheckpoint> {
 fn merge_tables<'a>(parts: impl Iterator<Item = &'a TableData>, id: &str) -> Result<TableData> {
     let parts: Vec<&TableData> = parts.collect();
     let capacity = parts.iter().map(|t| t.entries as usize).max().unwrap_or(0);
-    let mut live: HashMap<&[u8], Option<&[u8]>> = HashMap::with_capacity(capacity);
+    let mut live: FxHashMap<&[u8], Option<&[u8]>> =
+        FxHashMap::with_capacity_and_hasher(capacity, Default::default());
     for t in &parts {
         for e in t.reader() {
             let (k, v) = e?;
             live.insert(k, v);
         }
     }
-    let mut sorted: Vec<(&[u8], &[u8])> = live.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect();
-    sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
     let mut w = TableWriter::new();
-    for (k, v) in sorted {
-        w.put(k, v);
+    for (k, v) in live {
+        if let Some(v) = v {
+            w.put(k, v);
+        }
     }
     Ok(w.finish(id))
 }

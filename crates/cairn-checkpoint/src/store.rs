@@ -495,9 +495,22 @@ impl CheckpointStore {
         })?;
         let loaded = chain.iter().map(|n| self.read_state(*n)).collect::<Result<Vec<_>>>()?;
         let merged = merge::merge_chain(loaded)?;
-        let stats = self.write_checkpoint(&merged)?;
-        self.read_state(ObjectName::Full(batch))?;
-        Ok(Some(stats))
+        let path = self.paths.path(ObjectName::Full(batch));
+        let bytes = codec::encode_state(&merged);
+        let len = bytes.len() as u64;
+        if let Created::Exists(_) = self.put(&path, bytes.clone(), PutMode::Create)? {
+            return Ok(None);
+        }
+        // Read back before it counts: a snapshot that does not verify is removed, and the deltas
+        // it would have replaced stay in use.
+        if self.get(&path)?.as_deref() != Some(bytes.as_slice()) {
+            let _ = self.block_on(self.store.delete(&path));
+            return Err(Error::corrupt(
+                &path,
+                "the compacted snapshot did not read back identically; removed",
+            ));
+        }
+        Ok(Some(WriteStats { bytes: len, objects: 1 }))
     }
 
     /// Keeps the newest `keep` checkpoints and what they need; deletes the rest in an order that

@@ -1,8 +1,9 @@
 //! State tables: the unit of state inside a checkpoint.
 //!
-//! A table is a flat byte buffer of entries, each `u32 LE key length, key bytes, u8 tag` followed,
-//! when the tag is 1 (value), by `u32 LE value length, value bytes`; tag 0 is a tombstone (the key
-//! was removed since the parent checkpoint). Keys and values are opaque here: operators encode them,
+//! A table is a flat byte buffer of entries, each `varint key length, key bytes, u8 tag` followed,
+//! when the tag is 1 (value), by `varint value length, value bytes`; tag 0 is a tombstone (the key
+//! was removed since the parent checkpoint). Lengths are unsigned LEB128 varints (one byte below
+//! 128). Keys and values are opaque here: operators encode them,
 //! so compaction and recovery can merge tables without knowing any Rust type. Writing appends into
 //! one buffer, so checkpointing a million keys costs no allocation per key.
 
@@ -99,11 +100,23 @@ impl TableWriter {
     }
 
     fn write_sized(&mut self, f: impl FnOnce(&mut Vec<u8>)) {
+        // One byte is reserved for the length; the rare longer item moves to make room.
         let at = self.data.len();
-        self.data.extend_from_slice(&[0; 4]);
+        self.data.push(0);
         f(&mut self.data);
-        let len = (self.data.len() - at - 4) as u32;
-        self.data[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        let len = self.data.len() - at - 1;
+        if len < 0x80 {
+            self.data[at] = len as u8;
+        } else {
+            let mut varint = Vec::with_capacity(10);
+            let mut v = len as u64;
+            while v >= 0x80 {
+                varint.push((v as u8) | 0x80);
+                v >>= 7;
+            }
+            varint.push(v as u8);
+            self.data.splice(at..at + 1, varint);
+        }
     }
 }
 
@@ -116,11 +129,25 @@ pub struct TableReader<'a> {
 
 impl<'a> TableReader<'a> {
     fn sized(&mut self) -> Result<&'a [u8]> {
-        let len_bytes = self.data.get(self.pos..self.pos + 4).ok_or_else(|| self.malformed())?;
-        let len = u32::from_le_bytes(len_bytes.try_into().expect("4 bytes")) as usize;
-        let start = self.pos + 4;
-        let bytes = self.data.get(start..start + len).ok_or_else(|| self.malformed())?;
-        self.pos = start + len;
+        let mut len: u64 = 0;
+        let mut shift = 0;
+        loop {
+            let b = *self.data.get(self.pos).ok_or_else(|| self.malformed())?;
+            self.pos += 1;
+            len |= u64::from(b & 0x7f) << shift;
+            if b < 0x80 {
+                break;
+            }
+            shift += 7;
+            if shift > 56 {
+                return Err(self.malformed());
+            }
+        }
+        let start = self.pos;
+        let end =
+            usize::try_from(len).ok().and_then(|l| start.checked_add(l)).ok_or_else(|| self.malformed())?;
+        let bytes = self.data.get(start..end).ok_or_else(|| self.malformed())?;
+        self.pos = end;
         Ok(bytes)
     }
 

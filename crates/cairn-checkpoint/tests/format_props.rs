@@ -61,10 +61,10 @@ fn arb_plan() -> impl Strategy<Value = BatchPlan> {
 type Ops = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
 fn arb_ops() -> impl Strategy<Value = Ops> {
-    prop::collection::vec(
-        (prop::collection::vec(0u8..6, 0..3), prop::option::of(prop::collection::vec(any::<u8>(), 0..6))),
-        0..24,
-    )
+    // Values around and past 127 bytes exercise multi-byte length varints.
+    let value =
+        prop_oneof![prop::collection::vec(any::<u8>(), 0..6), prop::collection::vec(any::<u8>(), 120..300)];
+    prop::collection::vec((prop::collection::vec(0u8..6, 0..3), prop::option::of(value)), 0..24)
 }
 
 fn table(id: &str, ops: &Ops) -> TableData {

@@ -69,15 +69,17 @@ pub(crate) struct Slot<S> {
 /// One partition of keyed state.
 pub(crate) struct StatePart<K, S> {
     pub map: FxHashMap<K, Slot<S>>,
-    /// Keys changed (or removed) since the last snapshot; each listed once while its slot is dirty.
+    /// Keys changed since the last snapshot; each listed once while its slot is dirty.
     pub dirty: Vec<K>,
+    /// Keys removed since the last snapshot (tombstones, unless re-added meanwhile).
+    pub removed: Vec<K>,
     /// `(deadline, key)` in deadline order; stale entries are skipped when they come due.
     pub timers: VecDeque<(i64, K)>,
 }
 
 impl<K: Key, S> Default for StatePart<K, S> {
     fn default() -> Self {
-        Self { map: FxHashMap::default(), dirty: Vec::new(), timers: VecDeque::new() }
+        Self { map: FxHashMap::default(), dirty: Vec::new(), removed: Vec::new(), timers: VecDeque::new() }
     }
 }
 
@@ -116,11 +118,9 @@ impl<K: Key, S> StatePart<K, S> {
         Slot { value, seen_ms, dirty: true }
     }
 
-    /// Records the removal of a slot the caller already took out of the map.
-    pub fn removed(dirty: &mut Vec<K>, key: K, slot: &Slot<S>) {
-        if !slot.dirty {
-            dirty.push(key);
-        }
+    /// Records the removal of a key the caller already took out of the map.
+    pub fn removed(removed: &mut Vec<K>, key: K) {
+        removed.push(key);
     }
 
     fn snapshot(&mut self, full: bool, w: &mut TableWriter, err: &EncodeError)
@@ -128,27 +128,33 @@ impl<K: Key, S> StatePart<K, S> {
         K: Serialize,
         S: Serialize,
     {
-        if full {
-            self.dirty.clear();
+        let mut put = |k: &K, slot: &mut Slot<S>| {
+            slot.dirty = false;
+            w.put_with(|b| encode_into(k, b, err), |b| encode_into(&(&slot.value, slot.seen_ms), b, err));
+        };
+        // When most keys changed, one pass over the map beats a hash lookup per changed key.
+        if full || self.dirty.len() * 4 > self.map.len() {
             for (k, slot) in self.map.iter_mut() {
-                slot.dirty = false;
-                w.put_with(|b| encode_into(k, b, err), |b| encode_into(&(&slot.value, slot.seen_ms), b, err));
-            }
-            return;
-        }
-        for k in std::mem::take(&mut self.dirty) {
-            match self.map.get_mut(&k) {
-                Some(slot) if slot.dirty => {
-                    slot.dirty = false;
-                    w.put_with(
-                        |b| encode_into(&k, b, err),
-                        |b| encode_into(&(&slot.value, slot.seen_ms), b, err),
-                    );
+                if full || slot.dirty {
+                    put(k, slot);
                 }
-                Some(_) => {} // listed twice (removed, then re-added): already written above
-                None => w.delete_with(|b| encode_into(&k, b, err)),
+            }
+        } else {
+            for k in &self.dirty {
+                if let Some(slot) = self.map.get_mut(k).filter(|s| s.dirty) {
+                    put(k, slot);
+                }
             }
         }
+        self.dirty.clear();
+        if !full {
+            for k in &self.removed {
+                if !self.map.contains_key(k) {
+                    w.delete_with(|b| encode_into(k, b, err));
+                }
+            }
+        }
+        self.removed.clear();
     }
 }
 

@@ -249,19 +249,22 @@ impl<K: Key + StateData, V: Data> DStream<(K, V)> {
                         }
                     }
                     let mut guard = op.state.part(i);
-                    let StatePart { map, dirty, .. } = &mut *guard;
+                    let StatePart { map, dirty, removed, .. } = &mut *guard;
                     let mut out = Vec::with_capacity(order.len());
                     for k in order {
                         let vs = grouped.remove(&k).expect("grouped above");
                         let old = map.remove(&k);
-                        let was_dirty = old.as_ref().is_some_and(|s| s.dirty);
-                        let new = f(&k, vs, old.map(|s| s.value));
-                        if !was_dirty {
-                            dirty.push(k.clone());
-                        }
-                        if let Some(s) = new {
-                            map.insert(k.clone(), Slot { value: s.clone(), seen_ms: now, dirty: true });
-                            out.push((k, s));
+                        let (existed, was_dirty) = (old.is_some(), old.as_ref().is_some_and(|s| s.dirty));
+                        match f(&k, vs, old.map(|s| s.value)) {
+                            Some(s) => {
+                                if !was_dirty {
+                                    dirty.push(k.clone());
+                                }
+                                map.insert(k.clone(), Slot { value: s.clone(), seen_ms: now, dirty: true });
+                                out.push((k, s));
+                            }
+                            None if existed => removed.push(k),
+                            None => {}
                         }
                     }
                     out
@@ -348,15 +351,14 @@ fn apply_record<K: Key, V, S, U>(
     timeout: Option<i64>,
     f: &StateFn<K, V, S, U>,
 ) -> U {
-    let StatePart { map, dirty, timers } = part;
+    let StatePart { map, dirty, removed, timers } = part;
     if let Some(slot) = map.get_mut(&k) {
         let mut st = State::new(Some(&mut slot.value), false);
         let out = f(&k, Some(v), &mut st);
-        let State { replacement, removed, updated, .. } = st;
-        if removed {
-            if let Some(slot) = map.remove(&k) {
-                StatePart::<K, S>::removed(dirty, k, &slot);
-            }
+        let State { replacement, removed: is_removed, updated, .. } = st;
+        if is_removed {
+            map.remove(&k);
+            StatePart::<K, S>::removed(removed, k);
             return out;
         }
         if let Some(r) = replacement {
@@ -393,7 +395,7 @@ fn expire<K: Key, V, S, U>(
     f: &StateFn<K, V, S, U>,
     out: &mut Vec<U>,
 ) {
-    let StatePart { map, dirty, timers } = part;
+    let StatePart { map, removed, timers, .. } = part;
     while timers.front().is_some_and(|(deadline, _)| *deadline <= now) {
         let Some((_, k)) = timers.pop_front() else { break };
         // A key refreshed after this timer was set has a later timer; skip the stale one.
@@ -403,7 +405,7 @@ fn expire<K: Key, V, S, U>(
         let Some(mut slot) = map.remove(&k) else { continue };
         let mut st = State::new(Some(&mut slot.value), true);
         out.push(f(&k, None, &mut st));
-        StatePart::<K, S>::removed(dirty, k, &slot);
+        StatePart::<K, S>::removed(removed, k);
     }
 }
 

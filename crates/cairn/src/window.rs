@@ -398,13 +398,12 @@ fn subtract_from<K: Key, V: Data>(
     inverse: &(impl Fn(V, V) -> V + ?Sized),
     _now: i64,
 ) {
-    let StatePart { map, dirty, .. } = part;
+    let StatePart { map, dirty, removed, .. } = part;
     let Some(slot) = map.get_mut(k) else { return };
     if slot.value.1 <= 1 {
         // The last slice holding this key left the window: the key leaves with it.
-        if let Some(slot) = map.remove(k) {
-            StatePart::<K, Agg<V>>::removed(dirty, k.clone(), &slot);
-        }
+        map.remove(k);
+        StatePart::<K, Agg<V>>::removed(removed, k.clone());
         return;
     }
     let (old, count) = slot.value.clone();
