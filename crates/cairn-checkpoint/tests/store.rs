@@ -67,7 +67,9 @@ fn state_file(dir: &Path, name: ObjectName) -> PathBuf {
 
 fn keys(r: &Recovered) -> Vec<Vec<u8>> {
     let s = r.state.as_ref().expect("state");
-    s.tables[0].reader().map(|e| e.unwrap().0.to_vec()).collect()
+    let mut k: Vec<Vec<u8>> = s.tables[0].reader().map(|e| e.unwrap().0.to_vec()).collect();
+    k.sort();
+    k
 }
 
 use cairn_checkpoint::paths::Paths;

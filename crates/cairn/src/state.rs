@@ -205,20 +205,46 @@ impl<K: Key + StateData, S: StateData> KeyedState<K, S> {
     }
 
     /// Replaces the state with a table's entries; keys go to the partition that owns them now.
+    /// Decoding runs in parallel: entries are located in one pass, decoded in chunks on every
+    /// core, then each partition's map is filled by its own task.
     pub fn restore(&self, table: &TableData) -> Result<()> {
         let n = self.parts.len();
-        let mut parts: Vec<StatePart<K, S>> = (0..n).map(|_| StatePart::default()).collect();
-        for entry in table.reader() {
-            let (k, v) = entry?;
-            let key: K = decode(&self.name, k)?;
-            let Some(v) = v else { continue };
-            let (value, seen_ms): (S, i64) = decode(&self.name, v)?;
-            let p = partition_of(&key, n);
-            parts[p].map.insert(key, Slot { value, seen_ms, dirty: false });
+        let entries: Vec<(&[u8], &[u8])> = table
+            .reader()
+            .filter_map(|e| match e {
+                Ok((k, Some(v))) => Some(Ok((k, v))),
+                Ok((_, None)) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<std::result::Result<_, _>>()?;
+        type Decoded<K, S> = Vec<Vec<(K, Slot<S>)>>;
+        let chunks: Vec<Decoded<K, S>> = entries
+            .par_chunks(16 * 1024)
+            .map(|chunk| {
+                let mut by_part: Decoded<K, S> =
+                    (0..n).map(|_| Vec::with_capacity(chunk.len() / n + 1)).collect();
+                for (k, v) in chunk {
+                    let key: K = decode(&self.name, k)?;
+                    let (value, seen_ms): (S, i64) = decode(&self.name, v)?;
+                    by_part[partition_of(&key, n)].push((key, Slot { value, seen_ms, dirty: false }));
+                }
+                Ok(by_part)
+            })
+            .collect::<Result<_>>()?;
+        let mut per_part: Vec<Decoded<K, S>> = (0..n).map(|_| Vec::with_capacity(chunks.len())).collect();
+        for chunk in chunks {
+            for (i, v) in chunk.into_iter().enumerate() {
+                per_part[i].push(v);
+            }
         }
-        for (i, p) in parts.into_iter().enumerate() {
-            *self.part(i) = p;
-        }
+        per_part.into_par_iter().enumerate().for_each(|(i, lists)| {
+            let mut part = StatePart::default();
+            part.map.reserve(lists.iter().map(Vec::len).sum());
+            for (k, slot) in lists.into_iter().flatten() {
+                part.map.insert(k, slot);
+            }
+            *self.part(i) = part;
+        });
         Ok(())
     }
 }
