@@ -78,6 +78,11 @@ pub struct BatchPlan {
     pub batch_time_ms: i64,
     pub planned_at_ms: i64,
     pub sources: Vec<SourcePlan>,
+    /// The commit record of the previous batch. A plan is only written once the previous batch's
+    /// sinks have finished, so carrying that batch's commit here saves one object per batch; a
+    /// standalone `.commit` object is written only for the last batch before a stop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_commit: Option<BatchCommit>,
 }
 
 /// Logged after every sink of a batch has finished.

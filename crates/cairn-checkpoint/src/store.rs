@@ -505,7 +505,14 @@ impl CheckpointStore {
             (None, Some(s)) => BatchId(s.batch_id.0 + 1),
             (None, None) => BatchId(0),
         };
-        let committed = replay.iter().map(|p| p.batch_id).filter(|b| commits.contains(b)).collect();
+        // A batch is committed if it has a commit object, or if the next batch was planned (plans
+        // carry the previous batch's commit).
+        let planned: BTreeSet<BatchId> = listing.plans().into_iter().collect();
+        let committed = replay
+            .iter()
+            .map(|p| p.batch_id)
+            .filter(|b| commits.contains(b) || planned.contains(&BatchId(b.0 + 1)))
+            .collect();
         Ok(Recovered {
             metadata,
             state,

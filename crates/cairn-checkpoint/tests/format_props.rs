@@ -55,6 +55,7 @@ fn arb_plan() -> impl Strategy<Value = BatchPlan> {
                         .collect(),
                 })
                 .collect(),
+            previous_commit: None,
         })
 }
 

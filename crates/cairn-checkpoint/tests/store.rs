@@ -19,6 +19,7 @@ fn plan(b: u64) -> BatchPlan {
             source: "s".into(),
             ranges: vec![OffsetRange { partition: "0".into(), start: b * 10, end: b * 10 + 10 }],
         }],
+        previous_commit: None,
     }
 }
 

@@ -325,6 +325,8 @@ struct Runner {
     checkpoint_every: u64,
     /// Due checkpoints may be put off this many batches while storage is busy.
     max_deferral: u64,
+    /// The commit record of the last batch, carried by the next plan (or written at stop).
+    pending_commit: Option<BatchCommit>,
     summary: RunSummary,
 }
 
@@ -362,6 +364,7 @@ pub(crate) fn run(inner: Arc<Inner>, p: Prepared, trigger: Trigger) -> Result<Ru
         batches_since_checkpoint: 0,
         checkpoint_every,
         max_deferral,
+        pending_commit: None,
         summary,
     };
     let result = r.run_loop(trigger);
@@ -438,6 +441,7 @@ impl Runner {
                 batch_time_ms: batch_time,
                 planned_at_ms: self.inner.cfg.clock.now_ms(),
                 sources,
+                previous_commit: self.pending_commit.take(),
             };
             if let Some(store) = &self.p.store {
                 self.summary.log_objects += store.write_plan(&plan)?.objects;
@@ -505,17 +509,16 @@ impl Runner {
         }
         let processing_ms = t0.elapsed().as_secs_f64() * 1e3;
         let t1 = Instant::now();
-        if let Some(store) = &self.p.store {
+        if self.p.store.is_some() {
             failpoint::hit(failpoint::AFTER_SINK, info.batch_id);
             if !committed {
-                self.summary.log_objects += store
-                    .write_commit(&BatchCommit {
-                        batch_id: plan.batch_id,
-                        committed_at_ms: self.inner.cfg.clock.now_ms(),
-                        input_records: ctx.records.load(Ordering::Relaxed),
-                        processing_ms: processing_ms as u64,
-                    })?
-                    .objects;
+                // Durable with the next plan, or as its own object when the job stops.
+                self.pending_commit = Some(BatchCommit {
+                    batch_id: plan.batch_id,
+                    committed_at_ms: self.inner.cfg.clock.now_ms(),
+                    input_records: ctx.records.load(Ordering::Relaxed),
+                    processing_ms: processing_ms as u64,
+                });
             }
         }
         self.p.next_batch = info.batch_id + 1;
@@ -611,6 +614,13 @@ impl Runner {
     /// Final checkpoint (on a clean stop), drain the writer, release the lease.
     fn finish(&mut self, clean: bool) -> Result<()> {
         let mut result = Ok(());
+        if let (Some(c), Some(store)) = (self.pending_commit.take(), &self.p.store) {
+            match store.write_commit(&c) {
+                Ok(w) => self.summary.log_objects += w.objects,
+                Err(e) if clean => result = Err(e.into()),
+                Err(e) => tracing::warn!("could not record the commit of batch {}: {e}", c.batch_id),
+            }
+        }
         if clean && self.batches_since_checkpoint > 0 && self.writer.is_some() && self.p.next_batch > 0 {
             result = self.checkpoint(BatchId(self.p.next_batch - 1)).map(|_| ());
         }
