@@ -28,15 +28,22 @@ fn setup(only: &str) -> Setup {
 }
 
 fn context(s: &Setup, p: &JobParams) -> StreamingContext {
+    context_with(s, p, |b| b)
+}
+
+fn context_with(
+    s: &Setup,
+    p: &JobParams,
+    f: impl FnOnce(cairn::StreamingContextBuilder) -> cairn::StreamingContextBuilder,
+) -> StreamingContext {
     let store = CheckpointStore::with_store(s.faulty.clone(), ObjPath::from(""), "faulty-local");
-    let ctx = StreamingContext::builder()
+    let builder = StreamingContext::builder()
         .batch_interval(INTERVAL)
         .checkpoint_store(store)
         .parallelism(2)
         .trigger(Trigger::AvailableNow)
-        .stop_after_batches(p.batches)
-        .build()
-        .expect("build");
+        .stop_after_batches(p.batches);
+    let ctx = f(builder).build().expect("build");
     define_job(&ctx, p, &s.totals, &s.windows).expect("define");
     ctx
 }
@@ -80,7 +87,7 @@ fn slow_checkpoint_storage_is_backpressure_not_loss() {
     let p = JobParams { batches: 15, rate: 100, keys: 11 };
     let s = setup("state/");
     s.faulty.set_delay(Duration::from_millis(150));
-    let ctx = context(&s, &p);
+    let ctx = context_with(&s, &p, |b| b.max_checkpoint_deferral(10));
     let waited = Arc::new(AtomicU64::new(0));
     let w = waited.clone();
     ctx.on_batch(move |b| {

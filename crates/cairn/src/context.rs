@@ -146,7 +146,8 @@ impl StreamingContextBuilder {
         self
     }
     /// When all pending slots are taken, a due checkpoint is put off for up to this many batches
-    /// (default: 10 checkpoint intervals) rather than stalling the batch; its changes go into the
+    /// (default: 10 checkpoint intervals or one minute of batches, whichever is longer) rather
+    /// than stalling the batch; its changes go into the
     /// next checkpoint. Past that, the scheduler waits for storage (reported as
     /// `checkpoint_wait_ms`). 0 always waits.
     pub fn max_checkpoint_deferral(mut self, batches: u64) -> Self {

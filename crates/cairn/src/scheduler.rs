@@ -355,7 +355,9 @@ pub(crate) fn run(inner: Arc<Inner>, p: Prepared, trigger: Trigger) -> Result<Ru
         checkpoint_objects: 0,
         log_objects: 0,
     };
-    let max_deferral = cfg.max_checkpoint_deferral.unwrap_or(checkpoint_every * 10);
+    // Default: ten checkpoint intervals, or a minute of batches, whichever is longer.
+    let minute = (60_000 / cfg.batch_interval.as_millis().max(1)) as u64;
+    let max_deferral = cfg.max_checkpoint_deferral.unwrap_or((checkpoint_every * 10).max(minute));
     let mut r = Runner {
         inner: inner.clone(),
         p,
