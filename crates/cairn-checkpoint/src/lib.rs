@@ -6,6 +6,7 @@
 //! that talks to an [`object_store::ObjectStore`].
 
 pub mod codec;
+pub mod compat;
 mod error;
 pub mod frame;
 pub mod lease;

@@ -81,62 +81,32 @@ fn describe_graph(inner: &Inner) -> GraphDescription {
 
 /// Compares the stored graph with the code's. Removing or retyping a stateful operator would
 /// silently drop or misread its state, so it is refused (unless the user drops that state).
-fn check_compatible(stored: &GraphDescription, current: &GraphDescription, drop: &[String]) -> Result<()> {
-    for old in &stored.operators {
-        let Some(new) = current.operators.iter().find(|o| o.name == old.name) else {
-            if old.kind == "source" {
-                tracing::warn!("source {:?} was removed from the job; its offsets are dropped", old.name);
-                continue;
-            }
-            if drop.contains(&old.name) {
-                tracing::warn!("dropping the state of removed operator {:?} as configured", old.name);
-                continue;
-            }
+/// Returns the operators whose stored state is dropped (removed or retyped, and named in
+/// `drop_state`); their tables are not restored.
+fn check_compatible(
+    stored: &GraphDescription,
+    current: &GraphDescription,
+    drop: &[String],
+) -> Result<Vec<String>> {
+    let mut dropped = Vec::new();
+    for change in cairn_checkpoint::compat::diff(stored, current) {
+        if !change.is_compatible(&[]) && change.is_compatible(drop) {
+            dropped.extend(change.operator().map(str::to_string));
+        }
+        if !change.is_compatible(drop) {
             return Err(Error::Incompatible {
-                operator: old.name.clone(),
-                difference: format!(
-                    "the {} operator was removed from the job but the checkpoint holds its state; restore it, or call .drop_state({:?}) to discard that state",
-                    old.kind, old.name
-                ),
-            });
-        };
-        let mut diffs = Vec::new();
-        if old.kind != new.kind {
-            diffs.push(format!("kind changed from {} to {}", old.kind, new.kind));
-        }
-        if old.key_type != new.key_type {
-            diffs.push(format!("key type changed from {} to {}", old.key_type, new.key_type));
-        }
-        if old.state_type != new.state_type {
-            diffs.push(format!("state type changed from {} to {}", old.state_type, new.state_type));
-        }
-        if old.state_version != new.state_version {
-            diffs.push(format!("state version changed from {} to {}", old.state_version, new.state_version));
-        }
-        if !diffs.is_empty() {
-            return Err(Error::Incompatible {
-                operator: old.name.clone(),
-                difference: format!(
-                    "{}; the stored state cannot be read as the new type (use a new operator name, or .drop_state({:?}))",
-                    diffs.join(", "),
-                    old.name
-                ),
+                operator: change.operator().unwrap_or_default().to_string(),
+                difference: change.to_string(),
             });
         }
-    }
-    for new in &current.operators {
-        if !stored.operators.iter().any(|o| o.name == new.name) {
-            tracing::info!("new {} operator {:?} starts with empty state", new.kind, new.name);
+        match change.operator() {
+            Some(op) if drop.iter().any(|d| d == op) => {
+                tracing::warn!("dropping the state of operator {op:?} as configured ({change})")
+            }
+            _ => tracing::info!("{change}"),
         }
     }
-    if stored.parallelism != current.parallelism && stored.parallelism != 0 {
-        tracing::info!(
-            "parallelism changed from {} to {}: state is redistributed by key",
-            stored.parallelism,
-            current.parallelism
-        );
-    }
-    Ok(())
+    Ok(dropped)
 }
 
 pub(crate) fn prepare(inner: &Inner) -> Result<Prepared> {
@@ -255,7 +225,7 @@ fn restore(
         }
     };
     let stored_graph = recovered.state.as_ref().map(|s| &s.graph).unwrap_or(&metadata.graph);
-    check_compatible(stored_graph, &graph_desc, &cfg.drop_state)?;
+    let dropped = check_compatible(stored_graph, &graph_desc, &cfg.drop_state)?;
 
     let mut last_checkpoint = None;
     if let Some(state) = &recovered.state {
@@ -263,6 +233,9 @@ fn restore(
         let ops: Vec<Arc<dyn StatefulOp>> = inner.graph.lock().stateful.clone();
         for op in &ops {
             let name = op.describe().name;
+            if dropped.contains(&name) {
+                continue; // its stored state has another type: start empty, as the user asked
+            }
             let prefix = format!("{name}/");
             let tables: Vec<&TableData> =
                 state.tables.iter().filter(|t| t.id == name || t.id.starts_with(&prefix)).collect();

@@ -1,0 +1,122 @@
+//! Comparing a stored graph description with a new one: what a deployment adds, removes or
+//! retypes. Pure; used by the engine at start and by `cairn checkpoint diff` before a deploy.
+
+use crate::{GraphDescription, OperatorDescription};
+
+/// One difference between the stored graph and the new one.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum Change {
+    /// A new stateful operator or source: it starts empty. Compatible.
+    Added { operator: String, kind: String },
+    /// A stateful operator whose state the checkpoint holds is gone. Incompatible unless its
+    /// state is dropped explicitly.
+    Removed { operator: String, kind: String },
+    /// A removed source: its offsets are dropped. Compatible.
+    SourceRemoved { operator: String },
+    /// Kind, key type, state type or state version changed. Incompatible: the stored state cannot
+    /// be read as the new type.
+    Retyped { operator: String, differences: Vec<String> },
+    /// The number of partitions changed: state is redistributed by key. Compatible.
+    Parallelism { from: u32, to: u32 },
+}
+
+impl Change {
+    /// Whether a job with this change can start on the checkpoint (given the operators whose
+    /// state the user agreed to drop).
+    pub fn is_compatible(&self, dropped: &[String]) -> bool {
+        match self {
+            Change::Removed { operator, .. } | Change::Retyped { operator, .. } => dropped.contains(operator),
+            _ => true,
+        }
+    }
+
+    /// The operator concerned, if any.
+    pub fn operator(&self) -> Option<&str> {
+        match self {
+            Change::Added { operator, .. }
+            | Change::Removed { operator, .. }
+            | Change::SourceRemoved { operator }
+            | Change::Retyped { operator, .. } => Some(operator),
+            Change::Parallelism { .. } => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Change::Added { operator, kind } => write!(f, "new {kind} operator {operator:?} starts with empty state"),
+            Change::Removed { operator, kind } => write!(
+                f,
+                "the {kind} operator {operator:?} was removed from the job but the checkpoint holds its state; restore it, or drop that state explicitly"
+            ),
+            Change::SourceRemoved { operator } => write!(f, "source {operator:?} was removed; its offsets are dropped"),
+            Change::Retyped { operator, differences } => write!(
+                f,
+                "operator {operator:?}: {}; the stored state cannot be read as the new type (use a new operator name, or drop that state)",
+                differences.join(", ")
+            ),
+            Change::Parallelism { from, to } => {
+                write!(f, "parallelism changed from {from} to {to}: state is redistributed by key")
+            }
+        }
+    }
+}
+
+fn differences(old: &OperatorDescription, new: &OperatorDescription) -> Vec<String> {
+    let mut d = Vec::new();
+    let mut cmp = |what: &str, a: &str, b: &str| {
+        if a != b {
+            d.push(format!("{what} changed from {a} to {b}"));
+        }
+    };
+    cmp("kind", &old.kind, &new.kind);
+    cmp("key type", &old.key_type, &new.key_type);
+    cmp("state type", &old.state_type, &new.state_type);
+    cmp("state version", &old.state_version.to_string(), &new.state_version.to_string());
+    d
+}
+
+/// Every difference between `stored` and `new`, removed and retyped operators first.
+///
+/// ```
+/// use cairn_checkpoint::compat::{diff, Change};
+/// use cairn_checkpoint::{GraphDescription, OperatorDescription};
+/// let op = |name: &str, state: &str| OperatorDescription {
+///     name: name.into(), kind: "map_with_state".into(), key_type: "u64".into(),
+///     state_type: state.into(), state_version: 1 };
+/// let old = GraphDescription { operators: vec![op("a", "u64"), op("b", "u64")], parallelism: 2 };
+/// let new = GraphDescription { operators: vec![op("a", "i64"), op("c", "u64")], parallelism: 2 };
+/// let changes = diff(&old, &new);
+/// assert!(matches!(&changes[0], Change::Removed { operator, .. } if operator == "b"));
+/// assert!(matches!(&changes[1], Change::Retyped { operator, .. } if operator == "a"));
+/// assert!(matches!(&changes[2], Change::Added { operator, .. } if operator == "c"));
+/// assert!(!changes[0].is_compatible(&[]) && changes[0].is_compatible(&["b".to_string()]));
+/// ```
+pub fn diff(stored: &GraphDescription, new: &GraphDescription) -> Vec<Change> {
+    let mut removed = Vec::new();
+    let mut retyped = Vec::new();
+    let mut other = Vec::new();
+    for old in &stored.operators {
+        match new.operators.iter().find(|o| o.name == old.name) {
+            None if old.kind == "source" => other.push(Change::SourceRemoved { operator: old.name.clone() }),
+            None => removed.push(Change::Removed { operator: old.name.clone(), kind: old.kind.clone() }),
+            Some(n) => {
+                let differences = differences(old, n);
+                if !differences.is_empty() {
+                    retyped.push(Change::Retyped { operator: old.name.clone(), differences });
+                }
+            }
+        }
+    }
+    for n in &new.operators {
+        if !stored.operators.iter().any(|o| o.name == n.name) {
+            other.push(Change::Added { operator: n.name.clone(), kind: n.kind.clone() });
+        }
+    }
+    if stored.parallelism != 0 && stored.parallelism != new.parallelism {
+        other.push(Change::Parallelism { from: stored.parallelism, to: new.parallelism });
+    }
+    removed.into_iter().chain(retyped).chain(other).collect()
+}
