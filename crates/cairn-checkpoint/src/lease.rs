@@ -63,7 +63,8 @@ fn describe(r: &LeaseRecord, now: i64) -> String {
 }
 
 impl CheckpointStore {
-    fn read_lease(&self) -> Result<Option<LeaseRecord>> {
+    /// The current lease record, if any (unreadable ones count as none).
+    pub fn read_lease(&self) -> Result<Option<LeaseRecord>> {
         let path = self.paths().path(ObjectName::Lease);
         let bytes = self.block_on(async { self.object_store().get(&path).await?.bytes().await });
         match bytes {

@@ -5,6 +5,7 @@
 //! (without I/O) what recovery loads and what retention deletes, and [`store`] is the only module
 //! that talks to an [`object_store::ObjectStore`].
 
+pub mod admin;
 pub mod codec;
 pub mod compat;
 mod error;

@@ -318,6 +318,24 @@ impl CheckpointStore {
         self.put(&self.paths.path(name), bytes, PutMode::Overwrite).map(|_| ())
     }
 
+    /// Every recognised object of the location with its size in bytes.
+    pub fn list_objects(&self) -> Result<Vec<(ObjectName, u64)>> {
+        let root = self.paths.root().clone();
+        let prefix = if root.as_ref().is_empty() { None } else { Some(&root) };
+        let metas: Vec<ObjectMeta> = self
+            .block_on(self.store.list(prefix).try_collect::<Vec<_>>())
+            .map_err(|e| Error::storage(&self.location, e))?;
+        let mut out: Vec<(ObjectName, u64)> =
+            metas.iter().filter_map(|m| self.paths.parse(&m.location).map(|n| (n, m.size))).collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// The raw bytes of an object.
+    pub fn read_raw(&self, name: ObjectName) -> Result<Vec<u8>> {
+        self.get_required(&self.paths.path(name))
+    }
+
     /// Every recognised object of the location.
     pub fn listing(&self) -> Result<Listing> {
         let root = self.paths.root().clone();

@@ -1,5 +1,9 @@
 //! The `cairn` command. `cairn demo` runs a stateful job on the built-in generator with a local
-//! checkpoint; kill it (Ctrl-C or `kill -9`) and run it again to see it resume.
+//! checkpoint; kill it (Ctrl-C or `kill -9`) and run it again to see it resume. `cairn checkpoint`
+//! inspects, verifies and cleans checkpoint locations (a thin layer over
+//! `cairn_checkpoint::admin`).
+
+mod admin;
 
 use cairn::{StateSpec, StreamingContext, Trigger};
 use clap::{Parser, Subcommand};
@@ -17,6 +21,9 @@ struct Cli {
 enum Command {
     /// Run the demo job: per-user running totals over generated purchase events.
     Demo(DemoArgs),
+    /// Inspect, verify and clean checkpoint locations.
+    #[command(subcommand)]
+    Checkpoint(admin::CheckpointCmd),
 }
 
 #[derive(clap::Args)]
@@ -43,6 +50,9 @@ struct DemoArgs {
     /// Parallelism (default: number of cores).
     #[arg(long)]
     parallelism: Option<usize>,
+    /// Print the job's graph description as JSON (for `cairn checkpoint diff`) and exit.
+    #[arg(long)]
+    print_graph: bool,
 }
 
 fn main() -> ExitCode {
@@ -53,11 +63,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Demo(a) => demo(a),
+    let result: Result<ExitCode, Box<dyn std::error::Error>> = match cli.command {
+        Command::Demo(a) => demo(a).map(|()| ExitCode::SUCCESS).map_err(Into::into),
+        Command::Checkpoint(c) => admin::run(c),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
@@ -73,35 +84,43 @@ fn event(partition: u32, offset: u64, users: u64) -> (u64, i64) {
     (x % users, (x >> 20) as i64 % 10_000)
 }
 
-fn demo(a: DemoArgs) -> cairn::Result<()> {
+/// Builds the demo job's context on `loc` (without touching the checkpoint).
+fn build(a: &DemoArgs, loc: &str) -> cairn::Result<StreamingContext> {
     let users = a.users.max(1);
-    let ctx = StreamingContext::get_or_create(&a.checkpoint, |loc| {
-        let mut b = StreamingContext::builder()
-            .app_name("cairn-demo")
-            .batch_interval(Duration::from_millis(a.interval_ms.max(1)))
-            .checkpoint(loc)
-            .trigger(Trigger::ProcessingTime)
-            .stop_on_signals(true);
-        if a.batches > 0 {
-            b = b.stop_after_batches(a.batches);
-        }
-        if let Some(p) = a.parallelism {
-            b = b.parallelism(p);
-        }
-        let ctx = b.build()?;
-        let events = ctx.generator("purchases", 2, a.rate, move |p, o| event(p, o, users))?;
-        let totals = events.map_with_state(
-            "user_totals",
-            StateSpec::function(|user: &u64, amount: Option<i64>, state| {
-                let (count, sum) = state.get().copied().unwrap_or((0u64, 0i64));
-                let next = (count + 1, sum + amount.unwrap_or(0));
-                state.update(next);
-                format!("{user},{},{}", next.0, next.1)
-            }),
-        );
-        totals.save_as_text_files(&a.output)?;
-        Ok(ctx)
-    })?;
+    let mut b = StreamingContext::builder()
+        .app_name("cairn-demo")
+        .batch_interval(Duration::from_millis(a.interval_ms.max(1)))
+        .checkpoint(loc)
+        .trigger(Trigger::ProcessingTime)
+        .stop_on_signals(true);
+    if a.batches > 0 {
+        b = b.stop_after_batches(a.batches);
+    }
+    if let Some(p) = a.parallelism {
+        b = b.parallelism(p);
+    }
+    let ctx = b.build()?;
+    let events = ctx.generator("purchases", 2, a.rate, move |p, o| event(p, o, users))?;
+    let totals = events.map_with_state(
+        "user_totals",
+        StateSpec::function(|user: &u64, amount: Option<i64>, state| {
+            let (count, sum) = state.get().copied().unwrap_or((0u64, 0i64));
+            let next = (count + 1, sum + amount.unwrap_or(0));
+            state.update(next);
+            format!("{user},{},{}", next.0, next.1)
+        }),
+    );
+    totals.save_as_text_files(&a.output)?;
+    Ok(ctx)
+}
+
+fn demo(a: DemoArgs) -> cairn::Result<()> {
+    if a.print_graph {
+        let ctx = build(&a, &a.checkpoint)?;
+        println!("{}", serde_json::to_string_pretty(&ctx.graph_description()).unwrap_or_default());
+        return Ok(());
+    }
+    let ctx = StreamingContext::get_or_create(&a.checkpoint, |loc| build(&a, loc))?;
     ctx.on_batch(|p| {
         println!(
             "batch {:>6}  records {:>8}  processing {:>8.1} ms  checkpoint {:>7.1} ms  state keys {:>8}{}",

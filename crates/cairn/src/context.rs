@@ -374,6 +374,24 @@ impl StreamingContext {
         self.source(name, TextFiles::parsed(location, max_files, parse)?)
     }
 
+    /// The stateful part of the graph as the checkpoint records it: print it as JSON from a new
+    /// build and give it to `cairn checkpoint diff` to see, before deploying, whether the build
+    /// can start on an existing checkpoint.
+    ///
+    /// ```
+    /// # use cairn::StreamingContext;
+    /// let ctx = StreamingContext::builder().parallelism(2).build().unwrap();
+    /// let s = ctx.generator("g", 1, 1, |_, o| (o, 1u64)).unwrap();
+    /// s.update_state_by_key("counts", |_, v: Vec<u64>, o: Option<u64>| Some(o.unwrap_or(0) + v.len() as u64))
+    ///     .print(1);
+    /// let g = ctx.graph_description();
+    /// assert_eq!(g.operators[0].name, "counts");
+    /// assert_eq!(g.operators[1].kind, "source");
+    /// ```
+    pub fn graph_description(&self) -> cairn_checkpoint::GraphDescription {
+        scheduler::describe_graph(&self.inner)
+    }
+
     /// Calls `f` after every batch with its progress.
     pub fn on_batch(&self, f: impl Fn(&BatchProgress) + Send + Sync + 'static) {
         self.inner.listeners.lock().unwrap_or_else(|e| e.into_inner()).push(Box::new(f));

@@ -64,7 +64,7 @@ fn source_table_id(source: &str) -> String {
     format!("$source/{source}")
 }
 
-fn describe_graph(inner: &Inner) -> GraphDescription {
+pub(crate) fn describe_graph(inner: &Inner) -> GraphDescription {
     let g = inner.graph.lock();
     let mut operators: Vec<OperatorDescription> = g.stateful.iter().map(|op| op.describe()).collect();
     for s in &g.sources {

@@ -1,0 +1,430 @@
+//! Operator tools over a checkpoint location: list, show, verify, collect garbage, dump state,
+//! and diff a new build's graph. The `cairn checkpoint` command is a thin layer over this module.
+//! Every function reads through [`CheckpointStore`], so it works on any supported location.
+
+use crate::compat::{self, Change};
+use crate::frame::ObjectKind;
+use crate::paths::ObjectName;
+use crate::protocol::{self, Listing};
+use crate::{
+    codec, merge, BatchCommit, BatchId, BatchPlan, CheckpointKind, CheckpointStore, Error, GraphDescription,
+    JobMetadata, LeaseRecord, Result,
+};
+use serde::Serialize;
+
+/// One planned batch still in the log.
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchRow {
+    pub batch: u64,
+    pub batch_time_ms: Option<i64>,
+    pub committed: bool,
+    /// Source ranges planned.
+    pub ranges: usize,
+    /// Records read, when the commit record says.
+    pub records: Option<u64>,
+}
+
+/// One state checkpoint object.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckpointRow {
+    pub batch: u64,
+    /// `full` or `delta`.
+    pub kind: &'static str,
+    pub parent: Option<u64>,
+    pub path: String,
+    pub bytes: u64,
+    /// Objects recovery reads to restore this checkpoint (its chain through full snapshots).
+    pub chain_objects: Option<usize>,
+    /// Whether retention with the given `keep` would keep it.
+    pub retained: bool,
+    /// Why it is kept, or that `gc` would delete it.
+    pub reason: String,
+}
+
+/// What `cairn checkpoint ls` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct Overview {
+    pub location: String,
+    pub metadata: Option<JobMetadata>,
+    pub lease: Option<LeaseRecord>,
+    pub batches: Vec<BatchRow>,
+    pub checkpoints: Vec<CheckpointRow>,
+    pub total_objects: usize,
+    pub total_bytes: u64,
+}
+
+fn kind_and_parent(n: ObjectName) -> Option<(u64, &'static str, Option<u64>)> {
+    match n {
+        ObjectName::Full(b) => Some((b.0, "full", None)),
+        ObjectName::Delta { batch, parent } => Some((batch.0, "delta", Some(parent.0))),
+        _ => None,
+    }
+}
+
+/// Fails with a clear error when the location holds no cairn checkpoint at all.
+fn require_checkpoint(store: &CheckpointStore, listing: &Listing) -> Result<()> {
+    if listing.names().next().is_none() {
+        return Err(Error::Unrecoverable {
+            location: store.location().to_string(),
+            reason: "no cairn checkpoint here (no metadata, batch log or state objects); check the path"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+/// Lists batches and checkpoints, with what retention keeping `keep` checkpoints would keep.
+pub fn list(store: &CheckpointStore, keep: usize) -> Result<Overview> {
+    let objects = store.list_objects()?;
+    let listing = Listing::new(objects.iter().map(|(n, _)| *n));
+    require_checkpoint(store, &listing)?;
+    let plan = protocol::plan_retention(&listing, keep);
+    let commits: std::collections::BTreeSet<BatchId> = listing.commits().into_iter().collect();
+    let plans = listing.plans();
+    let mut batches = Vec::new();
+    for b in &plans {
+        let p = store.read_plan(*b).ok();
+        let next_plan =
+            if plans.contains(&BatchId(b.0 + 1)) { store.read_plan(BatchId(b.0 + 1)).ok() } else { None };
+        let commit: Option<BatchCommit> = if commits.contains(b) {
+            store.read_commit(*b).ok()
+        } else {
+            next_plan.and_then(|n| n.previous_commit)
+        };
+        batches.push(BatchRow {
+            batch: b.0,
+            batch_time_ms: p.as_ref().map(|p| p.batch_time_ms),
+            // Plans are only written once the previous batch committed.
+            committed: commit.is_some() || commits.contains(b) || plans.contains(&BatchId(b.0 + 1)),
+            ranges: p.as_ref().map_or(0, |p| p.sources.iter().map(|s| s.ranges.len()).sum()),
+            records: commit.map(|c| c.input_records),
+        });
+    }
+    let mut checkpoints = Vec::new();
+    for (name, bytes) in &objects {
+        let Some((batch, kind, parent)) = kind_and_parent(*name) else { continue };
+        let kept = plan.keep_checkpoints.contains(&BatchId(batch));
+        let needed_by: Vec<u64> = plan
+            .keep_checkpoints
+            .iter()
+            .filter(|k| protocol::chain(&listing, **k, true).is_some_and(|c| c.contains(name)))
+            .map(|k| k.0)
+            .collect();
+        let deleted = plan.delete.contains(name);
+        let reason = if kept && needed_by.contains(&batch) {
+            format!("one of the newest {keep} checkpoints")
+        } else if !needed_by.is_empty() {
+            format!("needed by the chain of checkpoint {}", needed_by[0])
+        } else if deleted {
+            "not needed: gc deletes it".to_string()
+        } else {
+            "kept as a fallback of the newest checkpoint".to_string()
+        };
+        checkpoints.push(CheckpointRow {
+            batch,
+            kind,
+            parent,
+            path: store.paths().path(*name).to_string(),
+            bytes: *bytes,
+            chain_objects: protocol::chain(&listing, BatchId(batch), true).map(|c| c.len()),
+            retained: !deleted,
+            reason,
+        });
+    }
+    checkpoints.sort_by_key(|c| (c.batch, c.kind == "delta"));
+    Ok(Overview {
+        location: store.location().to_string(),
+        metadata: store.read_metadata().ok().flatten(),
+        lease: store.read_lease().ok().flatten(),
+        batches,
+        checkpoints,
+        total_objects: objects.len(),
+        total_bytes: objects.iter().map(|(_, b)| b).sum(),
+    })
+}
+
+/// Size of one state table.
+#[derive(Debug, Clone, Serialize)]
+pub struct TableStat {
+    pub id: String,
+    pub keys: u64,
+    pub bytes: u64,
+}
+
+/// One stateful operator (or source) with the size of its state.
+#[derive(Debug, Clone, Serialize)]
+pub struct OperatorStat {
+    pub name: String,
+    pub kind: String,
+    pub key_type: String,
+    pub state_type: String,
+    pub state_version: u32,
+    pub tables: Vec<TableStat>,
+}
+
+/// What `cairn checkpoint show` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct Details {
+    pub metadata: Option<JobMetadata>,
+    /// The checkpoint described (the newest restorable one unless a batch was asked for).
+    pub checkpoint_batch: Option<u64>,
+    pub graph: Option<GraphDescription>,
+    pub operators: Vec<OperatorStat>,
+    /// The plan of the requested batch, or of the newest planned batch.
+    pub plan: Option<BatchPlan>,
+}
+
+/// Loads the state of the checkpoint after `batch` (merged from its chain).
+pub fn load_checkpoint(store: &CheckpointStore, batch: BatchId) -> Result<crate::StateCheckpoint> {
+    let listing = store.listing()?;
+    let chain = protocol::chain(&listing, batch, true).ok_or_else(|| Error::Unrecoverable {
+        location: store.location().to_string(),
+        reason: format!("there is no complete checkpoint after batch {batch}"),
+    })?;
+    let loaded = chain.iter().map(|n| store.read_state(*n)).collect::<Result<Vec<_>>>()?;
+    merge::merge_chain(loaded)
+}
+
+/// Describes a checkpoint: metadata, graph, state sizes per operator, and a batch's plan.
+pub fn show(store: &CheckpointStore, batch: Option<BatchId>) -> Result<Details> {
+    let listing = store.listing()?;
+    require_checkpoint(store, &listing)?;
+    let metadata = store.read_metadata()?;
+    let ckpt_batch = match batch {
+        Some(b) => listing.checkpoints().into_iter().filter(|c| *c <= b).max(),
+        None => store.recover().ok().and_then(|r| r.state.map(|s| s.batch_id)),
+    };
+    let state = match ckpt_batch {
+        Some(b) => Some(load_checkpoint(store, b)?),
+        None => None,
+    };
+    let graph =
+        state.as_ref().map(|s| s.graph.clone()).or_else(|| metadata.as_ref().map(|m| m.graph.clone()));
+    let mut operators = Vec::new();
+    for op in graph.iter().flat_map(|g| g.operators.iter()) {
+        let table_id = if op.kind == "source" { format!("$source/{}", op.name) } else { op.name.clone() };
+        let prefix = format!("{table_id}/");
+        let tables = state
+            .iter()
+            .flat_map(|s| s.tables.iter())
+            .filter(|t| t.id == table_id || t.id.starts_with(&prefix))
+            .map(|t| TableStat { id: t.id.clone(), keys: t.entries, bytes: t.data.len() as u64 })
+            .collect();
+        operators.push(OperatorStat {
+            name: op.name.clone(),
+            kind: op.kind.clone(),
+            key_type: op.key_type.clone(),
+            state_type: op.state_type.clone(),
+            state_version: op.state_version,
+            tables,
+        });
+    }
+    let plan_batch = batch.or_else(|| listing.plans().last().copied());
+    let plan = plan_batch.and_then(|b| store.read_plan(b).ok());
+    Ok(Details { metadata, checkpoint_batch: ckpt_batch.map(|b| b.0), graph, operators, plan })
+}
+
+/// An object that failed verification.
+#[derive(Debug, Clone, Serialize)]
+pub struct BadObject {
+    pub path: String,
+    pub reason: String,
+}
+
+/// What `cairn checkpoint verify` found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verification {
+    pub objects_checked: usize,
+    pub bad: Vec<BadObject>,
+    /// The checkpoint recovery would restore, if any.
+    pub restorable_batch: Option<u64>,
+    /// The newest checkpoint present.
+    pub newest_batch: Option<u64>,
+    /// Batches a restart would replay.
+    pub replay_batches: usize,
+    pub recovery_error: Option<String>,
+    pub warnings: Vec<String>,
+    /// True only when every object verifies and the newest checkpoint restores end to end.
+    pub ok: bool,
+}
+
+/// Checks every object's checksum and format, then restores the newest checkpoint end to end.
+pub fn verify(store: &CheckpointStore) -> Result<Verification> {
+    let objects = store.list_objects()?;
+    let listing = Listing::new(objects.iter().map(|(n, _)| *n));
+    require_checkpoint(store, &listing)?;
+    let mut bad = Vec::new();
+    for (name, _) in &objects {
+        let path = store.paths().path(*name);
+        let check = match *name {
+            ObjectName::Metadata => store.read_metadata().map(|_| ()),
+            ObjectName::Lease => store.read_raw(*name).and_then(|b| {
+                codec::decode_json::<LeaseRecord>(path.as_ref(), &b, ObjectKind::Lease).map(|_| ())
+            }),
+            ObjectName::Plan(b) => store.read_plan(b).map(|_| ()),
+            ObjectName::Commit(b) => store.read_commit(b).map(|_| ()),
+            ObjectName::Full(_) | ObjectName::Delta { .. } => store.read_state(*name).and_then(|c| {
+                let mut all = Ok(());
+                for t in &c.tables {
+                    if let Some(Err(e)) = t.reader().find(|e| e.is_err()) {
+                        all = Err(e);
+                    }
+                }
+                if let (CheckpointKind::Delta { parent }, ObjectName::Delta { parent: p, .. }) =
+                    (c.kind, *name)
+                {
+                    debug_assert_eq!(parent, p);
+                }
+                all
+            }),
+        };
+        if let Err(e) = check {
+            bad.push(BadObject { path: path.to_string(), reason: e.to_string() });
+        }
+    }
+    let newest = listing.checkpoints().last().map(|b| b.0);
+    let (restorable, replay, error, warnings) = match store.recover() {
+        Ok(r) => (r.state.map(|s| s.batch_id.0), r.replay.len(), None, r.warnings),
+        Err(e) => (None, 0, Some(e.to_string()), Vec::new()),
+    };
+    let ok = bad.is_empty() && error.is_none() && restorable == newest;
+    Ok(Verification {
+        objects_checked: objects.len(),
+        bad,
+        restorable_batch: restorable,
+        newest_batch: newest,
+        replay_batches: replay,
+        recovery_error: error,
+        warnings,
+        ok,
+    })
+}
+
+/// What `cairn checkpoint gc` did (or, with `dry_run`, would do).
+#[derive(Debug, Clone, Serialize)]
+pub struct GcReport {
+    pub kept_checkpoints: Vec<u64>,
+    pub deleted: Vec<String>,
+    pub dry_run: bool,
+}
+
+/// The engine's retention, on demand.
+pub fn gc(store: &CheckpointStore, keep: usize, dry_run: bool) -> Result<GcReport> {
+    let listing = store.listing()?;
+    require_checkpoint(store, &listing)?;
+    if dry_run {
+        let plan = protocol::plan_retention(&listing, keep);
+        return Ok(GcReport {
+            kept_checkpoints: plan.keep_checkpoints.iter().map(|b| b.0).collect(),
+            deleted: plan.delete.iter().map(|n| store.paths().path(*n).to_string()).collect(),
+            dry_run,
+        });
+    }
+    let r = store.apply_retention(keep)?;
+    Ok(GcReport {
+        kept_checkpoints: r.kept_checkpoints.iter().map(|b| b.0).collect(),
+        deleted: r.deleted.iter().map(|n| store.paths().path(*n).to_string()).collect(),
+        dry_run,
+    })
+}
+
+/// One entry of an operator's state, as stored (postcard-encoded key and value bytes).
+#[derive(Debug, Clone, Serialize)]
+pub struct StateRow {
+    pub table: String,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+/// Every live entry of an operator's state in the newest restorable checkpoint (or the
+/// checkpoint at or before `batch`).
+pub fn dump_state(store: &CheckpointStore, operator: &str, batch: Option<BatchId>) -> Result<Vec<StateRow>> {
+    let d = show(store, batch)?;
+    let known = d.graph.as_ref().is_some_and(|g| g.operators.iter().any(|o| o.name == operator));
+    let Some(b) = d.checkpoint_batch else {
+        return Err(Error::Unrecoverable {
+            location: store.location().to_string(),
+            reason: "no restorable checkpoint".into(),
+        });
+    };
+    if !known {
+        let names: Vec<String> =
+            d.graph.iter().flat_map(|g| g.operators.iter().map(|o| o.name.clone())).collect();
+        return Err(Error::Incompatible {
+            operator: operator.to_string(),
+            difference: format!("no such operator in the checkpoint; it has {names:?}"),
+        });
+    }
+    let state = load_checkpoint(store, BatchId(b))?;
+    let prefix = format!("{operator}/");
+    let source_id = format!("$source/{operator}");
+    let mut rows = Vec::new();
+    for t in
+        state.tables.iter().filter(|t| t.id == operator || t.id.starts_with(&prefix) || t.id == source_id)
+    {
+        for e in t.reader() {
+            let (k, v) = e?;
+            if let Some(v) = v {
+                rows.push(StateRow { table: t.id.clone(), key: k.to_vec(), value: v.to_vec() });
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// A best-effort reading of postcard bytes for people: a UTF-8 string (length-prefixed), or the
+/// sequence of unsigned varints the bytes consist of (integers, tuples and structs of integers
+/// encode that way; signed ones are zigzag-encoded). `None` when neither fits.
+///
+/// ```
+/// use cairn_checkpoint::admin::guess;
+/// assert_eq!(guess(&[3, b'a', b'b', b'c']).as_deref(), Some("\"abc\""));
+/// assert_eq!(guess(&[5, 0x96, 0x01]).as_deref(), Some("[5, 150]"));
+/// ```
+pub fn guess(bytes: &[u8]) -> Option<String> {
+    if let Some((&len, rest)) = bytes.split_first() {
+        if len < 0x80 && rest.len() == len as usize && !rest.is_empty() {
+            if let Ok(s) = std::str::from_utf8(rest) {
+                if s.chars().all(|c| !c.is_control()) {
+                    return Some(format!("{s:?}"));
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let (mut v, mut shift) = (0u64, 0u32);
+    for &b in bytes {
+        if shift > 63 {
+            return None;
+        }
+        v |= u64::from(b & 0x7f) << shift;
+        if b < 0x80 {
+            out.push(v.to_string());
+            v = 0;
+            shift = 0;
+        } else {
+            shift += 7;
+        }
+    }
+    (shift == 0 && !out.is_empty()).then(|| format!("[{}]", out.join(", ")))
+}
+
+/// What a new build changes relative to the checkpoint's graph (newest restorable checkpoint,
+/// else the metadata's), and whether it can start on it.
+#[derive(Debug, Clone, Serialize)]
+pub struct GraphDiff {
+    pub changes: Vec<Change>,
+    pub compatible: bool,
+}
+
+/// Compares the checkpoint's graph with `new` (e.g. printed by a job's `--print-graph`).
+pub fn diff(store: &CheckpointStore, new: &GraphDescription) -> Result<GraphDiff> {
+    let d = show(store, None)?;
+    let stored = d.graph.ok_or_else(|| Error::Unrecoverable {
+        location: store.location().to_string(),
+        reason: "the location has no graph description (no metadata and no checkpoint)".into(),
+    })?;
+    let changes = compat::diff(&stored, new);
+    let compatible = changes.iter().all(|c| c.is_compatible(&[]));
+    Ok(GraphDiff { changes, compatible })
+}

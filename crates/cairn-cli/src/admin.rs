@@ -1,0 +1,291 @@
+//! `cairn checkpoint ...`: tables for people, `--json` for scripts.
+
+use cairn::checkpoint::admin::{self, guess};
+use cairn::checkpoint::{BatchId, CheckpointStore, GraphDescription};
+use clap::{Args, Subcommand, ValueEnum};
+use std::io::Write;
+use std::process::ExitCode;
+
+#[derive(Subcommand)]
+pub enum CheckpointCmd {
+    /// Batches and checkpoints: id, time, size, objects, and which are retained and why.
+    Ls {
+        #[command(flatten)]
+        common: Common,
+        /// Checkpoints retention keeps (as the job's keep_checkpoints).
+        #[arg(long, default_value_t = 10)]
+        keep: usize,
+    },
+    /// Job metadata, graph description, planned offsets, state size per operator.
+    Show {
+        #[command(flatten)]
+        common: Common,
+        /// Describe the checkpoint at or before this batch, and this batch's plan.
+        #[arg(long)]
+        batch: Option<u64>,
+    },
+    /// Check every checksum and that the newest checkpoint restores end to end (exit 0 only then).
+    Verify {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Delete what retention keeping N checkpoints does not need (the engine's own rules).
+    Gc {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 10)]
+        keep: usize,
+        /// Print what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// An operator's state as rows: key and value bytes (hex) and a best-effort reading.
+    DumpState {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        operator: String,
+        #[arg(long)]
+        batch: Option<u64>,
+        #[arg(long, value_enum, default_value_t = Format::Csv)]
+        format: Format,
+    },
+    /// Which stateful operators a new build adds, removes or retypes (exit 0 only if compatible).
+    Diff {
+        #[command(flatten)]
+        common: Common,
+        /// The new build's graph description (JSON, e.g. from `cairn demo --print-graph`).
+        #[arg(long)]
+        graph: std::path::PathBuf,
+    },
+}
+
+#[derive(Args)]
+pub struct Common {
+    /// Checkpoint location: a local directory or file:// URL.
+    location: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Format {
+    Csv,
+    Jsonl,
+}
+
+type Res = Result<ExitCode, Box<dyn std::error::Error>>;
+
+fn open(location: &str) -> Result<CheckpointStore, Box<dyn std::error::Error>> {
+    if !location.contains("://") && !std::path::Path::new(location).is_dir() {
+        return Err(format!("{location}: no such directory").into());
+    }
+    Ok(CheckpointStore::open(location)?)
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<(), Box<dyn std::error::Error>> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub fn run(cmd: CheckpointCmd) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    match cmd {
+        CheckpointCmd::Ls { common, keep } => ls(&common, keep),
+        CheckpointCmd::Show { common, batch } => show(&common, batch),
+        CheckpointCmd::Verify { common } => verify(&common),
+        CheckpointCmd::Gc { common, keep, dry_run } => {
+            let r = admin::gc(&open(&common.location)?, keep, dry_run)?;
+            if common.json {
+                print_json(&r)?;
+            } else {
+                let verb = if dry_run { "would delete" } else { "deleted" };
+                println!("kept checkpoints: {:?}; {verb} {} object(s)", r.kept_checkpoints, r.deleted.len());
+                for d in &r.deleted {
+                    println!("  {d}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CheckpointCmd::DumpState { common, operator, batch, format } => {
+            let rows = admin::dump_state(&open(&common.location)?, &operator, batch.map(BatchId))?;
+            // A closed pipe (`| head`) ends the output quietly instead of failing.
+            let mut out = std::io::stdout().lock();
+            let written = match (format, common.json) {
+                (Format::Jsonl, _) | (_, true) => rows.iter().try_for_each(|r| {
+                    let v = serde_json::json!({
+                        "table": r.table, "key_hex": hex(&r.key), "value_hex": hex(&r.value),
+                        "key": guess(&r.key), "value": guess(&r.value),
+                    });
+                    writeln!(out, "{v}")
+                }),
+                (Format::Csv, false) => {
+                    let q = |s: Option<String>| s.unwrap_or_default().replace('"', "\"\"");
+                    writeln!(out, "table,key_hex,value_hex,key,value").and_then(|()| {
+                        rows.iter().try_for_each(|r| {
+                            writeln!(
+                                out,
+                                "{},{},{},\"{}\",\"{}\"",
+                                r.table,
+                                hex(&r.key),
+                                hex(&r.value),
+                                q(guess(&r.key)),
+                                q(guess(&r.value))
+                            )
+                        })
+                    })
+                }
+            };
+            match written {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(ExitCode::SUCCESS),
+            }
+        }
+        CheckpointCmd::Diff { common, graph } => {
+            let text = std::fs::read_to_string(&graph).map_err(|e| format!("{}: {e}", graph.display()))?;
+            let new: GraphDescription = serde_json::from_str(&text)
+                .map_err(|e| format!("{} is not a graph description: {e}", graph.display()))?;
+            let d = admin::diff(&open(&common.location)?, &new)?;
+            if common.json {
+                print_json(&d)?;
+            } else {
+                if d.changes.is_empty() {
+                    println!("no changes to stateful operators");
+                }
+                for c in &d.changes {
+                    let mark = if c.is_compatible(&[]) { "ok  " } else { "FAIL" };
+                    println!("{mark} {c}");
+                }
+                println!(
+                    "{}",
+                    if d.compatible {
+                        "compatible"
+                    } else {
+                        "INCOMPATIBLE: the new build would refuse to start"
+                    }
+                );
+            }
+            Ok(if d.compatible { ExitCode::SUCCESS } else { ExitCode::from(2) })
+        }
+    }
+}
+
+fn ls(common: &Common, keep: usize) -> Res {
+    let o = admin::list(&open(&common.location)?, keep)?;
+    if common.json {
+        print_json(&o)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(m) = &o.metadata {
+        println!(
+            "job {} ({}), batch interval {} ms, created {}",
+            m.app_name, m.job_id, m.batch_interval_ms, m.created_ms
+        );
+    }
+    if let Some(l) = &o.lease {
+        println!("lease: pid {} on {}, heartbeat at {}", l.pid, l.host, l.heartbeat_ms);
+    }
+    println!("{} object(s), {} bytes", o.total_objects, o.total_bytes);
+    println!("\nBATCH  TIME_MS        COMMITTED  RANGES  RECORDS");
+    for b in &o.batches {
+        println!(
+            "{:<6} {:<14} {:<10} {:<7} {}",
+            b.batch,
+            b.batch_time_ms.map_or("?".into(), |t| t.to_string()),
+            if b.committed { "yes" } else { "no" },
+            b.ranges,
+            b.records.map_or("-".into(), |r| r.to_string())
+        );
+    }
+    println!("\nCHECKPOINT  KIND   PARENT  BYTES      CHAIN  RETAINED  WHY");
+    for c in &o.checkpoints {
+        println!(
+            "{:<11} {:<6} {:<7} {:<10} {:<6} {:<9} {}",
+            c.batch,
+            c.kind,
+            c.parent.map_or("-".into(), |p| p.to_string()),
+            c.bytes,
+            c.chain_objects.map_or("broken".into(), |n| n.to_string()),
+            if c.retained { "yes" } else { "no" },
+            c.reason
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn show(common: &Common, batch: Option<u64>) -> Res {
+    let d = admin::show(&open(&common.location)?, batch.map(BatchId))?;
+    if common.json {
+        print_json(&d)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(m) = &d.metadata {
+        println!(
+            "job {} ({}), format v{}, batch interval {} ms",
+            m.app_name, m.job_id, m.format_version, m.batch_interval_ms
+        );
+    }
+    match d.checkpoint_batch {
+        Some(b) => println!("checkpoint after batch {b}"),
+        None => println!("no restorable checkpoint"),
+    }
+    if let Some(g) = &d.graph {
+        println!("parallelism when written: {}", g.parallelism);
+    }
+    println!("\nOPERATOR             KIND                      VERSION  KEYS       BYTES      STATE TYPE");
+    for op in &d.operators {
+        let keys: u64 = op.tables.iter().map(|t| t.keys).sum();
+        let bytes: u64 = op.tables.iter().map(|t| t.bytes).sum();
+        println!(
+            "{:<20} {:<25} {:<8} {:<10} {:<10} {}",
+            op.name, op.kind, op.state_version, keys, bytes, op.state_type
+        );
+    }
+    if let Some(p) = &d.plan {
+        println!("\nplan of batch {} (time {} ms):", p.batch_id, p.batch_time_ms);
+        for s in &p.sources {
+            for r in &s.ranges {
+                println!("  {:<16} {:<24} [{}, {})", s.source, r.partition, r.start, r.end);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(common: &Common) -> Res {
+    let v = admin::verify(&open(&common.location)?)?;
+    if common.json {
+        print_json(&v)?;
+    } else {
+        println!("{} object(s) checked", v.objects_checked);
+        for b in &v.bad {
+            println!("BAD  {}: {}", b.path, b.reason);
+        }
+        for w in &v.warnings {
+            println!("warning: {w}");
+        }
+        if let Some(e) = &v.recovery_error {
+            println!("recovery fails: {e}");
+        }
+        match (v.restorable_batch, v.newest_batch) {
+            (Some(r), Some(n)) if r == n => println!(
+                "newest checkpoint (batch {n}) restores; a restart replays {} batch(es)",
+                v.replay_batches
+            ),
+            (Some(r), Some(n)) => println!(
+                "newest checkpoint (batch {n}) does NOT restore; recovery would fall back to batch {r}"
+            ),
+            (None, Some(n)) => println!("newest checkpoint (batch {n}) does NOT restore"),
+            (_, None) => println!(
+                "no state checkpoint yet; a restart replays {} batch(es) from batch 0",
+                v.replay_batches
+            ),
+        }
+        println!("{}", if v.ok { "OK" } else { "FAILED" });
+    }
+    Ok(if v.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
