@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it. Everything it needs comes from crates.io via cargo; no
-# external service is used by the engine-foundation tests. Later suites that need a broker or an
-# object-store server start them from scripts/ on 127.0.0.1 and stop them on exit.
+# The whole test suite, as CI runs it. Rust crates come from crates.io via cargo; the web page's
+# end-to-end test needs Debian's chromium, installed once by scripts/install-test-tools.sh. Suites
+# that need a broker or an object-store server will start them from scripts/ on 127.0.0.1 and
+# stop them on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # One RUSTFLAGS for every step, so lint, build and test share one set of compiled artifacts.
 export RUSTFLAGS="${RUSTFLAGS:-} -D warnings"
 
+scripts/install-test-tools.sh
 echo "== format"
 cargo fmt --all -- --check
 echo "== lint"

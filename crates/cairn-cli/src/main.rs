@@ -53,12 +53,21 @@ struct DemoArgs {
     /// Print the job's graph description as JSON (for `cairn checkpoint diff`) and exit.
     #[arg(long)]
     print_graph: bool,
+    /// Serve Prometheus metrics and the live web page on this address (e.g. 127.0.0.1:8080).
+    #[arg(long)]
+    http: Option<String>,
+    /// Append every batch's progress record as a JSON line to this file.
+    #[arg(long)]
+    progress_json: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG").unwrap_or_else(|_| "info".into()),
+            // Per-batch progress records go to --progress-json or the web page; keep the terminal
+            // to one line per batch unless asked (CAIRN_LOG=cairn::progress=info).
+            tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
+                .unwrap_or_else(|_| "info,cairn::progress=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -99,6 +108,9 @@ fn build(a: &DemoArgs, loc: &str) -> cairn::Result<StreamingContext> {
     if let Some(p) = a.parallelism {
         b = b.parallelism(p);
     }
+    if let Some(addr) = &a.http {
+        b = b.http_address(addr);
+    }
     let ctx = b.build()?;
     let events = ctx.generator("purchases", 2, a.rate, move |p, o| event(p, o, users))?;
     let totals = events.map_with_state(
@@ -132,7 +144,14 @@ fn demo(a: DemoArgs) -> cairn::Result<()> {
             if p.replayed { "  (replayed)" } else { "" }
         );
     });
-    let summary = ctx.run()?;
+    if let Some(p) = &a.progress_json {
+        ctx.progress_json_lines(p)?;
+    }
+    ctx.start()?;
+    if let Some(addr) = ctx.http_address() {
+        println!("web page: http://{addr}/  metrics: http://{addr}/metrics");
+    }
+    let summary = ctx.await_termination()?;
     eprintln!(
         "stopped: next batch {}, {} new and {} replayed batch(es) this run, {} checkpoint(s) written",
         summary.next_batch, summary.new_batches, summary.replayed_batches, summary.checkpoints

@@ -4,6 +4,7 @@ use crate::clock::{self, Clock};
 use crate::dstream::{DStream, Data};
 use crate::error::{Error, Result};
 use crate::graph::Graph;
+use crate::progress::{BatchProgress, Listeners, StreamingListener};
 use crate::scheduler::{self, Prepared, RunSummary};
 use crate::source::{self, Generator, QueueHandle, Source, TextFiles};
 use cairn_checkpoint::CheckpointStore;
@@ -21,34 +22,6 @@ pub enum Trigger {
     /// backfills, tests and benchmarks.
     AvailableNow,
 }
-
-/// Progress of one batch, handed to [`StreamingContext::on_batch`] listeners.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BatchProgress {
-    pub batch_id: u64,
-    pub batch_time_ms: i64,
-    /// Records read from sources.
-    pub records: u64,
-    /// Time to run the batch's operators and sinks.
-    pub processing_ms: f64,
-    /// Time the scheduler spent on checkpointing for this batch: logging the plan and commit,
-    /// cutting a state snapshot, and waiting for room in the checkpoint queue.
-    pub checkpoint_ms: f64,
-    /// Of `checkpoint_ms`, time spent blocked because storage fell behind (backpressure).
-    pub checkpoint_wait_ms: f64,
-    /// Whether a state checkpoint was cut after this batch.
-    pub checkpointed: bool,
-    /// A checkpoint was due but put off because storage is still writing earlier ones.
-    pub checkpoint_deferred: bool,
-    /// Duration of the most recent completed background checkpoint write.
-    pub last_checkpoint_write_ms: Option<f64>,
-    /// Live keys over all stateful operators.
-    pub state_keys: u64,
-    /// True for a batch re-run after a restart with its logged input.
-    pub replayed: bool,
-}
-
-type Listener = Box<dyn Fn(&BatchProgress) + Send + Sync>;
 
 #[derive(Clone)]
 pub(crate) struct Config {
@@ -68,6 +41,7 @@ pub(crate) struct Config {
     pub stop_on_signals: bool,
     pub lease_ttl: Duration,
     pub clock: Arc<dyn Clock>,
+    pub http_address: Option<String>,
 }
 
 /// Builds a [`StreamingContext`].
@@ -176,6 +150,13 @@ impl StreamingContextBuilder {
         self.cfg.lease_ttl = d;
         self
     }
+    /// Serves Prometheus metrics (`/metrics`) and a live web page with the batch timeline (`/`)
+    /// on this address while the job runs, e.g. `127.0.0.1:8080` (port 0 picks a free port; see
+    /// [`StreamingContext::http_address`]). Off by default.
+    pub fn http_address(mut self, addr: impl Into<String>) -> Self {
+        self.cfg.http_address = Some(addr.into());
+        self
+    }
     /// Replaces the wall clock (tests).
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.cfg.clock = clock;
@@ -210,8 +191,9 @@ impl StreamingContextBuilder {
                 cfg,
                 graph,
                 stop: Arc::new(AtomicBool::new(false)),
-                listeners: Mutex::new(Vec::new()),
+                listeners: Listeners::default(),
                 phase: Mutex::new(Phase::Defining),
+                http: Mutex::new(None),
             }),
         })
     }
@@ -228,16 +210,9 @@ pub(crate) struct Inner {
     pub cfg: Config,
     pub graph: Arc<Graph>,
     pub stop: Arc<AtomicBool>,
-    pub listeners: Mutex<Vec<Listener>>,
+    pub listeners: Listeners,
     phase: Mutex<Phase>,
-}
-
-impl Inner {
-    pub fn notify(&self, p: &BatchProgress) {
-        for l in self.listeners.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            l(p);
-        }
-    }
+    http: Mutex<Option<crate::web::Server>>,
 }
 
 /// Stops a running context from another thread: the running batch finishes, a final checkpoint
@@ -301,6 +276,7 @@ impl StreamingContext {
                 stop_on_signals: false,
                 lease_ttl: Duration::from_secs(10),
                 clock: clock::system(),
+                http_address: None,
             },
         }
     }
@@ -394,7 +370,26 @@ impl StreamingContext {
 
     /// Calls `f` after every batch with its progress.
     pub fn on_batch(&self, f: impl Fn(&BatchProgress) + Send + Sync + 'static) {
-        self.inner.listeners.lock().unwrap_or_else(|e| e.into_inner()).push(Box::new(f));
+        struct OnBatch<F>(F);
+        impl<F: Fn(&BatchProgress) + Send + Sync> StreamingListener for OnBatch<F> {
+            fn on_batch_completed(&self, p: &BatchProgress) {
+                (self.0)(p)
+            }
+        }
+        self.add_listener(Arc::new(OnBatch(f)));
+    }
+
+    /// Registers a listener for batch, checkpoint and recovery events.
+    pub fn add_listener(&self, l: Arc<dyn StreamingListener>) {
+        self.inner.listeners.add(l);
+    }
+
+    /// Appends every batch's progress record to `path` as one JSON object per line.
+    pub fn progress_json_lines(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        let l = crate::progress::JsonLines::create(path.as_ref())
+            .map_err(|e| Error::Config(format!("cannot open {}: {e}", path.as_ref().display())))?;
+        self.add_listener(Arc::new(l));
+        Ok(())
     }
 
     /// A handle that stops the job gracefully from another thread.
@@ -444,6 +439,15 @@ impl StreamingContext {
         if self.inner.cfg.stop_on_signals {
             scheduler::install_signal_handlers(&self.inner.stop)?;
         }
+        if let Some(addr) = &self.inner.cfg.http_address {
+            let monitor = crate::web::Monitor::new(&self.inner.cfg.app_name);
+            let server = crate::web::serve(addr, monitor.clone()).map_err(|e| {
+                Error::Config(format!("cannot serve metrics and the web page on {addr}: {e}"))
+            })?;
+            tracing::info!("metrics at http://{}/metrics, live page at http://{}/", server.addr, server.addr);
+            self.add_listener(Arc::new(monitor));
+            *self.inner.http.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
+        }
         let inner = self.inner.clone();
         let handle = std::thread::Builder::new()
             .name("cairn-scheduler".into())
@@ -465,7 +469,16 @@ impl StreamingContext {
             Phase::Running(h) => h,
             _ => return Err(Error::Lifecycle("the context is not running".into())),
         };
-        handle.join().map_err(|_| Error::Lifecycle("the scheduler thread panicked".into()))?
+        let result = handle.join().map_err(|_| Error::Lifecycle("the scheduler thread panicked".into()))?;
+        // The endpoint lives as long as the job.
+        self.inner.http.lock().unwrap_or_else(|e| e.into_inner()).take();
+        result
+    }
+
+    /// The address metrics and the web page are served on, once started (see
+    /// [`StreamingContextBuilder::http_address`]).
+    pub fn http_address(&self) -> Option<std::net::SocketAddr> {
+        self.inner.http.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|s| s.addr)
     }
 
     /// `start` then `await_termination`.

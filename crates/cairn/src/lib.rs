@@ -33,23 +33,29 @@ pub mod failpoint;
 mod graph;
 mod io;
 mod keyed;
+mod progress;
 mod scheduler;
 mod sink;
 pub mod source;
 mod state;
 mod stateful;
 pub mod testing;
+mod web;
 mod window;
 mod writer;
 
 pub use cairn_checkpoint as checkpoint;
 pub use cairn_checkpoint::OffsetRange;
 pub use clock::{Clock, SystemClock};
-pub use context::{BatchProgress, StopHandle, StreamingContext, StreamingContextBuilder, Trigger};
+pub use context::{StopHandle, StreamingContext, StreamingContextBuilder, Trigger};
 pub use dstream::{DStream, Data, UserError};
 pub use error::{Error, Result};
 pub use graph::{BatchInfo, Partitions};
 pub use keyed::Key;
+pub use progress::{
+    BatchProgress, BatchStarted, CheckpointFailed, CheckpointWritten, OperatorProgress, RecoveryFinished,
+    StreamingListener,
+};
 pub use scheduler::RunSummary;
 pub use sink::read_text_output;
 pub use source::{Generator, Malformed, QueueHandle, Source, TextFiles};

@@ -1,10 +1,11 @@
 //! The batch loop: plan → log the plan → run → sinks → commit → (every interval) cut a state
 //! checkpoint and hand it to the background writer. Recovery happens in `prepare`.
 
-use crate::context::{BatchProgress, Inner, Trigger};
+use crate::context::{Inner, Trigger};
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::graph::{BatchCtx, BatchInfo};
+use crate::progress::{BatchProgress, BatchStarted, OperatorProgress, RecoveryFinished};
 use crate::source::Positions;
 use crate::state::{decode, encode_into, StatefulOp};
 use crate::writer::{CheckpointWriter, WriterStats};
@@ -300,6 +301,11 @@ struct Runner {
     max_deferral: u64,
     /// The commit record of the last batch, carried by the next plan (or written at stop).
     pending_commit: Option<BatchCommit>,
+    trigger: Trigger,
+    /// Wall-clock start of the previous batch (for the input rate).
+    prev_start_ms: Option<i64>,
+    /// Per operator: uncompressed bytes in the latest checkpoint cut.
+    op_bytes: BTreeMap<String, u64>,
     summary: RunSummary,
 }
 
@@ -309,8 +315,17 @@ pub(crate) fn run(inner: Arc<Inner>, p: Prepared, trigger: Trigger) -> Result<Ru
         .checkpoint_interval
         .map(|ci| (ci.as_millis() / cfg.batch_interval.as_millis().max(1)).max(1) as u64)
         .unwrap_or(1);
+    let restored_batch = p.last_checkpoint.map(|b| b.0);
+    let recovery = RecoveryFinished {
+        restored_batch,
+        replay_batches: p.replay.len() as u64,
+        next_batch: p.next_batch,
+        warnings: p.warnings.clone(),
+    };
+    inner.listeners.each(|l| l.on_recovery_finished(&recovery));
     let writer = p.store.as_ref().map(|s| {
         CheckpointWriter::start(
+            inner.listeners.clone(),
             s.clone(),
             cfg.max_pending_checkpoints,
             cfg.full_snapshot_every,
@@ -340,6 +355,9 @@ pub(crate) fn run(inner: Arc<Inner>, p: Prepared, trigger: Trigger) -> Result<Ru
         checkpoint_every,
         max_deferral,
         pending_commit: None,
+        trigger,
+        prev_start_ms: None,
+        op_bytes: BTreeMap::new(),
         summary,
     };
     let result = r.run_loop(trigger);
@@ -475,6 +493,9 @@ impl Runner {
             start_time_ms: self.p.start_time_ms,
             records: Default::default(),
         };
+        let started_at_ms = self.inner.cfg.clock.now_ms();
+        let started = BatchStarted { batch_id: info.batch_id, batch_time_ms: info.batch_time_ms, replayed };
+        self.inner.listeners.each(|l| l.on_batch_started(&started));
         let t0 = Instant::now();
         {
             let g = self.inner.graph.lock();
@@ -503,6 +524,7 @@ impl Runner {
         let mut wait_ms = 0.0;
         let mut checkpointed = false;
         let mut deferred = false;
+        let mut checkpoint_bytes = 0;
         if let (true, Some(w)) = (self.batches_since_checkpoint >= self.checkpoint_every, &self.writer) {
             // While storage is busy, a due checkpoint is put off (its changes keep accumulating
             // and go into the next one) instead of stalling the batch; past the deferral bound
@@ -511,42 +533,76 @@ impl Runner {
             if w.is_full() && !overdue {
                 deferred = true;
             } else {
-                wait_ms = self.checkpoint(plan.batch_id)?;
+                (wait_ms, checkpoint_bytes) = self.checkpoint(plan.batch_id)?;
                 checkpointed = true;
             }
         }
         let stats: WriterStats = self.writer.as_ref().map(|w| w.stats()).unwrap_or_default();
+        let records = ctx.records.load(Ordering::Relaxed);
+        let operators: Vec<OperatorProgress> = self
+            .ops
+            .iter()
+            .map(|o| {
+                let name = o.describe().name;
+                let checkpoint_bytes = self.op_bytes.get(&name).copied().unwrap_or(0);
+                OperatorProgress { name, keys: o.key_count() as u64, checkpoint_bytes }
+            })
+            .collect();
+        let since_prev = self.prev_start_ms.map(|p| (started_at_ms - p) as f64 / 1e3);
+        self.prev_start_ms = Some(started_at_ms);
         let progress = BatchProgress {
             batch_id: info.batch_id,
             batch_time_ms: info.batch_time_ms,
-            records: ctx.records.load(Ordering::Relaxed),
+            started_at_ms,
+            records,
+            input_rows_per_s: since_prev.filter(|s| *s > 0.0).map_or(0.0, |s| records as f64 / s),
+            processed_rows_per_s: if processing_ms > 0.0 {
+                records as f64 / (processing_ms / 1e3)
+            } else {
+                0.0
+            },
             processing_ms,
+            // Only meaningful on the wall-clock grid: replays and available-now batches run late
+            // by design.
+            scheduling_delay_ms: if replayed || self.trigger == Trigger::AvailableNow {
+                0.0
+            } else {
+                (started_at_ms - info.batch_time_ms).max(0) as f64
+            },
             checkpoint_ms: plan_ms + t1.elapsed().as_secs_f64() * 1e3,
             checkpoint_wait_ms: wait_ms,
             checkpointed,
             checkpoint_deferred: deferred,
+            checkpoint_bytes,
+            checkpoint_queue_depth: self.writer.as_ref().map_or(0, |w| w.pending() as u64),
             last_checkpoint_write_ms: stats.last_write_ms,
-            state_keys: self.ops.iter().map(|o| o.key_count() as u64).sum(),
+            state_keys: operators.iter().map(|o| o.keys).sum(),
+            operators,
             replayed,
         };
-        if wait_ms > 1.0 {
+        if wait_ms > 50.0 {
             tracing::warn!(
                 "checkpoint storage is falling behind: batch {} waited {:.0} ms for the checkpoint queue",
                 info.batch_id,
                 wait_ms
             );
         }
-        self.inner.notify(&progress);
+        if let Ok(json) = serde_json::to_string(&progress) {
+            tracing::info!(target: "cairn::progress", "{json}");
+        }
+        self.inner.listeners.each(|l| l.on_batch_completed(&progress));
         Ok(())
     }
 
     /// Cuts a checkpoint of the state after `batch` and queues it; returns ms spent waiting for
-    /// room in the queue.
-    fn checkpoint(&mut self, batch: BatchId) -> Result<f64> {
+    /// room in the queue, and the checkpoint's uncompressed size.
+    fn checkpoint(&mut self, batch: BatchId) -> Result<(f64, u64)> {
         let full = self.p.last_checkpoint.is_none();
         let mut tables = Vec::new();
         for op in &self.ops {
-            tables.extend(op.snapshot(full)?);
+            let t = op.snapshot(full)?;
+            self.op_bytes.insert(op.describe().name, t.iter().map(|t| t.data.len() as u64).sum());
+            tables.extend(t);
         }
         for (source, pos) in self.p.positions.iter_mut() {
             let mut w = TableWriter::new();
@@ -578,12 +634,13 @@ impl Runner {
             graph: self.p.graph_desc.clone(),
             tables,
         };
+        let bytes = ckpt.tables.iter().map(|t| t.data.len() as u64).sum();
         let writer = self.writer.as_ref().expect("checked by caller");
         let waited = writer.submit(ckpt)?;
         self.p.last_checkpoint = Some(batch);
         self.batches_since_checkpoint = 0;
         self.summary.checkpoints += 1;
-        Ok(waited)
+        Ok((waited, bytes))
     }
 
     /// Final checkpoint (on a clean stop), drain the writer, release the lease.

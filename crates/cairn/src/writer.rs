@@ -5,6 +5,7 @@
 
 use crate::error::{Error, Result};
 use crate::failpoint;
+use crate::progress::{CheckpointFailed, CheckpointWritten, Listeners};
 use cairn_checkpoint::paths::ObjectName;
 use cairn_checkpoint::{codec, BatchId, CheckpointKind, CheckpointStore, StateCheckpoint};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
@@ -49,7 +50,13 @@ pub(crate) struct CheckpointWriter {
 const ATTEMPTS: u32 = 4;
 
 impl CheckpointWriter {
-    pub fn start(store: CheckpointStore, capacity: usize, full_every: usize, keep: usize) -> Self {
+    pub fn start(
+        listeners: Listeners,
+        store: CheckpointStore,
+        capacity: usize,
+        full_every: usize,
+        keep: usize,
+    ) -> Self {
         // `capacity` checkpoints may be pending: one being written, the rest queued.
         let (tx, rx) = sync_channel::<StateCheckpoint>(capacity.saturating_sub(1));
         let (maint_tx, maint_rx) = channel::<BatchId>();
@@ -60,7 +67,7 @@ impl CheckpointWriter {
             threads.push(
                 std::thread::Builder::new()
                     .name("cairn-ckpt-writer".into())
-                    .spawn(move || write_loop(&store, rx, &shared, maint_tx))
+                    .spawn(move || write_loop(&store, rx, &shared, maint_tx, &listeners))
                     .expect("cannot start the checkpoint writer thread"),
             );
         }
@@ -74,6 +81,11 @@ impl CheckpointWriter {
             );
         }
         Self { tx: Some(tx), shared, threads, capacity: capacity.max(1) }
+    }
+
+    /// Checkpoints submitted and not yet written.
+    pub fn pending(&self) -> usize {
+        lock(&self.shared).pending
     }
 
     /// True when every slot of the queue is taken: a submit now would block.
@@ -131,6 +143,7 @@ fn write_loop(
     rx: Receiver<StateCheckpoint>,
     shared: &Mutex<Shared>,
     maint: Sender<BatchId>,
+    listeners: &Listeners,
 ) {
     for ckpt in rx {
         let batch = ckpt.batch_id;
@@ -159,18 +172,29 @@ fn write_loop(
         s.pending = s.pending.saturating_sub(1);
         match stats {
             Ok(w) => {
-                s.stats.last_write_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
+                let write_ms = t0.elapsed().as_secs_f64() * 1e3;
+                s.stats.last_write_ms = Some(write_ms);
                 s.stats.written += 1;
                 s.stats.bytes += w.bytes;
                 s.stats.objects += w.objects;
+                drop(s);
+                let e = CheckpointWritten {
+                    batch_id: batch.0,
+                    bytes: w.bytes,
+                    write_ms,
+                    full: ckpt.kind == CheckpointKind::Full,
+                };
+                listeners.each(|l| l.on_checkpoint_written(&e));
             }
             Err(e) => {
                 tracing::error!("checkpoint after batch {batch} could not be written: {e}");
                 s.error = Some(format!("checkpoint after batch {batch}: {e}"));
+                drop(s);
+                let e = CheckpointFailed { batch_id: batch.0, error: e.to_string() };
+                listeners.each(|l| l.on_checkpoint_failed(&e));
                 return; // dropping rx makes the next submit fail
             }
         }
-        drop(s);
         failpoint::hit(failpoint::AFTER_CHECKPOINT, batch.0);
         let _ = maint.send(batch);
     }

@@ -1,0 +1,148 @@
+//! Progress events: what a running job reports to listeners, logs, metrics and the web page.
+
+use serde::Serialize;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+/// State size of one stateful operator.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OperatorProgress {
+    pub name: String,
+    /// Live keys (for windows: buffered batches).
+    pub keys: u64,
+    /// Bytes of its state in the latest checkpoint cut (uncompressed; a delta holds changed keys).
+    pub checkpoint_bytes: u64,
+}
+
+/// One structured record per batch (in the spirit of Spark's StreamingQueryProgress).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BatchProgress {
+    pub batch_id: u64,
+    pub batch_time_ms: i64,
+    /// Wall-clock time the batch started.
+    pub started_at_ms: i64,
+    /// Records read from sources.
+    pub records: u64,
+    /// Records per second of wall time since the previous batch started.
+    pub input_rows_per_s: f64,
+    /// Records per second of processing time.
+    pub processed_rows_per_s: f64,
+    /// Time to run the batch's operators and sinks.
+    pub processing_ms: f64,
+    /// How late the batch started relative to its batch time (processing-time trigger).
+    pub scheduling_delay_ms: f64,
+    /// Time the scheduler spent on checkpointing for this batch: logging the plan, cutting a
+    /// state snapshot, and waiting for room in the checkpoint queue.
+    pub checkpoint_ms: f64,
+    /// Of `checkpoint_ms`, time spent blocked because storage fell behind (backpressure).
+    pub checkpoint_wait_ms: f64,
+    /// Whether a state checkpoint was cut after this batch.
+    pub checkpointed: bool,
+    /// A checkpoint was due but put off because storage is still writing earlier ones.
+    pub checkpoint_deferred: bool,
+    /// Uncompressed bytes of the checkpoint cut after this batch (0 if none).
+    pub checkpoint_bytes: u64,
+    /// Checkpoints waiting to be written.
+    pub checkpoint_queue_depth: u64,
+    /// Duration of the most recent completed background checkpoint write.
+    pub last_checkpoint_write_ms: Option<f64>,
+    /// Live keys over all stateful operators.
+    pub state_keys: u64,
+    /// Per stateful operator.
+    pub operators: Vec<OperatorProgress>,
+    /// True for a batch re-run after a restart with its logged input.
+    pub replayed: bool,
+}
+
+/// A batch is about to run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BatchStarted {
+    pub batch_id: u64,
+    pub batch_time_ms: i64,
+    pub replayed: bool,
+}
+
+/// A state checkpoint was stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CheckpointWritten {
+    pub batch_id: u64,
+    pub bytes: u64,
+    pub write_ms: f64,
+    pub full: bool,
+}
+
+/// A state checkpoint could not be stored (after retries); the job stops.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CheckpointFailed {
+    pub batch_id: u64,
+    pub error: String,
+}
+
+/// Recovery finished; batches are about to run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RecoveryFinished {
+    /// The checkpoint restored, if any.
+    pub restored_batch: Option<u64>,
+    /// Batches that will be replayed with their logged input.
+    pub replay_batches: u64,
+    pub next_batch: u64,
+    pub warnings: Vec<String>,
+}
+
+/// Receives a job's events. Every method has an empty default; implement the ones you need.
+/// Listeners run on the job's threads: keep them quick.
+///
+/// ```
+/// use cairn::{BatchProgress, StreamingListener};
+/// struct Log;
+/// impl StreamingListener for Log {
+///     fn on_batch_completed(&self, p: &BatchProgress) {
+///         eprintln!("batch {} took {:.1} ms", p.batch_id, p.processing_ms);
+///     }
+/// }
+/// let ctx = cairn::StreamingContext::builder().build().unwrap();
+/// ctx.add_listener(std::sync::Arc::new(Log));
+/// ```
+pub trait StreamingListener: Send + Sync {
+    fn on_recovery_finished(&self, _e: &RecoveryFinished) {}
+    fn on_batch_started(&self, _e: &BatchStarted) {}
+    fn on_batch_completed(&self, _p: &BatchProgress) {}
+    fn on_checkpoint_written(&self, _e: &CheckpointWritten) {}
+    fn on_checkpoint_failed(&self, _e: &CheckpointFailed) {}
+}
+
+/// The registered listeners, shared with the checkpoint writer's thread.
+#[derive(Clone, Default)]
+pub(crate) struct Listeners(Arc<Mutex<Vec<Arc<dyn StreamingListener>>>>);
+
+impl Listeners {
+    pub fn add(&self, l: Arc<dyn StreamingListener>) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(l);
+    }
+    pub fn each(&self, f: impl Fn(&dyn StreamingListener)) {
+        let ls = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for l in ls {
+            f(&*l);
+        }
+    }
+}
+
+/// Appends each batch's progress as a JSON line to a file.
+pub(crate) struct JsonLines(Mutex<std::fs::File>);
+
+impl JsonLines {
+    pub fn create(path: &std::path::Path) -> std::io::Result<Self> {
+        Ok(Self(Mutex::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?)))
+    }
+}
+
+impl StreamingListener for JsonLines {
+    fn on_batch_completed(&self, p: &BatchProgress) {
+        if let Ok(line) = serde_json::to_string(p) {
+            let mut f = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = writeln!(f, "{line}") {
+                tracing::warn!("cannot append to the progress file: {e}");
+            }
+        }
+    }
+}
