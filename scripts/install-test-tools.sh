@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
-# Installs what the test suite needs beyond the Rust toolchain, once per machine (skipped when
-# present): Debian's headless Chromium for the web page's end-to-end test.
+# Installs what the test suite needs beyond the Rust toolchain, once per machine (each step is
+# skipped when already present; nothing goes into the repository):
+# - Debian's headless Chromium, for the web page's end-to-end test;
+# - moto (PyPI) in a virtualenv under ~/.cache/cairn-test-tools, the S3-compatible server the S3
+#   tests start on 127.0.0.1 (its conditional writes are atomic; telemetry: none).
 set -euo pipefail
-if [ -x /usr/bin/chromium ] || [ -x /usr/bin/chromium-browser ]; then
-  exit 0
+TOOLS="${CAIRN_TEST_TOOLS:-$HOME/.cache/cairn-test-tools}"
+if ! [ -x /usr/bin/chromium ] && ! [ -x /usr/bin/chromium-browser ]; then
+  echo "== installing Debian's chromium (one-time, for the web page test)"
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq || true
+  $SUDO apt-get install -y -qq chromium >/dev/null
 fi
-echo "== installing Debian's chromium (one-time, for the web page test)"
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq || true
-$SUDO apt-get install -y -qq chromium >/dev/null
+if ! [ -x "$TOOLS/moto-venv/bin/moto_server" ]; then
+  echo "== installing moto into $TOOLS/moto-venv (one-time, for the S3 tests)"
+  mkdir -p "$TOOLS"
+  python3 -m venv "$TOOLS/moto-venv"
+  "$TOOLS/moto-venv/bin/pip" install -q --disable-pip-version-check 'moto[s3]' flask flask-cors
+fi

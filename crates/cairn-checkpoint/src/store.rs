@@ -87,9 +87,20 @@ pub fn open_store(location: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
                 let url = url::Url::parse(location).map_err(|e| invalid(e.to_string()))?;
                 url.to_file_path().map_err(|_| invalid(format!("{rest:?} is not an absolute local path")))?
             }
+            "s3" | "s3a" => {
+                // Credentials, region and endpoint come from the usual AWS_* variables
+                // (AWS_ENDPOINT and AWS_ALLOW_HTTP=true for a local S3-compatible server).
+                let url = url::Url::parse(location).map_err(|e| invalid(e.to_string()))?;
+                let store = object_store::aws::AmazonS3Builder::from_env()
+                    .with_url(location)
+                    .build()
+                    .map_err(|e| invalid(format!("cannot configure S3: {e}")))?;
+                let root = Path::from(url.path().trim_matches('/'));
+                return Ok((Arc::new(store), root));
+            }
             other => {
                 return Err(invalid(format!(
-                    "the {other}:// scheme is not supported in this build; supported: a local path, file:///abs/path, memory://"
+                    "the {other}:// scheme is not supported in this build; supported: a local path, file:///abs/path, s3://bucket/prefix, memory://"
                 )))
             }
         }
@@ -113,7 +124,7 @@ fn runtime() -> Arc<tokio::runtime::Runtime> {
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .thread_name("cairn-ckpt-io")
-                .enable_time()
+                .enable_all()
                 .build()
                 .expect("cannot start the checkpoint I/O runtime"),
         )

@@ -7,6 +7,7 @@
 //! compute what those sinks must contain with plain loops, sharing no code with the engine.
 
 mod faulty;
+pub mod s3;
 pub use faulty::FaultyStore;
 
 use cairn::{StateSpec, StreamingContext};
@@ -141,4 +142,42 @@ pub fn define_job(
         .map(|(k, v)| format!("{k},{v}"))
         .save_as_text_files(out_windows)?;
     Ok(())
+}
+
+/// Asserts that both sinks hold every batch exactly once with exactly the model's lines.
+pub fn check_sink_output(out_totals: &str, out_windows: &str, p: &JobParams) {
+    for (dir, expected) in [(out_totals, expected_totals(p)), (out_windows, expected_windows(p))] {
+        let got = cairn::read_text_output(dir).expect("read sink output");
+        let ids: Vec<u64> = got.iter().map(|(b, _)| *b).collect();
+        assert_eq!(ids, (0..p.batches).collect::<Vec<_>>(), "{dir}: every batch exactly once");
+        for ((b, mut lines), want) in got.into_iter().zip(expected) {
+            lines.sort();
+            assert_eq!(
+                lines.len(),
+                want.len(),
+                "{dir}: batch {b} has {} lines, expected {}",
+                lines.len(),
+                want.len()
+            );
+            assert!(lines == want, "{dir}: batch {b} differs from the expected output");
+        }
+    }
+}
+
+/// Asserts that the final checkpoint at `location` holds exactly the model's final state.
+pub fn check_final_state(location: &str, p: &JobParams) {
+    let store = cairn_checkpoint::CheckpointStore::open(location).expect("open checkpoint");
+    let rec = store.recover().expect("recover");
+    assert!(rec.replay.is_empty(), "a clean stop leaves nothing to replay");
+    let state = rec.state.expect("a final checkpoint exists");
+    assert_eq!(state.batch_id.0, p.batches - 1, "final checkpoint is after the last batch");
+    let table = state.tables.iter().find(|t| t.id == "totals").expect("totals table");
+    let mut got = BTreeMap::new();
+    for e in table.reader() {
+        let (k, v) = e.expect("entry");
+        let key: u64 = postcard::from_bytes(k).expect("key");
+        let (value, _seen): ((u64, i64), i64) = postcard::from_bytes(v.expect("live entry")).expect("value");
+        got.insert(key, value);
+    }
+    assert_eq!(got, expected_final_state(p), "final state");
 }

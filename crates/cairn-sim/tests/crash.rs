@@ -2,9 +2,7 @@
 //! at seeded random moments and at every named failpoint, restarted each time, and its committed
 //! output and final state are compared with an independently computed answer.
 
-use cairn_checkpoint::CheckpointStore;
-use cairn_sim::{expected_final_state, expected_totals, expected_windows, JobParams};
-use std::collections::BTreeMap;
+use cairn_sim::JobParams;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
@@ -75,37 +73,8 @@ fn sink_batches(dir: &str) -> Vec<(u64, Vec<String>)> {
 }
 
 fn check_output(d: &Dirs, p: &JobParams) {
-    for (dir, expected) in [(&d.totals, expected_totals(p)), (&d.windows, expected_windows(p))] {
-        let got = sink_batches(dir);
-        let ids: Vec<u64> = got.iter().map(|(b, _)| *b).collect();
-        assert_eq!(ids, (0..p.batches).collect::<Vec<_>>(), "{dir}: every batch exactly once");
-        for ((b, mut lines), want) in got.into_iter().zip(expected) {
-            lines.sort();
-            assert_eq!(
-                lines.len(),
-                want.len(),
-                "{dir}: batch {b} has {} lines, expected {}",
-                lines.len(),
-                want.len()
-            );
-            assert!(lines == want, "{dir}: batch {b} differs from the expected output");
-        }
-    }
-    // The final state, read straight from the checkpoint.
-    let store = CheckpointStore::open(&d.ckpt).expect("open checkpoint");
-    let rec = store.recover().expect("recover");
-    assert!(rec.replay.is_empty(), "a clean stop leaves nothing to replay");
-    let state = rec.state.expect("a final checkpoint exists");
-    assert_eq!(state.batch_id.0, p.batches - 1, "final checkpoint is after the last batch");
-    let table = state.tables.iter().find(|t| t.id == "totals").expect("totals table");
-    let mut got = BTreeMap::new();
-    for e in table.reader() {
-        let (k, v) = e.expect("entry");
-        let key: u64 = postcard::from_bytes(k).expect("key");
-        let (value, _seen): ((u64, i64), i64) = postcard::from_bytes(v.expect("live entry")).expect("value");
-        got.insert(key, value);
-    }
-    assert_eq!(got, expected_final_state(p), "final state");
+    cairn_sim::check_sink_output(&d.totals, &d.windows, p);
+    cairn_sim::check_final_state(&d.ckpt, p);
 }
 
 /// xorshift64*: a seeded sequence of kill delays, reproducible from the printed seed.

@@ -10,7 +10,7 @@ pub(crate) fn block_on<F: std::future::Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("cairn-io")
-            .enable_time()
+            .enable_all()
             .build()
             .expect("cannot start the I/O runtime")
     })
