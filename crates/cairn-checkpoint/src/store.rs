@@ -149,6 +149,9 @@ impl std::fmt::Debug for CheckpointStore {
     }
 }
 
+/// Attempts per object write before the error is returned.
+const PUT_ATTEMPTS: u32 = 3;
+
 enum Created {
     New,
     Exists(Vec<u8>),
@@ -205,12 +208,34 @@ impl CheckpointStore {
         self.get(path)?.ok_or_else(|| Error::corrupt(path, "object is missing"))
     }
 
+    /// Writes with a few retries on errors that may be transient (cloud clients also retry
+    /// HTTP errors on their own); a conflict or a permission/precondition problem is final.
     fn put(&self, path: &Path, bytes: Vec<u8>, mode: PutMode) -> Result<Created> {
-        let r = self.block_on(self.store.put_opts(path, PutPayload::from(bytes), PutOptions::from(mode)));
-        match r {
-            Ok(_) => Ok(Created::New),
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(Created::Exists(self.get_required(path)?)),
-            Err(e) => Err(Error::storage(path, e)),
+        let payload = PutPayload::from(bytes);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let r = self.block_on(self.store.put_opts(path, payload.clone(), PutOptions::from(mode.clone())));
+            match r {
+                Ok(_) => return Ok(Created::New),
+                Err(object_store::Error::AlreadyExists { .. }) => {
+                    return Ok(Created::Exists(self.get_required(path)?))
+                }
+                Err(
+                    e @ (object_store::Error::Precondition { .. }
+                    | object_store::Error::NotImplemented
+                    | object_store::Error::PermissionDenied { .. }
+                    | object_store::Error::Unauthenticated { .. }
+                    | object_store::Error::NotSupported { .. }),
+                ) => return Err(Error::storage(path, e)),
+                Err(e) if attempt >= PUT_ATTEMPTS => return Err(Error::storage(path, e)),
+                Err(e) => {
+                    tracing::warn!(
+                        "write of {path} failed (attempt {attempt} of {PUT_ATTEMPTS}), retrying: {e}"
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(50 << attempt));
+                }
+            }
         }
     }
 
@@ -305,7 +330,22 @@ impl CheckpointStore {
         let bytes = codec::encode_state(ckpt);
         let len = bytes.len() as u64;
         match self.put(&path, bytes.clone(), PutMode::Create)? {
-            Created::New => Ok(WriteStats { bytes: len, objects: 1 }),
+            Created::New => {
+                // A store without atomic puts can report success for a torn object; later
+                // checkpoints would chain onto it. A HEAD catches a short object at once.
+                let stored =
+                    self.block_on(self.store.head(&path)).map_err(|e| Error::storage(&path, e))?.size;
+                if stored != len {
+                    tracing::warn!("{path} was stored torn ({stored} of {len} bytes); rewriting");
+                    self.put(&path, bytes, PutMode::Overwrite)?;
+                    let again =
+                        self.block_on(self.store.head(&path)).map_err(|e| Error::storage(&path, e))?.size;
+                    if again != len {
+                        return Err(Error::corrupt(&path, format!("stored {again} of {len} bytes twice")));
+                    }
+                }
+                Ok(WriteStats { bytes: len, objects: 1 })
+            }
             Created::Exists(old) if old == bytes => Ok(WriteStats::default()),
             Created::Exists(old) => match codec::decode_state(path.as_ref(), &old) {
                 Ok(existing) if existing.batch_id == ckpt.batch_id && existing.kind == ckpt.kind => {

@@ -8,7 +8,7 @@
 
 mod faulty;
 pub mod s3;
-pub use faulty::FaultyStore;
+pub use faulty::{FaultyStore, Requests};
 
 use cairn::{StateSpec, StreamingContext};
 use std::collections::BTreeMap;

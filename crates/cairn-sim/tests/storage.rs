@@ -103,3 +103,61 @@ fn slow_checkpoint_storage_is_backpressure_not_loss() {
     assert!(s.faulty.puts() > 0, "state writes went through the slow store");
     check_exact(&s, &p);
 }
+
+#[test]
+fn transient_errors_and_a_failed_write_are_retried_without_loss() {
+    let p = JobParams { batches: 20, rate: 100, keys: 11 };
+    let s = setup("");
+    s.faulty.fail_nth_put(7); // one write fails once
+    let ctx = context(&s, &p);
+    let faulty = s.faulty.clone();
+    ctx.on_batch(move |b| {
+        if b.batch_id == 4 {
+            faulty.fail_next(2); // two transient errors in a row
+        }
+    });
+    ctx.run_available().expect("transient errors are retried, not fatal");
+    check_exact(&s, &p);
+}
+
+#[test]
+fn a_torn_checkpoint_write_is_caught_and_rewritten() {
+    let p = JobParams { batches: 16, rate: 100, keys: 11 };
+    let s = setup("state/");
+    let ctx = context(&s, &p);
+    let faulty = s.faulty.clone();
+    ctx.on_batch(move |b| {
+        if b.batch_id == 5 {
+            faulty.tear_next_put();
+        }
+    });
+    ctx.run_available().unwrap();
+    let store = CheckpointStore::with_store(s.faulty.clone(), ObjPath::from(""), "faulty-local");
+    let v = cairn::checkpoint::admin::verify(&store).unwrap();
+    assert!(v.ok, "every object verifies after the torn write was redone: {v:?}");
+    check_exact(&s, &p);
+}
+
+/// Requests per batch and per checkpoint on a counting store (figures for docs/storage.md).
+#[test]
+fn requests_per_batch_stay_small() {
+    let p = JobParams { batches: 100, rate: 100, keys: 11 };
+    let s = setup("");
+    context(&s, &p).run_available().unwrap();
+    let r = s.faulty.requests();
+    let per = |n: u64| n as f64 / p.batches as f64;
+    eprintln!(
+        "requests per batch (checkpoint every batch): PUT {:.2}, GET {:.2}, HEAD {:.2}, LIST {:.2}, DELETE {:.2}",
+        per(r.put),
+        per(r.get),
+        per(r.head),
+        per(r.list),
+        per(r.delete)
+    );
+    // Plan + checkpoint, a full snapshot every 10 checkpoints, the lease's heartbeat.
+    assert!(per(r.put) <= 2.3, "PUTs per batch: {}", per(r.put));
+    // The HEAD that checks each checkpoint; listings by maintenance (compaction check, retention).
+    assert!(per(r.head) <= 1.1 && per(r.list) <= 2.1, "{r:?}");
+    // Retention deletes about what each batch adds.
+    assert!(per(r.delete) <= 2.2, "{r:?}");
+}
