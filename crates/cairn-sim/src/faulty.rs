@@ -127,7 +127,7 @@ impl ObjectStore for FaultyStore {
             let n = self.puts.fetch_add(1, Ordering::SeqCst) + 1;
             let mut d = self.delay_ms.load(Ordering::SeqCst);
             let every = self.spike_every.load(Ordering::SeqCst);
-            if every > 0 && n % every == 0 {
+            if every > 0 && n.is_multiple_of(every) {
                 d += self.spike_ms.load(Ordering::SeqCst);
             }
             if d > 0 {
