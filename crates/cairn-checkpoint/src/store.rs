@@ -71,12 +71,13 @@ pub struct CheckpointStore {
 }
 
 /// Resolves a location string to an object store and a root prefix: a local path (created if
-/// missing), a `file:///abs/path` URL, or `memory://` (a fresh in-memory store, for tests).
+/// missing), a `file:///abs/path` URL, `s3://bucket/prefix` (configured from the AWS_*
+/// environment variables), or `memory://` (a fresh in-memory store, for tests).
 ///
 /// ```
 /// let (_store, root) = cairn_checkpoint::store::open_store("memory://").unwrap();
 /// assert_eq!(root.as_ref(), "");
-/// assert!(cairn_checkpoint::store::open_store("s3://bucket/x").is_err());
+/// assert!(cairn_checkpoint::store::open_store("gs://bucket/x").is_err());
 /// ```
 pub fn open_store(location: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
     let invalid = |reason: String| Error::InvalidLocation { location: location.to_string(), reason };

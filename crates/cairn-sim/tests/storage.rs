@@ -87,6 +87,7 @@ fn slow_checkpoint_storage_is_backpressure_not_loss() {
     let p = JobParams { batches: 15, rate: 100, keys: 11 };
     let s = setup("state/");
     s.faulty.set_delay(Duration::from_millis(150));
+    s.faulty.set_spikes(4, Duration::from_millis(300)); // and every 4th write a latency spike
     let ctx = context_with(&s, &p, |b| b.max_checkpoint_deferral(10));
     let waited = Arc::new(AtomicU64::new(0));
     let w = waited.clone();
