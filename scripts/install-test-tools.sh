@@ -3,7 +3,9 @@
 # skipped when already present; nothing goes into the repository):
 # - Debian's headless Chromium, for the web page's end-to-end test;
 # - moto (PyPI) in a virtualenv under ~/.cache/cairn-test-tools, the S3-compatible server the S3
-#   tests start on 127.0.0.1 (its conditional writes are atomic; telemetry: none).
+#   tests start on 127.0.0.1 (its conditional writes are atomic; telemetry: none);
+# - Azurite and the Azure SDK for JavaScript (npm) under ~/.cache/cairn-test-tools/azurite, the
+#   Azure Blob emulator (started with --disableTelemetry).
 set -euo pipefail
 TOOLS="${CAIRN_TEST_TOOLS:-$HOME/.cache/cairn-test-tools}"
 if ! [ -x /usr/bin/chromium ] && ! [ -x /usr/bin/chromium-browser ]; then
@@ -19,4 +21,10 @@ if ! [ -x "$TOOLS/moto-venv/bin/moto_server" ]; then
   mkdir -p "$TOOLS"
   python3 -m venv "$TOOLS/moto-venv"
   "$TOOLS/moto-venv/bin/pip" install -q --disable-pip-version-check 'moto[s3]' flask flask-cors
+fi
+if ! [ -x "$TOOLS/azurite/node_modules/.bin/azurite-blob" ] || ! [ -d "$TOOLS/azurite/node_modules/@azure/storage-blob" ]; then
+  echo "== installing Azurite into $TOOLS/azurite (one-time, for the Azure tests)"
+  mkdir -p "$TOOLS/azurite"
+  (cd "$TOOLS/azurite" && { [ -f package.json ] || npm init -y >/dev/null; } \
+    && npm install --no-audit --no-fund --silent azurite@3 @azure/storage-blob@12)
 fi

@@ -72,7 +72,8 @@ pub struct CheckpointStore {
 
 /// Resolves a location string to an object store and a root prefix: a local path (created if
 /// missing), a `file:///abs/path` URL, `s3://bucket/prefix` (configured from the AWS_*
-/// environment variables), or `memory://` (a fresh in-memory store, for tests).
+/// environment variables), `az://container/prefix` (from the AZURE_* variables), or `memory://`
+/// (a fresh in-memory store, for tests).
 ///
 /// ```
 /// let (_store, root) = cairn_checkpoint::store::open_store("memory://").unwrap();
@@ -99,9 +100,20 @@ pub fn open_store(location: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
                 let root = Path::from(url.path().trim_matches('/'));
                 return Ok((Arc::new(store), root));
             }
+            "az" | "abfs" | "abfss" | "azure" | "adl" => {
+                // Account, key or token from the usual AZURE_* variables (AZURE_STORAGE_USE_EMULATOR
+                // and AZURITE_BLOB_STORAGE_URL for a local Azurite).
+                let url = url::Url::parse(location).map_err(|e| invalid(e.to_string()))?;
+                let store = object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_url(location)
+                    .build()
+                    .map_err(|e| invalid(format!("cannot configure Azure Blob storage: {e}")))?;
+                let root = Path::from(url.path().trim_matches('/'));
+                return Ok((Arc::new(store), root));
+            }
             other => {
                 return Err(invalid(format!(
-                    "the {other}:// scheme is not supported in this build; supported: a local path, file:///abs/path, s3://bucket/prefix, memory://"
+                    "the {other}:// scheme is not supported in this build; supported: a local path, file:///abs/path, s3://bucket/prefix, az://container/prefix, memory://"
                 )))
             }
         }

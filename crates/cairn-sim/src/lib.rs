@@ -6,6 +6,7 @@
 //! writes both through the exactly-once file sink. [`expected_totals`] and [`expected_windows`]
 //! compute what those sinks must contain with plain loops, sharing no code with the engine.
 
+pub mod azure;
 mod faulty;
 pub mod s3;
 pub use faulty::{FaultyStore, Requests};

@@ -1,10 +1,11 @@
-//! The checkpoint store and a stateful job against a real S3 API (moto on 127.0.0.1): the same
-//! storage conformance checks as on local disk, conditional create racing from 8 writers, a
-//! kill/recover cycle with exact results, and two jobs on one location.
+//! The checkpoint store and a stateful job against real object-store APIs on 127.0.0.1 — S3
+//! (moto) and Azure Blob (Azurite) — with one suite: storage conformance, conditional create
+//! racing from 8 writers, a kill/recover cycle with exact results, and two jobs on one location.
 
 use cairn::checkpoint::object_store::{path::Path as ObjPath, ObjectStore, PutMode, PutOptions, PutPayload};
 use cairn::checkpoint::{BatchId, BatchPlan, CheckpointStore, OffsetRange, SourcePlan};
 use cairn::StreamingContext;
+use cairn_sim::azure::AzuriteServer;
 use cairn_sim::s3::S3Server;
 use cairn_sim::JobParams;
 use futures::TryStreamExt;
@@ -12,16 +13,25 @@ use std::process::Command;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-/// One server for the whole file: the tests point object_store at it through process-wide
-/// AWS_* variables, so they run one after the other from a single test.
+/// S3: object_store reads the server from process-wide AWS_* variables.
 #[test]
-fn s3_conformance_crash_recovery_and_two_writers() {
+fn s3_suite() {
     let s = S3Server::start();
     s.set_env();
-    s.create_bucket("conformance");
-    s.create_bucket("jobs");
-    conformance_and_racing_conditional_creates();
-    a_job_on_s3_survives_kills_exactly_and_a_second_job_is_refused(&s);
+    s.create_bucket("cairn");
+    conformance_and_racing_conditional_creates("s3://cairn");
+    a_job_survives_kills_exactly_and_a_second_job_is_refused("s3://cairn", s.env());
+}
+
+/// Azure Blob: object_store reads the emulator from AZURE_* variables (other names than S3's, so
+/// the two tests can run side by side).
+#[test]
+fn azure_suite() {
+    let a = AzuriteServer::start();
+    a.set_env();
+    a.create_container("cairn");
+    conformance_and_racing_conditional_creates("az://cairn");
+    a_job_survives_kills_exactly_and_a_second_job_is_refused("az://cairn", a.env());
 }
 
 fn plan(b: u64) -> BatchPlan {
@@ -37,8 +47,8 @@ fn plan(b: u64) -> BatchPlan {
     }
 }
 
-fn conformance_and_racing_conditional_creates() {
-    let store = CheckpointStore::open("s3://conformance/jobs/a").expect("open s3 location");
+fn conformance_and_racing_conditional_creates(base: &str) {
+    let store = CheckpointStore::open(&format!("{base}/jobs/a")).expect("open the location");
     let os = store.object_store().clone();
     let rt = |f| store.block_on(f);
     // put / get / list / delete under the prefix.
@@ -85,9 +95,9 @@ fn conformance_and_racing_conditional_creates() {
     }
 }
 
-fn a_job_on_s3_survives_kills_exactly_and_a_second_job_is_refused(s: &S3Server) {
+fn a_job_survives_kills_exactly_and_a_second_job_is_refused(base: &str, env: Vec<(&'static str, String)>) {
     let tmp = tempfile::tempdir().unwrap();
-    let ckpt = "s3://jobs/crash";
+    let ckpt = &format!("{base}/crash");
     let totals = tmp.path().join("totals").to_str().unwrap().to_string();
     let windows = tmp.path().join("windows").to_str().unwrap().to_string();
     let p = JobParams { batches: 150, rate: 120, keys: 13 };
@@ -95,7 +105,7 @@ fn a_job_on_s3_survives_kills_exactly_and_a_second_job_is_refused(s: &S3Server) 
         let mut c = Command::new(env!("CARGO_BIN_EXE_crash-job"));
         c.args([ckpt, &totals, &windows])
             .args([p.batches, p.rate, p.keys, 1, 2].map(|n| n.to_string()))
-            .envs(s.env())
+            .envs(env.clone())
             .env("CAIRN_LOG", "warn")
             .env("CRASH_JOB_PACE_MS", pace)
             .env_remove("CAIRN_FAILPOINT")
@@ -129,7 +139,7 @@ fn a_job_on_s3_survives_kills_exactly_and_a_second_job_is_refused(s: &S3Server) 
             .foreach_batch(|_, _| Ok(()));
         Ok(ctx)
     };
-    let loc = "s3://jobs/two-writers";
+    let loc = &format!("{base}/two-writers");
     let first = StreamingContext::get_or_create(loc, make).unwrap();
     first.start().unwrap();
     std::thread::sleep(Duration::from_millis(500));
