@@ -13,6 +13,8 @@ echo "== format"
 cargo fmt --all -- --check
 echo "== lint"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== HDFS feature (built and linted; no NameNode runs here, see docs/storage.md)"
+cargo clippy -p cairn-checkpoint --features hdfs --locked -- -D warnings
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast

@@ -72,13 +72,14 @@ pub struct CheckpointStore {
 
 /// Resolves a location string to an object store and a root prefix: a local path (created if
 /// missing), a `file:///abs/path` URL, `s3://bucket/prefix` (configured from the AWS_*
-/// environment variables), `az://container/prefix` (from the AZURE_* variables), or `memory://`
-/// (a fresh in-memory store, for tests).
+/// environment variables), `az://container/prefix` (from the AZURE_* variables),
+/// `gs://bucket/prefix` (from the GOOGLE_* variables), or `memory://` (a fresh in-memory store,
+/// for tests).
 ///
 /// ```
 /// let (_store, root) = cairn_checkpoint::store::open_store("memory://").unwrap();
 /// assert_eq!(root.as_ref(), "");
-/// assert!(cairn_checkpoint::store::open_store("gs://bucket/x").is_err());
+/// assert!(cairn_checkpoint::store::open_store("ftp://host/x").is_err());
 /// ```
 pub fn open_store(location: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
     let invalid = |reason: String| Error::InvalidLocation { location: location.to_string(), reason };
@@ -111,10 +112,33 @@ pub fn open_store(location: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
                 let root = Path::from(url.path().trim_matches('/'));
                 return Ok((Arc::new(store), root));
             }
+            "gs" => {
+                // Service account from GOOGLE_SERVICE_ACCOUNT (a key file path) or
+                // GOOGLE_SERVICE_ACCOUNT_KEY (its JSON), as object_store reads them.
+                let url = url::Url::parse(location).map_err(|e| invalid(e.to_string()))?;
+                let store = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_url(location)
+                    .build()
+                    .map_err(|e| invalid(format!("cannot configure Google Cloud Storage: {e}")))?;
+                let root = Path::from(url.path().trim_matches('/'));
+                return Ok((Arc::new(store), root));
+            }
+            #[cfg(feature = "hdfs")]
+            "hdfs" | "viewfs" => {
+                let url = url::Url::parse(location).map_err(|e| invalid(e.to_string()))?;
+                let namenode = format!("{}://{}", url.scheme(), url.authority());
+                let store = hdfs_native_object_store::HdfsObjectStoreBuilder::new()
+                    .with_url(&namenode)
+                    .build()
+                    .map_err(|e| invalid(format!("cannot configure HDFS: {e}")))?;
+                let root = Path::from(url.path().trim_matches('/'));
+                return Ok((Arc::new(store), root));
+            }
             other => {
+                let hdfs = if cfg!(feature = "hdfs") { ", hdfs://namenode/path" } else { "" };
                 return Err(invalid(format!(
-                    "the {other}:// scheme is not supported in this build; supported: a local path, file:///abs/path, s3://bucket/prefix, az://container/prefix, memory://"
-                )))
+                    "the {other}:// scheme is not supported in this build; supported: a local path, file:///abs/path, s3://bucket/prefix, az://container/prefix, gs://bucket/prefix{hdfs}, memory:// (hdfs:// needs the `hdfs` cargo feature)"
+                )));
             }
         }
     } else {

@@ -282,8 +282,8 @@ fn lease_guards_the_location() {
 #[test]
 fn locations() {
     assert!(CheckpointStore::open("memory://").is_ok());
-    let err = CheckpointStore::open("gs://bucket/prefix").unwrap_err().to_string();
-    assert!(err.contains("gs://") && err.contains("file://") && err.contains("s3://"), "{err}");
+    let err = CheckpointStore::open("hdfs://namenode/prefix").unwrap_err().to_string();
+    assert!(err.contains("hdfs://") && err.contains("file://") && err.contains("s3://"), "{err}");
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().join("nested/ckpt").display());
     let s = CheckpointStore::open(&url).unwrap();

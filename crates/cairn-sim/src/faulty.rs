@@ -27,6 +27,8 @@ pub struct FaultyStore {
     transient: AtomicU64,
     /// The affected put with this 1-based number fails once (0: none).
     fail_nth: AtomicU64,
+    /// Every n-th affected put fails with a transient error (0: none).
+    fail_period: AtomicU64,
     /// The next affected put stores only the first half of its bytes, then reports success.
     tear_next: AtomicBool,
     puts: AtomicU64,
@@ -68,6 +70,7 @@ impl FaultyStore {
             fail: AtomicBool::new(false),
             transient: AtomicU64::new(0),
             fail_nth: AtomicU64::new(0),
+            fail_period: AtomicU64::new(0),
             tear_next: AtomicBool::new(false),
             puts: AtomicU64::new(0),
             counts: Default::default(),
@@ -81,6 +84,10 @@ impl FaultyStore {
     /// The next `n` affected puts fail with a transient error.
     pub fn fail_next(&self, n: u64) {
         self.transient.store(n, Ordering::SeqCst);
+    }
+    /// Every `n`-th affected put fails once with a transient error (0: never).
+    pub fn fail_every(&self, n: u64) {
+        self.fail_period.store(n, Ordering::SeqCst);
     }
     /// The `n`-th affected put (counting from the first ever, 1-based) fails.
     pub fn fail_nth_put(&self, n: u64) {
@@ -137,6 +144,13 @@ impl ObjectStore for FaultyStore {
                 return Err(storage_error(
                     std::io::ErrorKind::StorageFull,
                     "No space left on device (os error 28)",
+                ));
+            }
+            let period = self.fail_period.load(Ordering::SeqCst);
+            if period > 0 && n.is_multiple_of(period) {
+                return Err(storage_error(
+                    std::io::ErrorKind::TimedOut,
+                    &format!("injected transient error on write #{n}"),
                 ));
             }
             if self.fail_nth.load(Ordering::SeqCst) == n {

@@ -21,6 +21,38 @@ fn s3_suite() {
     s.create_bucket("cairn");
     conformance_and_racing_conditional_creates("s3://cairn");
     a_job_survives_kills_exactly_and_a_second_job_is_refused("s3://cairn", s.env());
+    requests_per_batch_against_the_server("s3://cairn/count");
+}
+
+/// Requests a job makes against the S3 server, per batch (figures for docs/storage.md).
+fn requests_per_batch_against_the_server(loc: &str) {
+    let (store, root) = cairn::checkpoint::store::open_store(loc).unwrap();
+    let counting = cairn_sim::FaultyStore::new(store, "");
+    let ctx = StreamingContext::builder()
+        .checkpoint_store(CheckpointStore::with_store(counting.clone(), root, loc))
+        .batch_interval(cairn_sim::INTERVAL)
+        .trigger(cairn::Trigger::AvailableNow)
+        .stop_after_batches(50)
+        .build()
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let p = JobParams { batches: 50, rate: 100, keys: 11 };
+    let (t, w) = (tmp.path().join("t"), tmp.path().join("w"));
+    cairn_sim::define_job(&ctx, &p, t.to_str().unwrap(), w.to_str().unwrap()).unwrap();
+    let summary = ctx.run_available().unwrap();
+    let r = counting.requests();
+    let per = |n: u64| n as f64 / 50.0;
+    eprintln!(
+        "S3 requests per batch (checkpoint every batch, {} checkpoint objects): PUT {:.2}, GET {:.2}, HEAD {:.2}, LIST {:.2}, DELETE {:.2}",
+        summary.checkpoint_objects,
+        per(r.put),
+        per(r.get),
+        per(r.head),
+        per(r.list),
+        per(r.delete)
+    );
+    assert!(per(r.put) <= 2.3 && per(r.list) <= 2.1 && per(r.head) <= 1.1, "{r:?}");
+    cairn_sim::check_sink_output(t.to_str().unwrap(), w.to_str().unwrap(), &p);
 }
 
 /// Azure Blob: object_store reads the emulator from AZURE_* variables (other names than S3's, so

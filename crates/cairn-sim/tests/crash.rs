@@ -32,11 +32,24 @@ fn job_paced(
     failpoint: Option<&str>,
     pace_ms: u64,
 ) -> Command {
+    job_with(d, p, every, parallelism, failpoint, pace_ms, false)
+}
+
+fn job_with(
+    d: &Dirs,
+    p: &JobParams,
+    every: u64,
+    parallelism: u64,
+    failpoint: Option<&str>,
+    pace_ms: u64,
+    faults: bool,
+) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_crash-job"));
     c.args([&d.ckpt, &d.totals, &d.windows])
         .args([p.batches, p.rate, p.keys, every, parallelism].map(|n| n.to_string()))
         .env("CAIRN_LOG", "warn")
         .env("CRASH_JOB_PACE_MS", pace_ms.to_string())
+        .env("CRASH_JOB_FAULTS", if faults { "1" } else { "0" })
         .stdout(std::process::Stdio::null());
     match failpoint {
         Some(f) => c.env("CAIRN_FAILPOINT", f),
@@ -138,4 +151,26 @@ fn survives_every_failpoint() {
         run_to_end(&d, &p, 1, 2);
         check_output(&d, &p);
     }
+}
+
+/// The same kill loop with the checkpoint behind the fault injector (latency spikes, a transient
+/// error every 7th write): still exact.
+#[test]
+fn survives_sigkills_on_a_faulty_store() {
+    let p = JobParams { batches: 400, rate: 200, keys: 53 };
+    let d = dirs();
+    let mut rng = Rng(0x5eed);
+    for i in 0..8 {
+        let mut child = job_with(&d, &p, 1 + i % 2, 2, None, 3, true).spawn().expect("spawn crash-job");
+        std::thread::sleep(Duration::from_millis(150 + rng.next() % 300));
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            assert!(status.success(), "crash-job failed on its own: {status}");
+        }
+        child.kill().ok();
+        child.wait().expect("reap");
+    }
+    let mut child = job_with(&d, &p, 2, 2, None, 0, true).spawn().expect("spawn");
+    let status = wait_timeout(&mut child, Duration::from_secs(120));
+    assert!(status.success(), "final run on the faulty store: {status}");
+    check_output(&d, &p);
 }

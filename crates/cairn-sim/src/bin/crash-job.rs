@@ -18,11 +18,23 @@ fn main() {
     };
     let p = JobParams { batches: num(3), rate: num(4), keys: num(5).max(1) };
     let (every, parallelism) = (num(6).max(1), num(7).max(1));
+    // CRASH_JOB_FAULTS=1 routes the checkpoint through the fault injector: latency spikes on
+    // every 5th write and a transient error every 7th, on top of the SIGKILLs.
+    let faulty = std::env::var("CRASH_JOB_FAULTS").is_ok_and(|v| v == "1");
     let result = StreamingContext::get_or_create(&args[0], |loc| {
-        let ctx = StreamingContext::builder()
+        let mut builder = StreamingContext::builder();
+        if faulty {
+            let (store, root) = cairn::checkpoint::store::open_store(loc)?;
+            let f = cairn_sim::FaultyStore::new(store, "");
+            f.set_spikes(5, std::time::Duration::from_millis(40));
+            f.fail_every(7);
+            builder = builder.checkpoint_store(cairn::checkpoint::CheckpointStore::with_store(f, root, loc));
+        } else {
+            builder = builder.checkpoint(loc);
+        }
+        let ctx = builder
             .app_name("crash-job")
             .batch_interval(INTERVAL)
-            .checkpoint(loc)
             .checkpoint_interval(INTERVAL * every as u32)
             .parallelism(parallelism as usize)
             .keep_checkpoints(3)
