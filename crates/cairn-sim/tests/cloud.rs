@@ -55,6 +55,21 @@ fn requests_per_batch_against_the_server(loc: &str) {
     cairn_sim::check_sink_output(t.to_str().unwrap(), w.to_str().unwrap(), &p);
 }
 
+/// The same suite on local disk (the kill cycle runs against a `file://` URL).
+#[test]
+fn local_disk_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = format!("file://{}", dir.path().display());
+    conformance_and_racing_conditional_creates(&base);
+    a_job_survives_kills_exactly_and_a_second_job_is_refused(&base, Vec::new());
+}
+
+/// The storage conformance part on the in-memory store (no processes can share it).
+#[test]
+fn in_memory_conformance() {
+    conformance_and_racing_conditional_creates("memory://");
+}
+
 /// Azure Blob: object_store reads the emulator from AZURE_* variables (other names than S3's, so
 /// the two tests can run side by side).
 #[test]
@@ -132,7 +147,7 @@ fn a_job_survives_kills_exactly_and_a_second_job_is_refused(base: &str, env: Vec
     let ckpt = &format!("{base}/crash");
     let totals = tmp.path().join("totals").to_str().unwrap().to_string();
     let windows = tmp.path().join("windows").to_str().unwrap().to_string();
-    let p = JobParams { batches: 150, rate: 120, keys: 13 };
+    let p = JobParams { batches: 300, rate: 120, keys: 13 };
     let job = |pace: &str| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_crash-job"));
         c.args([ckpt, &totals, &windows])
