@@ -8,7 +8,7 @@
 use cairn::checkpoint::object_store::{local::LocalFileSystem, path::Path as ObjPath};
 use cairn::checkpoint::CheckpointStore;
 use cairn::{BatchProgress, StateSpec, StreamingContext, Trigger};
-use cairn_sim::FaultyStore;
+use cairn_sim::{FaultyStore, Rng};
 use clap::{Args, Parser, Subcommand};
 use rustc_hash::FxHashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -83,24 +83,13 @@ fn main() -> ExitCode {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// xorshift64*: the seeded input generator (no dependency, same bytes everywhere).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 fn generate(dir: &Path, keys: u64, batches: u64, rows: u64, seed: u64) -> Result<(), BoxError> {
     std::fs::create_dir_all(dir)?;
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     for b in 0..batches {
         let mut out = String::with_capacity(rows as usize * 14);
         for _ in 0..rows {
-            let x = rng.next();
+            let x = rng.next_u64();
             let key = x % keys.max(1);
             let value = ((x >> 40) % 2001) as i64 - 1000;
             out.push_str(&format!("{key},{value}\n"));

@@ -3,9 +3,7 @@
 //! 127.0.0.1 on a free port with in-memory persistence and telemetry disabled, stopped when the
 //! handle is dropped. Containers are created with the Azure SDK from the same npm install.
 
-use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 /// The well-known development account of the Azure storage emulators (public, not a secret).
 const DEV_ACCOUNT: &str = "devstoreaccount1";
@@ -20,26 +18,12 @@ pub struct AzuriteServer {
     pub endpoint: String,
 }
 
-fn tools_dir() -> std::path::PathBuf {
-    std::env::var_os("CAIRN_TEST_TOOLS").map(std::path::PathBuf::from).unwrap_or_else(|| {
-        std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/cairn-test-tools")
-    })
-}
-
 impl AzuriteServer {
     /// Starts Azurite; panics with instructions if it is not installed.
     pub fn start() -> Self {
-        let dir = tools_dir().join("azurite");
-        let bin = dir.join("node_modules/.bin/azurite-blob");
-        assert!(
-            bin.exists(),
-            "{} is missing: run scripts/install-test-tools.sh (installs Azurite from npm)",
-            bin.display()
-        );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let bin = crate::tools::installed("azurite/node_modules/.bin/azurite-blob", "Azurite from npm");
+        let dir = crate::tools::tools_dir().join("azurite");
+        let port = crate::tools::free_port();
         let child = Command::new(bin)
             .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
             .args(["--inMemoryPersistence", "--disableTelemetry", "--skipApiVersionCheck", "--silent"])
@@ -50,11 +34,7 @@ impl AzuriteServer {
             .spawn()
             .expect("start azurite-blob");
         let server = Self { child, dir, endpoint: format!("http://127.0.0.1:{port}") };
-        let t0 = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(t0.elapsed() < Duration::from_secs(30), "Azurite did not start listening within 30 s");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        crate::tools::wait_listening(port, "Azurite");
         server
     }
 

@@ -9,7 +9,9 @@
 pub mod azure;
 mod faulty;
 pub mod s3;
+pub mod tools;
 pub use faulty::{FaultyStore, Requests};
+pub use tools::Rng;
 
 use cairn::{StateSpec, StreamingContext};
 use std::collections::BTreeMap;

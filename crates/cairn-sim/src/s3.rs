@@ -6,7 +6,6 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 /// A running moto server.
 pub struct S3Server {
@@ -16,26 +15,11 @@ pub struct S3Server {
     port: u16,
 }
 
-fn moto_binary() -> std::path::PathBuf {
-    let tools = std::env::var_os("CAIRN_TEST_TOOLS").map(std::path::PathBuf::from).unwrap_or_else(|| {
-        std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/cairn-test-tools")
-    });
-    tools.join("moto-venv/bin/moto_server")
-}
-
 impl S3Server {
     /// Starts a server; panics with instructions if moto is not installed.
     pub fn start() -> Self {
-        let bin = moto_binary();
-        assert!(
-            bin.exists(),
-            "{} is missing: run scripts/install-test-tools.sh (installs moto from PyPI)",
-            bin.display()
-        );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let bin = crate::tools::installed("moto-venv/bin/moto_server", "moto from PyPI");
+        let port = crate::tools::free_port();
         let child = Command::new(bin)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
@@ -43,14 +27,7 @@ impl S3Server {
             .spawn()
             .expect("start moto_server");
         let server = Self { child, endpoint: format!("http://127.0.0.1:{port}"), port };
-        let t0 = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "moto_server did not start listening within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        crate::tools::wait_listening(port, "moto_server");
         server
     }
 

@@ -2,7 +2,7 @@
 //! at seeded random moments and at every named failpoint, restarted each time, and its committed
 //! output and final state are compared with an independently computed answer.
 
-use cairn_sim::JobParams;
+use cairn_sim::{JobParams, Rng};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
@@ -90,17 +90,6 @@ fn check_output(d: &Dirs, p: &JobParams) {
     cairn_sim::check_final_state(&d.ckpt, p);
 }
 
-/// xorshift64*: a seeded sequence of kill delays, reproducible from the printed seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 #[test]
 fn survives_random_sigkills() {
     let kills: u64 = std::env::var("CAIRN_CRASH_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(25);
@@ -114,7 +103,7 @@ fn survives_random_sigkills() {
     let mut killed_running = 0;
     for i in 0..kills {
         let mut child = job_paced(&d, &p, 1 + i % 3, 1 + i % 3, None, 3).spawn().expect("spawn crash-job");
-        let delay = 20 + rng.next() % 400;
+        let delay = 20 + rng.next_u64() % 400;
         std::thread::sleep(Duration::from_millis(delay));
         match child.try_wait().expect("try_wait") {
             None => killed_running += 1,
@@ -162,7 +151,7 @@ fn survives_sigkills_on_a_faulty_store() {
     let mut rng = Rng(0x5eed);
     for i in 0..8 {
         let mut child = job_with(&d, &p, 1 + i % 2, 2, None, 3, true).spawn().expect("spawn crash-job");
-        std::thread::sleep(Duration::from_millis(150 + rng.next() % 300));
+        std::thread::sleep(Duration::from_millis(150 + rng.next_u64() % 300));
         if let Some(status) = child.try_wait().expect("try_wait") {
             assert!(status.success(), "crash-job failed on its own: {status}");
         }
