@@ -587,8 +587,10 @@ impl Runner {
                 wait_ms
             );
         }
-        if let Ok(json) = serde_json::to_string(&progress) {
-            tracing::info!(target: "cairn::progress", "{json}");
+        if tracing::enabled!(target: "cairn::progress", tracing::Level::INFO) {
+            if let Ok(json) = serde_json::to_string(&progress) {
+                tracing::info!(target: "cairn::progress", "{json}");
+            }
         }
         self.inner.listeners.each(|l| l.on_batch_completed(&progress));
         Ok(())
