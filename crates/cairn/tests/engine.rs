@@ -174,6 +174,8 @@ fn stateful_job(
         .checkpoint(dir)
         .batch_interval(SEC)
         .checkpoint_interval(SEC * ckpt_every)
+        // Deterministic checkpoint points (never deferred), so replay counts are exact.
+        .max_checkpoint_deferral(0)
         .parallelism(parallelism)
         .trigger(Trigger::AvailableNow)
         .stop_after_batches(stop_after)
@@ -455,11 +457,11 @@ fn objects_per_batch_and_per_checkpoint_are_constant() {
         summary.log_objects, 31,
         "one plan per batch (carrying the previous commit), one final commit"
     );
-    assert_eq!(summary.checkpoints, 30);
+    // A checkpoint is due every batch; under load some are deferred while writes are in flight.
+    assert!((20..=30).contains(&summary.checkpoints), "{summary:?}");
     assert!(
-        summary.checkpoint_objects <= 30 + 30 / 10 + 1,
-        "one object per checkpoint plus compactions: {}",
-        summary.checkpoint_objects
+        summary.checkpoint_objects <= summary.checkpoints + summary.checkpoints / 10 + 1,
+        "one object per checkpoint plus compactions: {summary:?}"
     );
     // Keeping 10 checkpoints keeps their chains: at most 10 + K(10) deltas and two snapshots.
     assert!(count("state") <= 10 + 10 + 2, "retention bounds state objects: {}", count("state"));
