@@ -152,7 +152,7 @@ mod tests {
         for k in (0u32..300_000).step_by(3) {
             if k % 2 == 0 {
                 delta.delete(&k.to_le_bytes());
-                model.remove(&k.to_le_bytes().to_vec());
+                model.remove(k.to_le_bytes().as_slice());
             } else {
                 delta.put(&k.to_le_bytes(), &[2]);
                 model.insert(k.to_le_bytes().to_vec(), vec![2]);
