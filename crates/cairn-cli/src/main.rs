@@ -59,6 +59,9 @@ struct DemoArgs {
     /// Append every batch's progress record as a JSON line to this file.
     #[arg(long)]
     progress_json: Option<std::path::PathBuf>,
+    /// One live status line, rewritten in place, instead of a line per batch.
+    #[arg(long)]
+    live: bool,
 }
 
 fn main() -> ExitCode {
@@ -133,13 +136,32 @@ fn demo(a: DemoArgs) -> cairn::Result<()> {
         return Ok(());
     }
     let ctx = StreamingContext::get_or_create(&a.checkpoint, |loc| build(&a, loc))?;
-    ctx.on_batch(|p| {
+    let live = a.live;
+    ctx.on_batch(move |p| {
+        let ckpt = p.checkpoint_ms + p.last_checkpoint_write_ms.unwrap_or(0.0);
+        if live {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = write!(
+                out,
+                "\r\x1b[2Kbatch {}  {:.0} records/s  processing {:.1} ms  checkpoint {:.1} ms  queue {}  state keys {}{}",
+                p.batch_id,
+                p.input_rows_per_s,
+                p.processing_ms,
+                ckpt,
+                p.checkpoint_queue_depth,
+                p.state_keys,
+                if p.replayed { "  (replaying)" } else { "" }
+            );
+            let _ = out.flush();
+            return;
+        }
         println!(
             "batch {:>6}  records {:>8}  processing {:>8.1} ms  checkpoint {:>7.1} ms  state keys {:>8}{}",
             p.batch_id,
             p.records,
             p.processing_ms,
-            p.checkpoint_ms + p.last_checkpoint_write_ms.unwrap_or(0.0),
+            ckpt,
             p.state_keys,
             if p.replayed { "  (replayed)" } else { "" }
         );
@@ -152,6 +174,9 @@ fn demo(a: DemoArgs) -> cairn::Result<()> {
         println!("web page: http://{addr}/  metrics: http://{addr}/metrics");
     }
     let summary = ctx.await_termination()?;
+    if live {
+        println!();
+    }
     eprintln!(
         "stopped: next batch {}, {} new and {} replayed batch(es) this run, {} checkpoint(s) written",
         summary.next_batch, summary.new_batches, summary.replayed_batches, summary.checkpoints
