@@ -62,3 +62,8 @@ pub use source::{Generator, Malformed, QueueHandle, Source, TextFiles};
 pub use state::StateData;
 pub use stateful::{OpName, State, StateSpec};
 pub use writer::WriterStats;
+
+/// The README's example is compiled as a doc test, so it cannot drift from the API.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
