@@ -2,6 +2,7 @@
 # Installs what the test suite needs beyond the Rust toolchain, once per machine (each step is
 # skipped when already present; nothing goes into the repository):
 # - Debian's headless Chromium, for the web page's end-to-end test;
+# - Debian's PostgreSQL server binaries, for the PostgreSQL sink tests (clusters are throwaway);
 # - moto (PyPI) in a virtualenv under ~/.cache/cairn-test-tools, the S3-compatible server the S3
 #   tests start on 127.0.0.1 (its conditional writes are atomic; telemetry: none);
 # - Azurite and the Azure SDK for JavaScript (npm) under ~/.cache/cairn-test-tools/azurite, the
@@ -15,6 +16,14 @@ if ! [ -x /usr/bin/chromium ] && ! [ -x /usr/bin/chromium-browser ]; then
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq || true
   $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  echo "== installing Debian's postgresql (one-time, for the PostgreSQL sink tests)"
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq || true
+  $SUDO apt-get install -y -qq postgresql >/dev/null
 fi
 if ! [ -x "$TOOLS/moto-venv/bin/moto_server" ]; then
   echo "== installing moto into $TOOLS/moto-venv (one-time, for the S3 tests)"

@@ -1,0 +1,200 @@
+//! Exactly-once output to PostgreSQL.
+//!
+//! Each batch is written in one transaction that also records the batch id in a progress table
+//! (`cairn_sink_progress`, one row per sink). Before writing, the transaction reads that row under
+//! a lock: a batch at or below the recorded id was committed by an earlier attempt (the job crashed
+//! after PostgreSQL committed but before cairn did) and is skipped. Batches are written in order,
+//! so "at or below" is exact.
+
+use cairn::{BatchInfo, DStream, Data};
+use postgres::types::ToSql;
+use postgres::{Client, NoTls};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Parameters of one row for the sink's statement (`$1`, `$2`, ... in order).
+pub type Row = Vec<Box<dyn ToSql + Sync + Send>>;
+
+type ToRow<T> = Arc<dyn Fn(&BatchInfo, &T) -> Row + Send + Sync>;
+
+/// Errors from the PostgreSQL sink.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The statement does not fit the table (a missing column, a wrong type...).
+    #[error("PostgreSQL sink {sink:?}: the statement does not fit the database: {message} (statement: {statement})")]
+    Schema { sink: String, statement: String, message: String },
+    /// The database could not be reached or kept failing; the batch was not committed.
+    #[error("PostgreSQL sink {sink:?}: batch {batch} failed after {attempts} attempt(s): {message}")]
+    Unavailable { sink: String, batch: u64, attempts: u32, message: String },
+}
+
+/// What writing a batch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The batch's rows were written and its id recorded.
+    Written { rows: u64 },
+    /// An earlier attempt committed this batch; nothing was written.
+    AlreadyCommitted,
+}
+
+/// Writes each batch's elements with one parameterised statement (an `INSERT`, or an upsert with
+/// `ON CONFLICT ... DO UPDATE`), exactly once per batch id.
+///
+/// ```no_run
+/// use cairn_connectors::postgres::PostgresSink;
+/// let ctx = cairn::StreamingContext::builder().checkpoint("ckpt").build().unwrap();
+/// let totals = ctx.generator("g", 1, 10, |_, o| (o as i64 % 5, 1i64)).unwrap()
+///     .update_state_by_key("totals", |_, v: Vec<i64>, old: Option<i64>| Some(old.unwrap_or(0) + v.len() as i64));
+/// PostgresSink::new(
+///     "host=127.0.0.1 user=postgres dbname=app",
+///     "totals",
+///     "INSERT INTO totals (key, total) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET total = EXCLUDED.total",
+///     |_, (k, t): &(i64, i64)| vec![Box::new(*k), Box::new(*t)],
+/// )
+/// .attach(&totals);
+/// ```
+pub struct PostgresSink<T> {
+    name: String,
+    conn: String,
+    statement: String,
+    to_row: ToRow<T>,
+    client: Mutex<Option<Client>>,
+    attempts: u32,
+}
+
+const PROGRESS_DDL: &str = "CREATE TABLE IF NOT EXISTS cairn_sink_progress (\
+    sink TEXT PRIMARY KEY, batch_id BIGINT NOT NULL, committed_at TIMESTAMPTZ NOT NULL DEFAULT now())";
+
+impl<T: Data> PostgresSink<T> {
+    /// A sink named `name` (its id in the progress table; keep it stable across restarts)
+    /// connecting with `conn` (a libpq-style string) and writing each element with `statement`,
+    /// whose parameters `to_row` gives.
+    pub fn new(
+        conn: impl Into<String>,
+        name: impl Into<String>,
+        statement: impl Into<String>,
+        to_row: impl Fn(&BatchInfo, &T) -> Row + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            conn: conn.into(),
+            statement: statement.into(),
+            to_row: Arc::new(to_row),
+            client: Mutex::new(None),
+            attempts: 4,
+        }
+    }
+
+    /// Attempts per batch when the connection fails (default 4, with backoff).
+    pub fn attempts(mut self, n: u32) -> Self {
+        self.attempts = n.max(1);
+        self
+    }
+
+    /// Makes the sink the output of `stream`: every batch is written (or skipped as already
+    /// committed) before cairn commits the batch.
+    pub fn attach(self, stream: &DStream<T>) {
+        stream.foreach_batch(move |info, rows| self.write_batch(info, &rows).map(|_| ()).map_err(Into::into));
+    }
+
+    /// Writes one batch, retrying (with a new connection) when the database connection fails.
+    pub fn write_batch(&self, info: &BatchInfo, rows: &[T]) -> Result<Outcome, Error> {
+        let mut guard = self.client.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = String::new();
+        for attempt in 1..=self.attempts {
+            if guard.as_ref().is_none_or(|c| c.is_closed()) {
+                match Client::connect(&self.conn, NoTls) {
+                    Ok(mut c) => match c.batch_execute(PROGRESS_DDL) {
+                        Ok(()) => *guard = Some(c),
+                        Err(e) => last = e.to_string(),
+                    },
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            if let Some(client) = guard.as_mut() {
+                match self.transaction(client, info, rows) {
+                    Ok(o) => return Ok(o),
+                    Err(e) if is_schema_error(&e) => {
+                        return Err(Error::Schema {
+                            sink: self.name.clone(),
+                            statement: self.statement.clone(),
+                            message: e
+                                .as_db_error()
+                                .map_or_else(|| e.to_string(), |d| d.message().to_string()),
+                        })
+                    }
+                    Err(e) => {
+                        last = e.to_string();
+                        *guard = None; // reconnect: the connection may be broken
+                    }
+                }
+            }
+            tracing::warn!(
+                "PostgreSQL sink {:?}: batch {} attempt {attempt} failed: {last}",
+                self.name,
+                info.batch_id
+            );
+            std::thread::sleep(Duration::from_millis(100 << attempt.min(6)));
+        }
+        Err(Error::Unavailable {
+            sink: self.name.clone(),
+            batch: info.batch_id,
+            attempts: self.attempts,
+            message: last,
+        })
+    }
+
+    fn transaction(
+        &self,
+        client: &mut Client,
+        info: &BatchInfo,
+        rows: &[T],
+    ) -> Result<Outcome, postgres::Error> {
+        let mut tx = client.transaction()?;
+        // Create the sink's progress row if missing, then lock it for this transaction.
+        tx.execute(
+            "INSERT INTO cairn_sink_progress (sink, batch_id) VALUES ($1, -1) ON CONFLICT (sink) DO NOTHING",
+            &[&self.name],
+        )?;
+        let done: i64 = tx
+            .query_one("SELECT batch_id FROM cairn_sink_progress WHERE sink = $1 FOR UPDATE", &[&self.name])?
+            .get(0);
+        let batch = info.batch_id as i64;
+        if done >= batch {
+            tx.rollback()?;
+            tracing::info!("PostgreSQL sink {:?}: batch {batch} was already committed; skipping", self.name);
+            return Ok(Outcome::AlreadyCommitted);
+        }
+        let stmt = tx.prepare(&self.statement)?;
+        for r in rows {
+            let params = (self.to_row)(info, r);
+            let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect();
+            tx.execute(&stmt, &refs)?;
+        }
+        tx.execute(
+            "UPDATE cairn_sink_progress SET batch_id = $2, committed_at = now() WHERE sink = $1",
+            &[&self.name, &batch],
+        )?;
+        tx.commit()?;
+        Ok(Outcome::Written { rows: rows.len() as u64 })
+    }
+}
+
+/// Errors a retry cannot fix: the statement does not match the table.
+fn is_schema_error(e: &postgres::Error) -> bool {
+    use postgres::error::SqlState;
+    e.code().is_some_and(|c| {
+        [
+            SqlState::UNDEFINED_TABLE,
+            SqlState::UNDEFINED_COLUMN,
+            SqlState::DATATYPE_MISMATCH,
+            SqlState::SYNTAX_ERROR,
+            SqlState::INVALID_TEXT_REPRESENTATION,
+            SqlState::UNDEFINED_FUNCTION,
+            SqlState::WRONG_OBJECT_TYPE,
+            SqlState::INVALID_COLUMN_REFERENCE,
+        ]
+        .contains(c)
+    }) || e.to_string().contains("error serializing parameter")
+}
