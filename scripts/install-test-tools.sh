@@ -5,6 +5,7 @@
 # - Debian's PostgreSQL server binaries, for the PostgreSQL sink tests (clusters are throwaway);
 # - moto (PyPI) in a virtualenv under ~/.cache/cairn-test-tools, the S3-compatible server the S3
 #   tests start on 127.0.0.1 (its conditional writes are atomic; telemetry: none);
+# - nisshi, the Kafka-protocol broker from ../shared/tools (checksum verified);
 # - Azurite and the Azure SDK for JavaScript (npm) under ~/.cache/cairn-test-tools/azurite, the
 #   Azure Blob emulator (started with --disableTelemetry).
 set -euo pipefail
@@ -36,4 +37,14 @@ if ! [ -x "$TOOLS/azurite/node_modules/.bin/azurite-blob" ] || ! [ -d "$TOOLS/az
   mkdir -p "$TOOLS/azurite"
   (cd "$TOOLS/azurite" && { [ -f package.json ] || npm init -y >/dev/null; } \
     && npm install --no-audit --no-fund --silent azurite@3 @azure/storage-blob@12)
+fi
+if ! [ -x "$TOOLS/nisshi" ]; then
+  # The Kafka-protocol broker prebuilt in ../shared/tools (see its README for the checksums and
+  # the build command to use if the file is missing).
+  SRC="$(cd "$(dirname "$0")/.." && pwd)/../shared/tools/nisshi-0.7.0-x86_64-linux.zst"
+  echo "== unpacking nisshi into $TOOLS (one-time, for the Kafka tests)"
+  mkdir -p "$TOOLS"
+  zstd -q -d -f "$SRC" -o "$TOOLS/nisshi.tmp"
+  echo "8788d6b32420720ece50351056d00ebf00335a8d31c5456591efa0d08f4135c3  $TOOLS/nisshi.tmp" | sha256sum -c --quiet
+  chmod +x "$TOOLS/nisshi.tmp" && mv "$TOOLS/nisshi.tmp" "$TOOLS/nisshi"
 fi

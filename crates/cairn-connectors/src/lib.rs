@@ -2,7 +2,10 @@
 //!
 //! - [`postgres::PostgresSink`]: rows and the batch id in one PostgreSQL transaction, so a batch
 //!   replayed after a crash is never written twice.
+//! - [`kafka::KafkaSource`]: a direct stream whose per-partition offset ranges are planned before
+//!   each batch and kept in the checkpoint.
 //!
-//! Kafka (a direct stream source and a transactional sink) is not built yet.
+//! The transactional Kafka sink is not built yet.
 
+pub mod kafka;
 pub mod postgres;

@@ -8,6 +8,7 @@
 
 pub mod azure;
 mod faulty;
+pub mod kafka;
 pub mod postgres;
 pub mod s3;
 pub mod tools;

@@ -1,0 +1,191 @@
+//! A Kafka direct stream source: every batch's offset range per partition is planned (and logged
+//! by cairn) before the batch runs, and the next offsets live in the checkpoint, so a restart
+//! resumes at exactly the next record whatever the consumer group says.
+
+use cairn::source::{Positions, Source};
+use cairn::{OffsetRange, UserError};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Where a partition starts when the checkpoint has no position for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartFrom {
+    /// The oldest record still on the broker.
+    Earliest,
+    /// Only records produced from now on.
+    Latest,
+    /// Explicit offsets per partition (others start at the earliest).
+    Offsets(BTreeMap<i32, i64>),
+}
+
+/// One Kafka record, with everything the broker keeps about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub timestamp_ms: Option<i64>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Reads one topic. Build with [`KafkaSource::new`], add it with `StreamingContext::source`.
+pub struct KafkaSource {
+    brokers: String,
+    topic: String,
+    start: StartFrom,
+    max_per_partition: u64,
+    skip_lost: bool,
+    timeout: Duration,
+    metadata: Mutex<BaseConsumer>,
+    readers: Mutex<HashMap<i32, BaseConsumer>>,
+}
+
+fn consumer(brokers: &str) -> Result<BaseConsumer, UserError> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "cairn-direct")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("broker.address.family", "v4")
+        .create()?)
+}
+
+impl KafkaSource {
+    /// Reads `topic` from `brokers`, at most `max_per_partition` records per partition per batch.
+    pub fn new(
+        brokers: &str,
+        topic: &str,
+        start: StartFrom,
+        max_per_partition: u64,
+    ) -> Result<Self, UserError> {
+        Ok(Self {
+            brokers: brokers.to_string(),
+            topic: topic.to_string(),
+            start,
+            max_per_partition: max_per_partition.max(1),
+            skip_lost: false,
+            timeout: Duration::from_secs(30),
+            metadata: Mutex::new(consumer(brokers)?),
+            readers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// When the broker no longer has records the checkpoint says are next (retention deleted
+    /// them), skip to the oldest available and log how many were lost, instead of failing.
+    pub fn skip_lost_records(mut self, yes: bool) -> Self {
+        self.skip_lost = yes;
+        self
+    }
+
+    fn key(&self, p: i32) -> String {
+        format!("{}-{p}", self.topic)
+    }
+
+    fn partition_of(&self, key: &str) -> Result<i32, UserError> {
+        key.strip_prefix(&format!("{}-", self.topic))
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| format!("{key:?} is not a partition of topic {}", self.topic).into())
+    }
+}
+
+impl Source for KafkaSource {
+    type Item = KafkaRecord;
+
+    fn plan(&self, positions: &Positions) -> Result<Vec<OffsetRange>, UserError> {
+        let md = self.metadata.lock().unwrap_or_else(|e| e.into_inner());
+        let meta = md.fetch_metadata(Some(&self.topic), self.timeout)?;
+        let topic = meta
+            .topics()
+            .iter()
+            .find(|t| t.name() == self.topic)
+            .ok_or_else(|| format!("topic {} not found on {}", self.topic, self.brokers))?;
+        let mut out = Vec::new();
+        // New partitions are picked up at every plan.
+        for p in topic.partitions() {
+            let id = p.id();
+            let (low, high) = md.fetch_watermarks(&self.topic, id, self.timeout)?;
+            let key = self.key(id);
+            let mut start = match positions.get(&key) {
+                Some(&next) => next as i64,
+                None => match &self.start {
+                    StartFrom::Earliest => low,
+                    StartFrom::Latest => high,
+                    StartFrom::Offsets(m) => m.get(&id).copied().unwrap_or(low),
+                },
+            };
+            if start < low {
+                let lost = low - start;
+                if !self.skip_lost {
+                    return Err(format!(
+                        "partition {key}: offsets {start}..{low} were deleted by the broker's retention ({lost} records lost); \
+                         use skip_lost_records(true) to go on from offset {low}"
+                    )
+                    .into());
+                }
+                tracing::warn!(
+                    "partition {key}: skipping {lost} records deleted by retention ({start}..{low})"
+                );
+                start = low;
+            }
+            let end = high.min(start + self.max_per_partition as i64);
+            if end > start {
+                out.push(OffsetRange { partition: key, start: start as u64, end: end as u64 });
+            }
+        }
+        Ok(out)
+    }
+
+    fn read(&self, range: &OffsetRange) -> Result<Vec<KafkaRecord>, UserError> {
+        let p = self.partition_of(&range.partition)?;
+        let mut readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        let c = match readers.entry(p) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(consumer(&self.brokers)?),
+        };
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.topic, p, Offset::Offset(range.start as i64))?;
+        c.assign(&tpl)?;
+        let mut out = Vec::with_capacity((range.end - range.start) as usize);
+        let deadline = Instant::now() + self.timeout;
+        let mut next = range.start as i64;
+        while next < range.end as i64 {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "partition {}: read only up to offset {next} of [{}, {}) within {:?}",
+                    range.partition, range.start, range.end, self.timeout
+                )
+                .into());
+            }
+            let Some(m) = c.poll(Duration::from_millis(200)) else { continue };
+            let m = m.map_err(|e| format!("partition {} at offset {next}: {e}", range.partition))?;
+            if m.offset() < next || m.offset() >= range.end as i64 {
+                continue;
+            }
+            next = m.offset() + 1;
+            out.push(KafkaRecord {
+                topic: m.topic().to_string(),
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                value: m.payload().map(<[u8]>::to_vec),
+                timestamp_ms: m.timestamp().to_millis(),
+                headers: m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|x| (x.key.to_string(), x.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            });
+        }
+        Ok(out)
+    }
+}

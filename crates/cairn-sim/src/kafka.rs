@@ -1,0 +1,42 @@
+//! A Kafka-protocol broker for tests: nisshi 0.7.0 (`../shared/tools`, unpacked and checked once by
+//! `scripts/install-test-tools.sh` into `~/.cache/cairn-test-tools/nisshi`), with SQLite storage in
+//! a temporary directory, listening on 127.0.0.1 on a free port; killed and deleted on drop.
+
+use std::process::{Child, Command, Stdio};
+
+/// A running broker.
+pub struct KafkaBroker {
+    child: Child,
+    dir: std::path::PathBuf,
+    /// `127.0.0.1:PORT`
+    pub bootstrap: String,
+}
+
+impl KafkaBroker {
+    /// Starts the broker; panics with instructions if nisshi is not installed.
+    pub fn start() -> Self {
+        let bin = crate::tools::installed("nisshi", "the nisshi broker from ../shared/tools");
+        let port = crate::tools::free_port();
+        let dir = std::env::temp_dir().join(format!("cairn-nisshi-{port}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("broker directory");
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(bin)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "sqlite://nisshi.db", "--group-initial-rebalance-delay", "0s"])
+            .current_dir(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nisshi");
+        crate::tools::wait_listening(port, "nisshi");
+        Self { child, dir, bootstrap: format!("127.0.0.1:{port}") }
+    }
+}
+
+impl Drop for KafkaBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
