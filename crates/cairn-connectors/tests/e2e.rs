@@ -1,0 +1,115 @@
+//! End to end, exactly once: Kafka → state → PostgreSQL and Kafka, the job process killed with
+//! SIGKILL at seeded random moments and restarted; the table and the output topic are then
+//! compared with what the input implies.
+
+use cairn::source::Source;
+use cairn_connectors::kafka::{KafkaSource, StartFrom};
+use cairn_sim::kafka::KafkaBroker;
+use cairn_sim::postgres::PgServer;
+use cairn_sim::Rng;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const MAX: u64 = 5;
+const RECORDS: u32 = 450;
+
+fn topics(broker: &KafkaBroker) {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &broker.bootstrap).set("broker.address.family", "v4");
+    let admin: AdminClient<DefaultClientContext> = cfg.create().unwrap();
+    let t = [
+        NewTopic::new("in", 3, TopicReplication::Fixed(1)),
+        NewTopic::new("out", 1, TopicReplication::Fixed(1)),
+    ];
+    let r = futures::executor::block_on(admin.create_topics(&t, &AdminOptions::new())).unwrap();
+    assert!(r.iter().all(|x| x.is_ok()), "{r:?}");
+}
+
+/// Every partition's records in offset order: (partition, key).
+fn input(brokers: &str) -> BTreeMap<i32, Vec<String>> {
+    let src = KafkaSource::new(brokers, "in", StartFrom::Earliest, 1_000_000).unwrap();
+    let mut out = BTreeMap::new();
+    for r in src.plan(&Default::default()).unwrap() {
+        for rec in src.read(&r).unwrap() {
+            out.entry(rec.partition)
+                .or_insert_with(Vec::new)
+                .push(String::from_utf8(rec.key.unwrap()).unwrap());
+        }
+    }
+    out
+}
+
+/// Batch b takes offsets [b*MAX, (b+1)*MAX) of every partition: the output lines per batch and
+/// the final totals.
+fn expected(input: &BTreeMap<i32, Vec<String>>) -> (Vec<String>, BTreeMap<String, i64>) {
+    let mut totals = BTreeMap::new();
+    let mut lines = Vec::new();
+    let longest = input.values().map(Vec::len).max().unwrap_or(0) as u64;
+    for b in 0..longest.div_ceil(MAX) {
+        let mut touched = std::collections::BTreeSet::new();
+        for keys in input.values() {
+            for k in keys.iter().skip((b * MAX) as usize).take(MAX as usize) {
+                *totals.entry(k.clone()).or_insert(0i64) += 1;
+                touched.insert(k.clone());
+            }
+        }
+        lines.extend(touched.iter().map(|k| format!("{b}:{k}:{}", totals[k])));
+    }
+    lines.sort();
+    (lines, totals)
+}
+
+#[test]
+fn kafka_to_postgres_and_kafka_survive_sigkills_exactly() {
+    let broker = KafkaBroker::start();
+    let pg = PgServer::start();
+    topics(&broker);
+    let exe = env!("CARGO_BIN_EXE_kafka_to_postgres");
+    let status =
+        Command::new(exe).args(["produce", &broker.bootstrap, "in", &RECORDS.to_string()]).status().unwrap();
+    assert!(status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let job = |available_now: bool| {
+        let mut c = Command::new(exe);
+        c.args([&broker.bootstrap, "in", "out", &pg.conn(), ckpt.to_str().unwrap(), &MAX.to_string()]);
+        if available_now {
+            c.arg("--available-now");
+        }
+        c.stdout(Stdio::null()).stderr(Stdio::null());
+        c
+    };
+    let kills: u64 = std::env::var("CAIRN_E2E_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let mut rng = Rng(0xe2e);
+    let mut landed = 0;
+    for _ in 0..kills {
+        let mut child = job(false).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(250 + rng.next_u64() % 500));
+        if child.try_wait().unwrap().is_none() {
+            landed += 1;
+        }
+        child.kill().ok(); // SIGKILL
+        child.wait().unwrap();
+    }
+    assert!(landed >= kills * 8 / 10, "the kills must land while the job runs ({landed} of {kills})");
+    let status = job(true).status().unwrap();
+    assert!(status.success(), "final run: {status}");
+
+    let (lines, totals) = expected(&input(&broker.bootstrap));
+    let mut c = postgres::Client::connect(&pg.conn(), postgres::NoTls).unwrap();
+    let got: BTreeMap<String, i64> =
+        c.query("SELECT key, total FROM totals", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(got, totals, "PostgreSQL table");
+    let src = KafkaSource::new(&broker.bootstrap, "out", StartFrom::Earliest, 1_000_000).unwrap();
+    let mut out = Vec::new();
+    for r in src.plan(&Default::default()).unwrap() {
+        out.extend(src.read(&r).unwrap().into_iter().map(|r| String::from_utf8(r.value.unwrap()).unwrap()));
+    }
+    out.sort();
+    assert_eq!(out.len(), lines.len(), "output topic: every batch's records exactly once");
+    assert!(out == lines, "output topic content");
+}
