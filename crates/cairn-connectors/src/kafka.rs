@@ -45,6 +45,38 @@ pub struct KafkaSource {
     timeout: Duration,
     metadata: Mutex<BaseConsumer>,
     readers: Mutex<HashMap<i32, BaseConsumer>>,
+    /// Next offset per partition after the ranges read so far (for consumer-group commits).
+    read_upto: Arc<Mutex<BTreeMap<i32, i64>>>,
+}
+
+/// Commits a source's read offsets to a consumer group after every completed batch, so the usual
+/// lag tools see the job's progress. Recovery never reads them: the checkpoint is the truth.
+pub struct GroupCommitter {
+    topic: String,
+    read_upto: Arc<Mutex<BTreeMap<i32, i64>>>,
+    consumer: BaseConsumer,
+}
+
+impl cairn::StreamingListener for GroupCommitter {
+    fn on_batch_completed(&self, p: &cairn::BatchProgress) {
+        let upto = self.read_upto.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if upto.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (part, next) in upto {
+            if let Err(e) = tpl.add_partition_offset(&self.topic, part, Offset::Offset(next)) {
+                tracing::warn!("consumer-group commit after batch {}: {e}", p.batch_id);
+                return;
+            }
+        }
+        if let Err(e) = self.consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync) {
+            tracing::warn!(
+                "consumer-group commit after batch {} failed (progress is unaffected): {e}",
+                p.batch_id
+            );
+        }
+    }
 }
 
 fn consumer(brokers: &str) -> Result<BaseConsumer, UserError> {
@@ -74,7 +106,20 @@ impl KafkaSource {
             timeout: Duration::from_secs(30),
             metadata: Mutex::new(consumer(brokers)?),
             readers: Mutex::new(HashMap::new()),
+            read_upto: Arc::new(Mutex::new(BTreeMap::new())),
         })
+    }
+
+    /// A listener that commits what this source read to the consumer group `group` after every
+    /// completed batch (register it with `StreamingContext::add_listener`).
+    pub fn group_committer(&self, group: &str) -> Result<GroupCommitter, UserError> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("broker.address.family", "v4")
+            .create()?;
+        Ok(GroupCommitter { topic: self.topic.clone(), read_upto: self.read_upto.clone(), consumer })
     }
 
     /// When the broker no longer has records the checkpoint says are next (retention deleted
@@ -201,6 +246,9 @@ impl Source for KafkaSource {
                     .unwrap_or_default(),
             });
         }
+        let mut upto = self.read_upto.lock().unwrap_or_else(|e| e.into_inner());
+        let e = upto.entry(p).or_insert(0);
+        *e = (*e).max(range.end as i64);
         Ok(out)
     }
 }

@@ -47,6 +47,7 @@ fn job(dir: &str, brokers: &str, batches: Option<u64>) -> (StreamingContext, Col
     }
     let ctx = b.build().unwrap();
     let source = KafkaSource::new(brokers, TOPIC, StartFrom::Earliest, 25).unwrap();
+    ctx.add_listener(std::sync::Arc::new(source.group_committer("lag-check").unwrap()));
     let records = ctx.source("kafka", source).unwrap();
     let counts = records
         .map(|r| {
@@ -82,6 +83,21 @@ fn direct_stream_reads_every_record_exactly_once_across_restarts() {
     let want: BTreeMap<String, u64> =
         (0..7).map(|k| (format!("k{k}"), (0..300).filter(|i| i % 7 == k).count() as u64)).collect();
     assert_eq!(last, want, "every record counted exactly once");
+    // The consumer group follows the job (for lag tools): every partition read to its end.
+    let c: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .set("group.id", "lag-check")
+        .set("broker.address.family", "v4")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..3 {
+        tpl.add_partition(TOPIC, p);
+    }
+    use rdkafka::consumer::Consumer;
+    let committed = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    let offsets: Vec<_> = committed.elements().iter().map(|e| e.offset()).collect();
+    assert_eq!(offsets, vec![rdkafka::Offset::Offset(100); 3], "group offsets");
     // The plans say 25 records per partition per batch.
     let store = cairn::checkpoint::CheckpointStore::open(loc).unwrap();
     let plan = store.read_plan(cairn::checkpoint::BatchId(3)).unwrap();
