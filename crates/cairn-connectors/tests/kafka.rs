@@ -142,3 +142,42 @@ fn transactional_sink_writes_each_batch_exactly_once() {
         "every batch exactly once"
     );
 }
+
+/// Aborted transactions must be invisible to read_committed consumers. nisshi does not implement
+/// that, so this runs only against a real Apache Kafka given in CAIRN_KAFKA_BOOTSTRAP.
+#[test]
+#[ignore = "needs a real Apache Kafka: set CAIRN_KAFKA_BOOTSTRAP=host:port and run with --ignored"]
+fn aborted_batches_are_invisible_to_read_committed_consumers() {
+    let brokers = std::env::var("CAIRN_KAFKA_BOOTSTRAP").expect("CAIRN_KAFKA_BOOTSTRAP=host:port");
+    let topic = format!("cairn-abort-{}", std::process::id());
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &brokers).set("broker.address.family", "v4");
+    let admin: AdminClient<DefaultClientContext> = cfg.create().unwrap();
+    let t = NewTopic::new(&topic, 1, TopicReplication::Fixed(1));
+    futures::executor::block_on(admin.create_topics([&t], &AdminOptions::new())).unwrap();
+    let producer: BaseProducer =
+        cfg.clone().set("transactional.id", format!("cairn-abort-{}", std::process::id())).create().unwrap();
+    producer.init_transactions(Duration::from_secs(30)).unwrap();
+    producer.begin_transaction().unwrap();
+    producer.send(BaseRecord::<(), str>::to(&topic).payload("aborted")).unwrap();
+    producer.flush(Duration::from_secs(30)).unwrap();
+    producer.abort_transaction(Duration::from_secs(30)).unwrap();
+    let sink =
+        KafkaSink::new(&brokers, "abort-check", &topic, |_, v: &u32| (None, v.to_string().into_bytes()));
+    sink.write_batch(&cairn::BatchInfo { batch_id: 0, batch_time_ms: 0 }, &[7]).unwrap();
+    let c: rdkafka::consumer::BaseConsumer =
+        cfg.set("group.id", "abort-check").set("isolation.level", "read_committed").create().unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, rdkafka::Offset::Beginning).unwrap();
+    use rdkafka::consumer::Consumer;
+    use rdkafka::Message;
+    c.assign(&tpl).unwrap();
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline && seen.is_empty() {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            seen.push(String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned());
+        }
+    }
+    assert_eq!(seen, vec!["7"], "only the committed batch is visible");
+}
