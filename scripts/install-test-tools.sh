@@ -10,21 +10,19 @@
 #   Azure Blob emulator (started with --disableTelemetry).
 set -euo pipefail
 TOOLS="${CAIRN_TEST_TOOLS:-$HOME/.cache/cairn-test-tools}"
-if ! [ -x /usr/bin/chromium ] && ! [ -x /usr/bin/chromium-browser ]; then
-  echo "== installing Debian's chromium (one-time, for the web page test)"
-  SUDO=""
-  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+apt_install() { # package, why
+  echo "== installing Debian's $1 (one-time, $2)"
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
   export DEBIAN_FRONTEND=noninteractive
-  $SUDO apt-get update -qq || true
-  $SUDO apt-get install -y -qq chromium >/dev/null
+  $sudo apt-get update -qq || true
+  $sudo apt-get install -y -qq "$1" >/dev/null
+}
+if ! [ -x /usr/bin/chromium ] && ! [ -x /usr/bin/chromium-browser ]; then
+  apt_install chromium "for the web page test"
 fi
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
-  echo "== installing Debian's postgresql (one-time, for the PostgreSQL sink tests)"
-  SUDO=""
-  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-  export DEBIAN_FRONTEND=noninteractive
-  $SUDO apt-get update -qq || true
-  $SUDO apt-get install -y -qq postgresql >/dev/null
+  apt_install postgresql "for the PostgreSQL sink tests"
 fi
 if ! [ -x "$TOOLS/moto-venv/bin/moto_server" ]; then
   echo "== installing moto into $TOOLS/moto-venv (one-time, for the S3 tests)"

@@ -93,35 +93,21 @@ pub fn open_store(location: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
             "s3" | "s3a" => {
                 // Credentials, region and endpoint come from the usual AWS_* variables
                 // (AWS_ENDPOINT and AWS_ALLOW_HTTP=true for a local S3-compatible server).
-                let url = url::Url::parse(location).map_err(|e| invalid(e.to_string()))?;
-                let store = object_store::aws::AmazonS3Builder::from_env()
-                    .with_url(location)
-                    .build()
-                    .map_err(|e| invalid(format!("cannot configure S3: {e}")))?;
-                let root = Path::from(url.path().trim_matches('/'));
-                return Ok((Arc::new(store), root));
+                let store = object_store::aws::AmazonS3Builder::from_env().with_url(location).build();
+                return cloud(location, "S3", store);
             }
             "az" | "abfs" | "abfss" | "azure" | "adl" => {
                 // Account, key or token from the usual AZURE_* variables (AZURE_STORAGE_USE_EMULATOR
                 // and AZURITE_BLOB_STORAGE_URL for a local Azurite).
-                let url = url::Url::parse(location).map_err(|e| invalid(e.to_string()))?;
-                let store = object_store::azure::MicrosoftAzureBuilder::from_env()
-                    .with_url(location)
-                    .build()
-                    .map_err(|e| invalid(format!("cannot configure Azure Blob storage: {e}")))?;
-                let root = Path::from(url.path().trim_matches('/'));
-                return Ok((Arc::new(store), root));
+                let store = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(location).build();
+                return cloud(location, "Azure Blob storage", store);
             }
             "gs" => {
                 // Service account from GOOGLE_SERVICE_ACCOUNT (a key file path) or
                 // GOOGLE_SERVICE_ACCOUNT_KEY (its JSON), as object_store reads them.
-                let url = url::Url::parse(location).map_err(|e| invalid(e.to_string()))?;
-                let store = object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                    .with_url(location)
-                    .build()
-                    .map_err(|e| invalid(format!("cannot configure Google Cloud Storage: {e}")))?;
-                let root = Path::from(url.path().trim_matches('/'));
-                return Ok((Arc::new(store), root));
+                let store =
+                    object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(location).build();
+                return cloud(location, "Google Cloud Storage", store);
             }
             #[cfg(feature = "hdfs")]
             "hdfs" | "viewfs" => {
@@ -152,6 +138,18 @@ pub fn open_store(location: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
     let fs =
         object_store::local::LocalFileSystem::new_with_prefix(&dir).map_err(|e| invalid(e.to_string()))?;
     Ok((Arc::new(fs), Path::from("")))
+}
+
+/// A cloud store built from a URL: the URL's path is the root prefix.
+fn cloud<S: ObjectStore>(
+    location: &str,
+    what: &str,
+    built: object_store::Result<S>,
+) -> Result<(Arc<dyn ObjectStore>, Path)> {
+    let invalid = |reason: String| Error::InvalidLocation { location: location.to_string(), reason };
+    let url = url::Url::parse(location).map_err(|e| invalid(e.to_string()))?;
+    let store = built.map_err(|e| invalid(format!("cannot configure {what}: {e}")))?;
+    Ok((Arc::new(store), Path::from(url.path().trim_matches('/'))))
 }
 
 fn runtime() -> Arc<tokio::runtime::Runtime> {
