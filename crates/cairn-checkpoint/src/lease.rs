@@ -222,7 +222,18 @@ impl Lease {
 }
 
 impl Drop for Lease {
+    /// A lease dropped without `release` (a context prepared but never run, a panicked
+    /// scheduler) gives the location back too, if this process still holds it.
     fn drop(&mut self) {
+        if self.heartbeat.is_none() {
+            return; // released already
+        }
         self.stop_heartbeat();
+        if let Ok(Some(r)) = self.store.read_lease() {
+            if r.owner == self.owner {
+                let path = self.store.paths().path(ObjectName::Lease);
+                let _ = self.store.block_on(self.store.object_store().delete(&path));
+            }
+        }
     }
 }

@@ -59,6 +59,9 @@ pub(crate) struct Prepared {
     last_batch_time_ms: Option<i64>,
     warnings: Vec<String>,
     graph_desc: GraphDescription,
+    /// The restored state holds tables no current operator took (dropped or removed state): the
+    /// next checkpoint is a full one, so those tables leave the chain instead of coming back.
+    force_full: bool,
 }
 
 fn source_table_id(source: &str) -> String {
@@ -154,6 +157,7 @@ pub(crate) fn prepare(inner: &Inner) -> Result<Prepared> {
             last_batch_time_ms: None,
             warnings: Vec::new(),
             graph_desc,
+            force_full: false,
         });
     };
     let store = match &cfg.store {
@@ -229,7 +233,9 @@ fn restore(
     let dropped = check_compatible(stored_graph, &graph_desc, &cfg.drop_state)?;
 
     let mut last_checkpoint = None;
+    let mut force_full = false;
     if let Some(state) = &recovered.state {
+        let mut taken = std::collections::HashSet::new();
         let t0 = Instant::now();
         let ops: Vec<Arc<dyn StatefulOp>> = inner.graph.lock().stateful.clone();
         for op in &ops {
@@ -240,10 +246,12 @@ fn restore(
             let prefix = format!("{name}/");
             let tables: Vec<&TableData> =
                 state.tables.iter().filter(|t| t.id == name || t.id.starts_with(&prefix)).collect();
+            taken.extend(tables.iter().map(|t| t.id.clone()));
             op.restore(&tables)?;
         }
         for (source, pos) in positions.iter_mut() {
             let Some(t) = state.tables.iter().find(|t| t.id == source_table_id(source)) else { continue };
+            taken.insert(t.id.clone());
             for entry in t.reader() {
                 let (k, v) = entry.map_err(Error::Checkpoint)?;
                 if let Some(v) = v {
@@ -253,6 +261,7 @@ fn restore(
             }
         }
         last_checkpoint = Some(state.batch_id);
+        force_full = state.tables.iter().any(|t| !taken.contains(&t.id));
         tracing::info!(
             "restored state after batch {} from {} object(s) in {:.0} ms (+{} ms reading)",
             state.batch_id,
@@ -276,6 +285,7 @@ fn restore(
         last_batch_time_ms,
         warnings: recovered.warnings,
         graph_desc,
+        force_full,
     })
 }
 
@@ -599,7 +609,7 @@ impl Runner {
     /// Cuts a checkpoint of the state after `batch` and queues it; returns ms spent waiting for
     /// room in the queue, and the checkpoint's uncompressed size.
     fn checkpoint(&mut self, batch: BatchId) -> Result<(f64, u64)> {
-        let full = self.p.last_checkpoint.is_none();
+        let full = self.p.last_checkpoint.is_none() || std::mem::take(&mut self.p.force_full);
         let mut tables = Vec::new();
         for op in &self.ops {
             let t = op.snapshot(full)?;
@@ -626,8 +636,8 @@ impl Runner {
             tables.push(w.finish(source_table_id(source)));
         }
         let kind = match self.p.last_checkpoint {
-            None => CheckpointKind::Full,
-            Some(parent) => CheckpointKind::Delta { parent },
+            Some(parent) if !full => CheckpointKind::Delta { parent },
+            _ => CheckpointKind::Full,
         };
         let ckpt = StateCheckpoint {
             batch_id: batch,
