@@ -133,6 +133,34 @@ impl<T: Data> DStream<T> {
         self.map_partitions(move |p| p.into_iter().map(&f).collect())
     }
 
+    /// Applies `f` to each element; an error fails the batch (nothing of it is committed, and the
+    /// job stops with the error, which names the batch). After a restart the batch replays with
+    /// the same input, so fix the input or the function first. For input that may be malformed
+    /// and should not stop the job, route failures to a second stream with `flat_map` instead.
+    ///
+    /// ```
+    /// # use cairn::StreamingContext;
+    /// let ctx = StreamingContext::builder().build().unwrap();
+    /// let (q, lines) = ctx.queue_stream::<String>("in").unwrap();
+    /// let numbers = lines.try_map(|l| l.parse::<i64>().map_err(|e| format!("{l:?}: {e}").into()));
+    /// let _out = cairn::testing::collect(&numbers);
+    /// q.push(vec!["1".into(), "x".into()]);
+    /// let err = ctx.run_available().unwrap_err().to_string();
+    /// assert!(err.contains("batch 0") && err.contains("\"x\""), "{err}");
+    /// ```
+    pub fn try_map<U: Data>(
+        &self,
+        f: impl Fn(T) -> std::result::Result<U, UserError> + Send + Sync + 'static,
+    ) -> DStream<U> {
+        self.derive(move |parts, ctx| {
+            parts
+                .into_par_iter()
+                .map(|p| p.into_iter().map(&f).collect::<std::result::Result<Vec<U>, UserError>>())
+                .collect::<std::result::Result<Partitions<U>, UserError>>()
+                .map_err(|e| Error::User(format!("batch {}: {e}", ctx.info.batch_id)))
+        })
+    }
+
     /// Keeps the elements for which `f` is true.
     pub fn filter(&self, f: impl Fn(&T) -> bool + Send + Sync + 'static) -> DStream<T> {
         self.map_partitions(move |mut p| {

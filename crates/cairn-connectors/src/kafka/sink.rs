@@ -1,0 +1,206 @@
+//! The transactional Kafka sink: each batch in one transaction that also records the batch id,
+//! so a batch replayed after a crash is never written twice.
+
+use super::decode::DeadLetter;
+use cairn::UserError;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::{Offset, TopicPartitionList};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// One record for the sink to write.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutRecord {
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// What writing a batch to Kafka did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkOutcome {
+    /// The batch's records were written in one committed transaction.
+    Written { records: u64 },
+    /// An earlier attempt committed this batch; nothing was written.
+    AlreadyCommitted,
+}
+
+type ToKafka<T> = Arc<dyn Fn(&cairn::BatchInfo, &T) -> OutRecord + Send + Sync>;
+
+/// Writes each batch to a topic in one Kafka transaction, exactly once per batch id.
+///
+/// The transactional id is stable per sink (`cairn-<name>`), so a restarted or duplicate
+/// instance fences the old one. With the batch's records, the transaction commits the offset
+/// `batch id + 1` for the consumer group `cairn-sink-<name>` on partition 0 of the output topic:
+/// the sink reads it back before each batch, and a batch at or below it (committed to Kafka just
+/// before a crash, replayed by cairn) is skipped — so no batch is ever written twice, even on a
+/// broker that does not hide aborted records from `read_committed` consumers.
+pub struct KafkaSink<T> {
+    name: String,
+    brokers: String,
+    topic: String,
+    to_record: ToKafka<T>,
+    timeout: Duration,
+    state: Mutex<Option<(rdkafka::producer::BaseProducer, BaseConsumer)>>,
+}
+
+impl<T: cairn::Data> KafkaSink<T> {
+    /// A sink named `name` (stable across restarts) writing to `topic` with `to_record` giving
+    /// each element's key and value.
+    pub fn new(
+        brokers: &str,
+        name: &str,
+        topic: &str,
+        to_record: impl Fn(&cairn::BatchInfo, &T) -> (Option<Vec<u8>>, Vec<u8>) + Send + Sync + 'static,
+    ) -> Self {
+        Self::with_headers(brokers, name, topic, move |b, x| {
+            let (key, value) = to_record(b, x);
+            OutRecord { key, value, headers: Vec::new() }
+        })
+    }
+
+    /// Like [`new`](Self::new), with `to_record` also giving each record's headers.
+    pub fn with_headers(
+        brokers: &str,
+        name: &str,
+        topic: &str,
+        to_record: impl Fn(&cairn::BatchInfo, &T) -> OutRecord + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            name: name.to_string(),
+            brokers: brokers.to_string(),
+            topic: topic.to_string(),
+            to_record: Arc::new(to_record),
+            timeout: Duration::from_secs(30),
+            state: Mutex::new(None),
+        }
+    }
+
+    /// Makes the sink an output of `stream`.
+    pub fn attach(self, stream: &cairn::DStream<T>) {
+        stream.foreach_batch(move |info, rows| self.write_batch(info, &rows).map(|_| ()));
+    }
+
+    fn group(&self) -> String {
+        format!("cairn-sink-{}", self.name)
+    }
+
+    fn connect(&self) -> Result<(rdkafka::producer::BaseProducer, BaseConsumer), UserError> {
+        use rdkafka::producer::Producer;
+        let producer: rdkafka::producer::BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("transactional.id", format!("cairn-{}", self.name))
+            .set("enable.idempotence", "true")
+            .set("broker.address.family", "v4")
+            .create()?;
+        producer
+            .init_transactions(self.timeout)
+            .map_err(|e| format!("Kafka sink {:?}: cannot init transactions: {e}", self.name))?;
+        let marker: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", self.group())
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("broker.address.family", "v4")
+            .create()?;
+        Ok((producer, marker))
+    }
+
+    /// Writes one batch in one transaction, or skips it if an earlier attempt committed it.
+    pub fn write_batch(&self, info: &cairn::BatchInfo, rows: &[T]) -> Result<SinkOutcome, UserError> {
+        use rdkafka::producer::{BaseRecord, Producer};
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.is_none() {
+            *state = Some(self.connect()?);
+        }
+        let (producer, marker) = state.as_ref().expect("connected above");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.topic, 0);
+        let committed = marker.committed_offsets(tpl, self.timeout)?;
+        let done = committed
+            .elements()
+            .first()
+            .and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            })
+            .unwrap_or(0);
+        if done > info.batch_id as i64 {
+            tracing::info!(
+                "Kafka sink {:?}: batch {} was already committed; skipping",
+                self.name,
+                info.batch_id
+            );
+            return Ok(SinkOutcome::AlreadyCommitted);
+        }
+        let fail = |e: rdkafka::error::KafkaError| -> UserError {
+            format!("Kafka sink {:?}: batch {}: {e}", self.name, info.batch_id).into()
+        };
+        producer.begin_transaction().map_err(fail)?;
+        let result = (|| {
+            for r in rows {
+                let out = (self.to_record)(info, r);
+                let mut rec = BaseRecord::<Vec<u8>, Vec<u8>>::to(&self.topic).payload(&out.value);
+                if let Some(k) = out.key.as_ref() {
+                    rec = rec.key(k);
+                }
+                if !out.headers.is_empty() {
+                    let mut h = OwnedHeaders::new_with_capacity(out.headers.len());
+                    for (k, v) in &out.headers {
+                        h = h.insert(Header { key: k, value: Some(v) });
+                    }
+                    rec = rec.headers(h);
+                }
+                let mut rec = Some(rec);
+                while let Some(r) = rec.take() {
+                    if let Err((e, back)) = producer.send(r) {
+                        if matches!(e.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::QueueFull))
+                        {
+                            producer.poll(Duration::from_millis(10));
+                            rec = Some(back);
+                        } else {
+                            return Err(e);
+                        }
+                    }
+                }
+                producer.poll(Duration::ZERO);
+            }
+            producer.flush(self.timeout)?;
+            let mut marker_tpl = TopicPartitionList::new();
+            marker_tpl.add_partition_offset(&self.topic, 0, Offset::Offset(info.batch_id as i64 + 1))?;
+            let cgm = marker.group_metadata().ok_or(rdkafka::error::KafkaError::ClientCreation(
+                "no consumer group metadata for the sink".into(),
+            ))?;
+            producer.send_offsets_to_transaction(&marker_tpl, &cgm, self.timeout)?;
+            producer.commit_transaction(self.timeout)
+        })();
+        match result {
+            Ok(()) => Ok(SinkOutcome::Written { records: rows.len() as u64 }),
+            Err(e) => {
+                let _ = producer.abort_transaction(self.timeout);
+                *state = None; // start afresh (a fenced producer cannot be reused)
+                Err(fail(e))
+            }
+        }
+    }
+}
+
+impl KafkaSink<DeadLetter> {
+    /// A dead-letter sink: each rejected record is written to `topic` with its original key,
+    /// value and headers, plus the headers `cairn.error`, `cairn.topic`, `cairn.partition` and
+    /// `cairn.offset` saying why it was rejected and where it came from. Exactly once per batch,
+    /// like any Kafka sink.
+    pub fn dead_letters(brokers: &str, name: &str, topic: &str) -> Self {
+        Self::with_headers(brokers, name, topic, |_, d: &DeadLetter| {
+            let r = &d.record;
+            let mut headers = r.headers.clone();
+            headers.push(("cairn.error".into(), d.error.clone().into_bytes()));
+            headers.push(("cairn.topic".into(), r.topic.clone().into_bytes()));
+            headers.push(("cairn.partition".into(), r.partition.to_string().into_bytes()));
+            headers.push(("cairn.offset".into(), r.offset.to_string().into_bytes()));
+            OutRecord { key: r.key.clone(), value: r.value.clone().unwrap_or_default(), headers }
+        })
+    }
+}
