@@ -9,6 +9,7 @@
 pub mod azure;
 mod faulty;
 pub mod kafka;
+pub mod kafka_log;
 pub mod postgres;
 pub mod s3;
 pub mod tools;
