@@ -1,10 +1,12 @@
 //! Exactly-once output to PostgreSQL.
 //!
 //! Each batch is written in one transaction that also records the batch id in a progress table
-//! (`cairn_sink_progress`, one row per sink). Before writing, the transaction reads that row under
-//! a lock: a batch at or below the recorded id was committed by an earlier attempt (the job crashed
-//! after PostgreSQL committed but before cairn did) and is skipped. Batches are written in order,
-//! so "at or below" is exact.
+//! (`cairn_sink_progress`, one row per sink and job). Before writing, the transaction reads that
+//! row under a lock: a batch at or below the recorded id was committed by an earlier attempt (the
+//! job crashed after PostgreSQL committed but before cairn did) and is skipped. Batches are written
+//! in order, so "at or below" is exact. The job id is part of the key because a job started on a
+//! new checkpoint location numbers its batches from 0 again: keyed by sink name alone, its output
+//! would be skipped as "already written" by the old job.
 
 use cairn::{BatchInfo, DStream, Data};
 use postgres::types::ToSql;
@@ -64,7 +66,8 @@ pub struct PostgresSink<T> {
 }
 
 const PROGRESS_DDL: &str = "CREATE TABLE IF NOT EXISTS cairn_sink_progress (\
-    sink TEXT PRIMARY KEY, batch_id BIGINT NOT NULL, committed_at TIMESTAMPTZ NOT NULL DEFAULT now())";
+    sink TEXT NOT NULL, job_id TEXT NOT NULL, batch_id BIGINT NOT NULL, \
+    committed_at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (sink, job_id))";
 
 impl<T: Data> PostgresSink<T> {
     /// A sink named `name` (its id in the progress table; keep it stable across restarts)
@@ -152,13 +155,33 @@ impl<T: Data> PostgresSink<T> {
         rows: &[T],
     ) -> Result<Outcome, postgres::Error> {
         let mut tx = client.transaction()?;
-        // Create the sink's progress row if missing, then lock it for this transaction.
-        tx.execute(
-            "INSERT INTO cairn_sink_progress (sink, batch_id) VALUES ($1, -1) ON CONFLICT (sink) DO NOTHING",
-            &[&self.name],
+        let job = &*info.job_id;
+        // Create the progress row of this sink and job if missing, then lock it.
+        let created = tx.execute(
+            "INSERT INTO cairn_sink_progress (sink, job_id, batch_id) VALUES ($1, $2, -1) \
+             ON CONFLICT (sink, job_id) DO NOTHING",
+            &[&self.name, &job],
         )?;
+        if created == 1 {
+            let others = tx.query(
+                "SELECT job_id, batch_id FROM cairn_sink_progress WHERE sink = $1 AND job_id <> $2",
+                &[&self.name, &job],
+            )?;
+            for r in &others {
+                let (other, batch): (String, i64) = (r.get(0), r.get(1));
+                tracing::warn!(
+                    "PostgreSQL sink {:?}: job {job} writes its output from batch {} on; job {other} \
+                     (an earlier checkpoint location?) wrote up to batch {batch} with this sink name",
+                    self.name,
+                    info.batch_id
+                );
+            }
+        }
         let done: i64 = tx
-            .query_one("SELECT batch_id FROM cairn_sink_progress WHERE sink = $1 FOR UPDATE", &[&self.name])?
+            .query_one(
+                "SELECT batch_id FROM cairn_sink_progress WHERE sink = $1 AND job_id = $2 FOR UPDATE",
+                &[&self.name, &job],
+            )?
             .get(0);
         let batch = info.batch_id as i64;
         if done >= batch {
@@ -173,8 +196,8 @@ impl<T: Data> PostgresSink<T> {
             tx.execute(&stmt, &refs)?;
         }
         tx.execute(
-            "UPDATE cairn_sink_progress SET batch_id = $2, committed_at = now() WHERE sink = $1",
-            &[&self.name, &batch],
+            "UPDATE cairn_sink_progress SET batch_id = $3, committed_at = now() WHERE sink = $1 AND job_id = $2",
+            &[&self.name, &job, &batch],
         )?;
         tx.commit()?;
         Ok(Outcome::Written { rows: rows.len() as u64 })

@@ -125,7 +125,7 @@ fn transactional_sink_writes_each_batch_exactly_once() {
     let sink = KafkaSink::new(&broker.bootstrap, "totals", "out", |b: &cairn::BatchInfo, v: &u32| {
         (None, format!("{}:{v}", b.batch_id).into_bytes())
     });
-    let info = |b| cairn::BatchInfo { batch_id: b, batch_time_ms: 0 };
+    let info = |b| cairn::BatchInfo::new("test-job", b, 0);
     assert_eq!(sink.write_batch(&info(0), &[1, 2]).unwrap(), SinkOutcome::Written { records: 2 });
     assert_eq!(sink.write_batch(&info(1), &[3]).unwrap(), SinkOutcome::Written { records: 1 });
     // A replay of batch 1 (Kafka committed it, cairn did not): skipped.
@@ -136,10 +136,13 @@ fn transactional_sink_writes_each_batch_exactly_once() {
     });
     assert_eq!(restarted.write_batch(&info(1), &[3]).unwrap(), SinkOutcome::AlreadyCommitted);
     assert_eq!(restarted.write_batch(&info(2), &[4, 5]).unwrap(), SinkOutcome::Written { records: 2 });
+    // Another job (a new checkpoint location) numbers its batches from 0 again: written.
+    let other = cairn::BatchInfo::new("other-job", 0, 0);
+    assert_eq!(restarted.write_batch(&other, &[9]).unwrap(), SinkOutcome::Written { records: 1 });
     assert_eq!(
         read_topic(&broker.bootstrap, "out"),
-        vec!["0:1", "0:2", "1:3", "2:4", "2:5"],
-        "every batch exactly once"
+        vec!["0:1", "0:2", "0:9", "1:3", "2:4", "2:5"],
+        "every batch of each job exactly once"
     );
 }
 
@@ -164,7 +167,7 @@ fn aborted_batches_are_invisible_to_read_committed_consumers() {
     producer.abort_transaction(Duration::from_secs(30)).unwrap();
     let sink =
         KafkaSink::new(&brokers, "abort-check", &topic, |_, v: &u32| (None, v.to_string().into_bytes()));
-    sink.write_batch(&cairn::BatchInfo { batch_id: 0, batch_time_ms: 0 }, &[7]).unwrap();
+    sink.write_batch(&cairn::BatchInfo::new("test-job", 0, 0), &[7]).unwrap();
     let c: rdkafka::consumer::BaseConsumer =
         cfg.set("group.id", "abort-check").set("isolation.level", "read_committed").create().unwrap();
     let mut tpl = rdkafka::TopicPartitionList::new();

@@ -84,6 +84,10 @@ fn schema(conn: &str) {
     .unwrap();
 }
 
+fn c_exec(conn: &str, sql: &str) {
+    postgres::Client::connect(conn, postgres::NoTls).unwrap().batch_execute(sql).unwrap();
+}
+
 fn check(conn: &str) {
     let mut c = postgres::Client::connect(conn, postgres::NoTls).unwrap();
     let got: BTreeMap<i64, i64> =
@@ -92,9 +96,14 @@ fn check(conn: &str) {
     assert_eq!(got, want, "totals table");
     let n: i64 = c.query_one("SELECT count(*) FROM updates", &[]).unwrap().get(0);
     assert_eq!(n as usize, updates, "every update appended exactly once");
-    let progress: i64 =
-        c.query_one("SELECT batch_id FROM cairn_sink_progress WHERE sink = 'updates'", &[]).unwrap().get(0);
-    assert_eq!(progress, BATCHES as i64 - 1);
+    // Every job that used the sink got to its last batch.
+    let progress: Vec<i64> = c
+        .query("SELECT batch_id FROM cairn_sink_progress WHERE sink = 'updates'", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!progress.is_empty() && progress.iter().all(|b| *b == BATCHES as i64 - 1), "{progress:?}");
 }
 
 #[test]
@@ -111,6 +120,13 @@ fn postgres_sink_is_exactly_once() {
     assert!(err.to_string().contains("simulated crash"), "{err}");
     let summary = job(loc, &conn, None).run_available().unwrap();
     assert!(summary.replayed_batches >= 1, "batch 5 is replayed: {summary:?}");
+    check(&conn);
+
+    // A new job (a new checkpoint location) on the same tables and sink names numbers its
+    // batches from 0 again: its output is written, not skipped as the old job's.
+    c_exec(&conn, "TRUNCATE totals, updates");
+    let fresh = tempfile::tempdir().unwrap();
+    job(fresh.path().to_str().unwrap(), &conn, None).run_available().unwrap();
     check(&conn);
 
     // The connection dies between batches: the sink reconnects and the batch is retried.
@@ -135,7 +151,7 @@ fn postgres_sink_is_exactly_once() {
         "INSERT INTO totals (key, nope) VALUES ($1, $2)",
         |_, (k, t): &(i64, i64)| vec![Box::new(*k), Box::new(*t)],
     );
-    let err = sink.write_batch(&cairn::BatchInfo { batch_id: 0, batch_time_ms: 0 }, &[(1, 1)]).unwrap_err();
+    let err = sink.write_batch(&cairn::BatchInfo::new("test-job", 0, 0), &[(1, 1)]).unwrap_err();
     assert!(matches!(err, Error::Schema { .. }), "{err}");
     assert!(err.to_string().contains("\"bad\"") && err.to_string().contains("nope"), "{err}");
     // And an unreachable database is reported after the retries, not silently skipped.
@@ -146,6 +162,6 @@ fn postgres_sink_is_exactly_once() {
         |_, _: &(i64, i64)| vec![],
     )
     .attempts(2);
-    let err = dead.write_batch(&cairn::BatchInfo { batch_id: 0, batch_time_ms: 0 }, &[(1, 1)]).unwrap_err();
+    let err = dead.write_batch(&cairn::BatchInfo::new("test-job", 0, 0), &[(1, 1)]).unwrap_err();
     assert!(matches!(err, Error::Unavailable { attempts: 2, .. }), "{err}");
 }

@@ -13,12 +13,32 @@ use std::sync::{Arc, Mutex};
 pub type Partitions<T> = Vec<Vec<T>>;
 
 /// Identity of a batch, handed to user functions and sinks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// A sink that deduplicates on `batch_id` must key its progress by `job_id` too: a job started
+/// afresh on a new checkpoint location numbers its batches from 0 again, and must not find its
+/// output "already written" by another job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BatchInfo {
+    /// The job's id, fixed when its checkpoint location was created (`<app name>-<hex time>`);
+    /// without a checkpoint location, new at every start.
+    pub job_id: Arc<str>,
     /// 0, 1, 2, ...; a replayed batch keeps its id, so sinks can deduplicate on it.
     pub batch_id: u64,
     /// The batch's logical time in milliseconds since the Unix epoch (on the batch-interval grid).
     pub batch_time_ms: i64,
+}
+
+impl BatchInfo {
+    /// A batch's identity, for calling a sink directly (tests, tools).
+    ///
+    /// ```
+    /// let b = cairn::BatchInfo::new("clicks-18c2", 7, 0);
+    /// assert_eq!((&*b.job_id, b.batch_id), ("clicks-18c2", 7));
+    /// ```
+    pub fn new(job_id: &str, batch_id: u64, batch_time_ms: i64) -> Self {
+        Self { job_id: job_id.into(), batch_id, batch_time_ms }
+    }
 }
 
 /// Everything a node needs to compute its part of a batch.

@@ -59,6 +59,8 @@ pub(crate) struct Prepared {
     last_batch_time_ms: Option<i64>,
     warnings: Vec<String>,
     graph_desc: GraphDescription,
+    /// Handed to sinks with every batch (see `BatchInfo::job_id`).
+    job_id: Arc<str>,
     /// The restored state holds tables no current operator took (dropped or removed state): the
     /// next checkpoint is a full one, so those tables leave the chain instead of coming back.
     force_full: bool,
@@ -157,6 +159,7 @@ pub(crate) fn prepare(inner: &Inner) -> Result<Prepared> {
             last_batch_time_ms: None,
             warnings: Vec::new(),
             graph_desc,
+            job_id: format!("{}-{now:x}", cfg.app_name).into(),
             force_full: false,
         });
     };
@@ -285,6 +288,7 @@ fn restore(
         last_batch_time_ms,
         warnings: recovered.warnings,
         graph_desc,
+        job_id: metadata.job_id.as_str().into(),
         force_full,
     })
 }
@@ -495,9 +499,13 @@ impl Runner {
     }
 
     fn run_batch(&mut self, plan: &BatchPlan, replayed: bool, committed: bool, plan_ms: f64) -> Result<()> {
-        let info = BatchInfo { batch_id: plan.batch_id.0, batch_time_ms: plan.batch_time_ms };
+        let info = BatchInfo {
+            job_id: self.p.job_id.clone(),
+            batch_id: plan.batch_id.0,
+            batch_time_ms: plan.batch_time_ms,
+        };
         let ctx = BatchCtx {
-            info,
+            info: info.clone(),
             plan,
             parallelism: self.inner.graph.parallelism,
             start_time_ms: self.p.start_time_ms,

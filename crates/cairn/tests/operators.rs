@@ -274,7 +274,7 @@ fn foreach_batch_gets_consecutive_ids_and_times_on_the_interval_grid() {
     let tinfo = Arc::new(Mutex::new(Vec::new()));
     let t2 = tinfo.clone();
     s.transform(move |info, p| {
-        t2.lock().unwrap().push(*info);
+        t2.lock().unwrap().push(info.clone());
         p
     })
     .foreach_batch(|_, _| Ok(()));

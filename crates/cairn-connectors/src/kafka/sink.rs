@@ -31,9 +31,10 @@ type ToKafka<T> = Arc<dyn Fn(&cairn::BatchInfo, &T) -> OutRecord + Send + Sync>;
 
 /// Writes each batch to a topic in one Kafka transaction, exactly once per batch id.
 ///
-/// The transactional id is stable per sink (`cairn-<name>`), so a restarted or duplicate
-/// instance fences the old one. With the batch's records, the transaction commits the offset
-/// `batch id + 1` for the consumer group `cairn-sink-<name>` on partition 0 of the output topic:
+/// The transactional id is stable per job and sink (`cairn-<job id>-<name>`, the job id being
+/// fixed by the checkpoint location), so a restarted or duplicate instance of the job fences the
+/// old one. With the batch's records, the transaction commits the offset `batch id + 1` for the
+/// consumer group `cairn-sink-<job id>-<name>` on partition 0 of the output topic:
 /// the sink reads it back before each batch, and a batch at or below it (committed to Kafka just
 /// before a crash, replayed by cairn) is skipped — so no batch is ever written twice, even on a
 /// broker that does not hide aborted records from `read_committed` consumers.
@@ -43,7 +44,14 @@ pub struct KafkaSink<T> {
     topic: String,
     to_record: ToKafka<T>,
     timeout: Duration,
-    state: Mutex<Option<(rdkafka::producer::BaseProducer, BaseConsumer)>>,
+    state: Mutex<Option<Connected>>,
+}
+
+/// A sink's clients, for one job.
+struct Connected {
+    job_id: Arc<str>,
+    producer: rdkafka::producer::BaseProducer,
+    marker: BaseConsumer,
 }
 
 impl<T: cairn::Data> KafkaSink<T> {
@@ -83,15 +91,11 @@ impl<T: cairn::Data> KafkaSink<T> {
         stream.foreach_batch(move |info, rows| self.write_batch(info, &rows).map(|_| ()));
     }
 
-    fn group(&self) -> String {
-        format!("cairn-sink-{}", self.name)
-    }
-
-    fn connect(&self) -> Result<(rdkafka::producer::BaseProducer, BaseConsumer), UserError> {
+    fn connect(&self, job_id: &Arc<str>) -> Result<Connected, UserError> {
         use rdkafka::producer::Producer;
         let producer: rdkafka::producer::BaseProducer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
-            .set("transactional.id", format!("cairn-{}", self.name))
+            .set("transactional.id", format!("cairn-{job_id}-{}", self.name))
             .set("enable.idempotence", "true")
             .set("broker.address.family", "v4")
             .create()?;
@@ -100,22 +104,22 @@ impl<T: cairn::Data> KafkaSink<T> {
             .map_err(|e| format!("Kafka sink {:?}: cannot init transactions: {e}", self.name))?;
         let marker: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
-            .set("group.id", self.group())
+            .set("group.id", format!("cairn-sink-{job_id}-{}", self.name))
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed")
             .set("broker.address.family", "v4")
             .create()?;
-        Ok((producer, marker))
+        Ok(Connected { job_id: job_id.clone(), producer, marker })
     }
 
     /// Writes one batch in one transaction, or skips it if an earlier attempt committed it.
     pub fn write_batch(&self, info: &cairn::BatchInfo, rows: &[T]) -> Result<SinkOutcome, UserError> {
         use rdkafka::producer::{BaseRecord, Producer};
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if state.is_none() {
-            *state = Some(self.connect()?);
+        if state.as_ref().is_none_or(|c| c.job_id != info.job_id) {
+            *state = Some(self.connect(&info.job_id)?);
         }
-        let (producer, marker) = state.as_ref().expect("connected above");
+        let Connected { producer, marker, .. } = state.as_ref().expect("connected above");
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.topic, 0);
         let committed = marker.committed_offsets(tpl, self.timeout)?;

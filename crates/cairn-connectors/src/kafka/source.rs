@@ -320,9 +320,7 @@ impl KafkaSource {
         let mut out = Vec::new();
         for t in meta.topics().iter().filter(|t| self.topics.matches(t.name())) {
             if let Some(e) = t.error() {
-                return Err(
-                    format!("topic {}: {:?}", t.name(), e).into()
-                );
+                return Err(format!("topic {}: {:?}", t.name(), e).into());
             }
             out.extend(t.partitions().iter().map(|p| (t.name().to_string(), p.id())));
         }
