@@ -18,24 +18,33 @@ use std::time::Duration;
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("produce") {
-        return produce(&args[1], &args[2], args[3].parse().expect("N"));
+        return match (args.get(1), args.get(2), args.get(3).map(|n| n.parse::<u32>())) {
+            (Some(b), Some(t), Some(Ok(n))) => produce(b, t, n),
+            _ => usage("produce takes BROKERS TOPIC N (N a whole number)"),
+        };
     }
     let available_now = args.last().map(String::as_str) == Some("--available-now");
     if available_now {
         args.pop();
     }
-    if args.len() < 5 {
-        eprintln!("usage: kafka_to_postgres BROKERS TOPIC OUT_TOPIC POSTGRES_CONN CHECKPOINT [MAX_PER_PARTITION] [--available-now]");
-        std::process::exit(2);
+    if !(5..=6).contains(&args.len()) {
+        usage("expected 5 or 6 arguments");
     }
     let (brokers, topic, out_topic, pg, ckpt) = (&args[0], &args[1], &args[2], &args[3], &args[4]);
-    let max: u64 = args.get(5).and_then(|m| m.parse().ok()).unwrap_or(1000);
+    let max: u64 = match args.get(5).map(|m| m.parse()) {
+        None => 1000,
+        Some(Ok(m)) if m > 0 => m,
+        Some(_) => usage("MAX_PER_PARTITION must be a whole number above 0"),
+    };
     let mut c = postgres::Client::connect(pg, postgres::NoTls).unwrap_or_else(|e| {
         eprintln!("cannot connect to PostgreSQL: {e}");
         std::process::exit(1)
     });
     c.batch_execute("CREATE TABLE IF NOT EXISTS totals (key TEXT PRIMARY KEY, total BIGINT NOT NULL)")
-        .expect("create table");
+        .unwrap_or_else(|e| {
+            eprintln!("cannot create the totals table: {e}");
+            std::process::exit(1)
+        });
     let result = StreamingContext::get_or_create(ckpt, |loc| {
         let ctx = StreamingContext::builder()
             .app_name("kafka-to-postgres")
@@ -70,12 +79,22 @@ fn main() {
     }
 }
 
+fn usage(problem: &str) -> ! {
+    eprintln!("kafka_to_postgres: {problem}");
+    eprintln!("usage: kafka_to_postgres BROKERS TOPIC OUT_TOPIC POSTGRES_CONN CHECKPOINT [MAX_PER_PARTITION] [--available-now]");
+    eprintln!("       kafka_to_postgres produce BROKERS TOPIC N");
+    std::process::exit(2)
+}
+
 fn produce(brokers: &str, topic: &str, n: u32) {
     let p: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("broker.address.family", "v4")
         .create()
-        .expect("producer");
+        .unwrap_or_else(|e| {
+            eprintln!("cannot create a producer for {brokers}: {e}");
+            std::process::exit(1)
+        });
     for i in 0..n {
         let key = format!("user-{}", i % 17);
         let value = i.to_string();
@@ -85,5 +104,8 @@ fn produce(brokers: &str, topic: &str, n: u32) {
         }
         p.poll(Duration::ZERO);
     }
-    p.flush(Duration::from_secs(30)).expect("flush");
+    if let Err(e) = p.flush(Duration::from_secs(30)) {
+        eprintln!("records not acknowledged by {brokers} within 30 s: {e}");
+        std::process::exit(1);
+    }
 }
