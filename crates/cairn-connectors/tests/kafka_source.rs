@@ -41,14 +41,19 @@ fn numbers(prefix: &str, range: std::ops::Range<u32>) -> Vec<String> {
     range.map(|i| format!("{prefix}{i}")).collect()
 }
 
+/// A context checkpointing to `dir` that runs until the input is drained (or `batches` exist).
+fn context(dir: &str, batches: Option<u64>) -> StreamingContext {
+    let mut b =
+        StreamingContext::builder().checkpoint(dir).trigger(Trigger::AvailableNow).max_checkpoint_deferral(0);
+    if let Some(n) = batches {
+        b = b.stop_after_batches(n);
+    }
+    b.build().unwrap()
+}
+
 /// Runs a job over `source` until the input is drained; returns every value it saw per topic.
 fn drain(dir: &str, source: KafkaSource) -> cairn::Result<BTreeMap<String, Vec<String>>> {
-    let ctx = StreamingContext::builder()
-        .checkpoint(dir)
-        .trigger(Trigger::AvailableNow)
-        .max_checkpoint_deferral(0)
-        .build()
-        .unwrap();
+    let ctx = context(dir, None);
     let records = ctx.source("kafka", source)?;
     let seen = cairn::testing::collect(
         &records.map(|r: KafkaRecord| (r.topic, String::from_utf8(r.value.unwrap_or_default()).unwrap())),
@@ -180,12 +185,7 @@ fn deleted_offsets_stop_the_job_unless_skipping_is_asked_for() {
     let dir = tempfile::tempdir().unwrap();
     let loc = dir.path().to_str().unwrap();
     // Read 20 of 40, then let "retention" delete everything below offset 30.
-    let ctx = StreamingContext::builder()
-        .checkpoint(loc)
-        .trigger(Trigger::AvailableNow)
-        .stop_after_batches(2)
-        .build()
-        .unwrap();
+    let ctx = context(loc, Some(2));
     let records = ctx
         .source("kafka", KafkaSource::new(&broker.bootstrap, "r", StartFrom::Earliest, 10).unwrap())
         .unwrap();
@@ -228,12 +228,7 @@ fn records_that_do_not_decode_fail_the_batch_or_go_to_a_dead_letter_topic() {
         Ok(std::str::from_utf8(r.value.as_deref().unwrap_or_default())?.parse::<u64>()?)
     };
     let job = |dir: &str, dead_letters: bool| {
-        let ctx = StreamingContext::builder()
-            .checkpoint(dir)
-            .trigger(Trigger::AvailableNow)
-            .max_checkpoint_deferral(0)
-            .build()
-            .unwrap();
+        let ctx = context(dir, None);
         let records = ctx
             .source("kafka", KafkaSource::new(&broker.bootstrap, "nums", StartFrom::Earliest, 5).unwrap())
             .unwrap();
