@@ -119,7 +119,8 @@ pub struct KafkaSource {
     timeout: Duration,
     config: Vec<(String, String)>,
     metadata: Mutex<BaseConsumer>,
-    readers: Mutex<HashMap<Tp, BaseConsumer>>,
+    /// One consumer per partition, each behind its own lock so partitions are read in parallel.
+    readers: Mutex<HashMap<Tp, Arc<Mutex<BaseConsumer>>>>,
     /// Next offset per partition after the ranges read so far (for consumer-group commits).
     read_upto: Arc<Mutex<BTreeMap<Tp, i64>>>,
 }
@@ -378,13 +379,16 @@ impl Source for KafkaSource {
         if range.end == range.start {
             return Ok(Vec::new());
         }
-        let mut readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
-        let c = match readers.entry((topic.clone(), p)) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(client(&self.brokers, "cairn-direct", &self.config)?)
+        let reader = {
+            let mut readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+            match readers.entry((topic.clone(), p)) {
+                std::collections::hash_map::Entry::Occupied(e) => e.get().clone(),
+                std::collections::hash_map::Entry::Vacant(e) => e
+                    .insert(Arc::new(Mutex::new(client(&self.brokers, "cairn-direct", &self.config)?)))
+                    .clone(),
             }
         };
+        let c = reader.lock().unwrap_or_else(|e| e.into_inner());
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&topic, p, Offset::Offset(range.start as i64))?;
         c.assign(&tpl)?;
