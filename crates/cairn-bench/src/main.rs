@@ -4,6 +4,10 @@
 //! batch, the engine without state checkpoints, a hand-written single-threaded floor, recovery
 //! after SIGKILL with a large state, and the engine on a checkpoint store that delays every state
 //! write. It prints a table and, as its last line, one JSON object.
+//!
+//! `cairn-bench kafka`: Kafka through a stateful job into each sink (see `kafka.rs`).
+
+mod kafka;
 
 use cairn::checkpoint::object_store::{local::LocalFileSystem, path::Path as ObjPath};
 use cairn::checkpoint::CheckpointStore;
@@ -28,6 +32,8 @@ struct Cli {
 enum Cmd {
     /// Keyed running aggregate: per key count and sum over everything seen.
     Kra(KraArgs),
+    /// Kafka -> per-key running totals -> no sink / PostgreSQL / Kafka, a checkpoint every batch.
+    Kafka(kafka::KafkaArgs),
     /// (internal) one KRA job process, driven by the recovery measurement.
     #[command(hide = true)]
     KraWorker { input: PathBuf, checkpoint: PathBuf },
@@ -70,6 +76,7 @@ fn main() -> ExitCode {
         .init();
     let r = match Cli::parse().command {
         Cmd::Kra(a) => kra(a),
+        Cmd::Kafka(a) => kafka::kafka(a),
         Cmd::KraWorker { input, checkpoint } => worker(&input, &checkpoint),
     };
     match r {
