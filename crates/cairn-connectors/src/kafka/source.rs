@@ -334,6 +334,21 @@ impl KafkaSource {
         Ok(out)
     }
 
+    /// A consumer for reading one partition's ranges: it prefetches about one range (not
+    /// librdkafka's default of 100 000 messages), does not hold fetches open for long since it
+    /// only asks for records that exist, and does not back off for a second when its small queue
+    /// is full (librdkafka's `fetch.queue.backoff.ms` advice for low queue thresholds). Measured
+    /// on nisshi: 4.9k records/s with the defaults, at the plain-consumer floor with these.
+    fn reader(&self) -> Result<BaseConsumer, UserError> {
+        let mut cfg = vec![
+            ("queued.min.messages".to_string(), self.max_per_partition.clamp(1_000, 100_000).to_string()),
+            ("fetch.wait.max.ms".to_string(), "5".to_string()),
+            ("fetch.queue.backoff.ms".to_string(), "5".to_string()),
+        ];
+        cfg.extend(self.config.iter().cloned());
+        client(&self.brokers, "cairn-direct", &cfg)
+    }
+
     fn initial(&self, topic: &str, partition: i32, w: Watermarks) -> i64 {
         match &self.start {
             StartFrom::Earliest => w.low,
@@ -383,64 +398,73 @@ impl Source for KafkaSource {
             let mut readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
             match readers.entry((topic.clone(), p)) {
                 std::collections::hash_map::Entry::Occupied(e) => e.get().clone(),
-                std::collections::hash_map::Entry::Vacant(e) => e
-                    .insert(Arc::new(Mutex::new(client(&self.brokers, "cairn-direct", &self.config)?)))
-                    .clone(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(Arc::new(Mutex::new(self.reader()?))).clone()
+                }
             }
         };
         let c = reader.lock().unwrap_or_else(|e| e.into_inner());
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&topic, p, Offset::Offset(range.start as i64))?;
         c.assign(&tpl)?;
-        let mut out = Vec::with_capacity((range.end - range.start) as usize);
-        let deadline = Instant::now() + self.timeout;
-        let mut next = range.start as i64;
-        while next < range.end as i64 {
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "read only up to offset {next} of [{}, {}) within {:?}",
-                    range.start, range.end, self.timeout
-                )
-                .into());
-            }
-            let Some(m) = c.poll(Duration::from_millis(200)) else {
-                // Transaction markers occupy offsets but are never delivered: once the consumer's
-                // position has passed the range's end, nothing more is coming for it.
-                let at = c
-                    .position()?
-                    .elements_for_topic(&topic)
-                    .iter()
-                    .find(|e| e.partition() == p)
-                    .map(|e| e.offset());
-                if let Some(Offset::Offset(pos)) = at {
-                    if pos >= range.end as i64 {
-                        break;
-                    }
+        let result = (|| -> Result<Vec<KafkaRecord>, UserError> {
+            let mut out = Vec::with_capacity((range.end - range.start) as usize);
+            let deadline = Instant::now() + self.timeout;
+            let mut next = range.start as i64;
+            while next < range.end as i64 {
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "read only up to offset {next} of [{}, {}) within {:?}",
+                        range.start, range.end, self.timeout
+                    )
+                    .into());
                 }
-                continue;
-            };
-            let m = m.map_err(|e| format!("at offset {next}: {e}"))?;
-            if m.offset() < next || m.offset() >= range.end as i64 {
-                continue;
+                let Some(m) = c.poll(Duration::from_millis(200)) else {
+                    // Transaction markers occupy offsets but are never delivered: once the consumer's
+                    // position has passed the range's end, nothing more is coming for it.
+                    let at = c
+                        .position()?
+                        .elements_for_topic(&topic)
+                        .iter()
+                        .find(|e| e.partition() == p)
+                        .map(|e| e.offset());
+                    if let Some(Offset::Offset(pos)) = at {
+                        if pos >= range.end as i64 {
+                            break;
+                        }
+                    }
+                    continue;
+                };
+                let m = m.map_err(|e| format!("at offset {next}: {e}"))?;
+                if m.offset() < next || m.offset() >= range.end as i64 {
+                    continue;
+                }
+                next = m.offset() + 1;
+                out.push(KafkaRecord {
+                    topic: m.topic().to_string(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: m.payload().map(<[u8]>::to_vec),
+                    timestamp_ms: m.timestamp().to_millis(),
+                    headers: m
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|x| (x.key.to_string(), x.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                });
             }
-            next = m.offset() + 1;
-            out.push(KafkaRecord {
-                topic: m.topic().to_string(),
-                partition: m.partition(),
-                offset: m.offset(),
-                key: m.key().map(<[u8]>::to_vec),
-                value: m.payload().map(<[u8]>::to_vec),
-                timestamp_ms: m.timestamp().to_millis(),
-                headers: m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|x| (x.key.to_string(), x.value.map(<[u8]>::to_vec).unwrap_or_default()))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            });
+            Ok(out)
+        })();
+        // Unassigned, the consumer stops fetching ahead between batches (an idle assigned
+        // consumer keeps the broker busy with long polls and a read-ahead of the whole log).
+        if let Err(e) = c.unassign() {
+            tracing::debug!("unassigning {}: {e}", range.partition);
         }
+        let out = result?;
         let mut upto = self.read_upto.lock().unwrap_or_else(|e| e.into_inner());
         let e = upto.entry((topic, p)).or_insert(0);
         *e = (*e).max(range.end as i64);
