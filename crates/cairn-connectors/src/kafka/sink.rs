@@ -52,6 +52,10 @@ struct Connected {
     job_id: Arc<str>,
     producer: rdkafka::producer::BaseProducer,
     marker: BaseConsumer,
+    /// The committed marker (last batch written + 1), read back once per connection: after that
+    /// this producer is the only one that can move it (a newer instance fences it, and its next
+    /// commit fails, which reconnects).
+    done: Option<i64>,
 }
 
 impl<T: cairn::Data> KafkaSink<T> {
@@ -109,7 +113,22 @@ impl<T: cairn::Data> KafkaSink<T> {
             .set("isolation.level", "read_committed")
             .set("broker.address.family", "v4")
             .create()?;
-        Ok(Connected { job_id: job_id.clone(), producer, marker })
+        Ok(Connected { job_id: job_id.clone(), producer, marker, done: None })
+    }
+
+    /// The batch marker committed for this sink and job (0: none yet).
+    fn read_marker(&self, marker: &BaseConsumer) -> Result<i64, UserError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.topic, 0);
+        let committed = marker.committed_offsets(tpl, self.timeout)?;
+        Ok(committed
+            .elements()
+            .first()
+            .and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            })
+            .unwrap_or(0))
     }
 
     /// Writes one batch in one transaction, or skips it if an earlier attempt committed it.
@@ -119,18 +138,11 @@ impl<T: cairn::Data> KafkaSink<T> {
         if state.as_ref().is_none_or(|c| c.job_id != info.job_id) {
             *state = Some(self.connect(&info.job_id)?);
         }
-        let Connected { producer, marker, .. } = state.as_ref().expect("connected above");
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&self.topic, 0);
-        let committed = marker.committed_offsets(tpl, self.timeout)?;
-        let done = committed
-            .elements()
-            .first()
-            .and_then(|e| match e.offset() {
-                Offset::Offset(o) => Some(o),
-                _ => None,
-            })
-            .unwrap_or(0);
+        let c = state.as_mut().expect("connected above");
+        if c.done.is_none() {
+            c.done = Some(self.read_marker(&c.marker)?);
+        }
+        let done = c.done.unwrap_or(0);
         if done > info.batch_id as i64 {
             tracing::info!(
                 "Kafka sink {:?}: batch {} was already committed; skipping",
@@ -139,6 +151,7 @@ impl<T: cairn::Data> KafkaSink<T> {
             );
             return Ok(SinkOutcome::AlreadyCommitted);
         }
+        let Connected { producer, marker, .. } = &*c;
         let fail = |e: rdkafka::error::KafkaError| -> UserError {
             format!("Kafka sink {:?}: batch {}: {e}", self.name, info.batch_id).into()
         };
@@ -181,7 +194,10 @@ impl<T: cairn::Data> KafkaSink<T> {
             producer.commit_transaction(self.timeout)
         })();
         match result {
-            Ok(()) => Ok(SinkOutcome::Written { records: rows.len() as u64 }),
+            Ok(()) => {
+                c.done = Some(info.batch_id as i64 + 1);
+                Ok(SinkOutcome::Written { records: rows.len() as u64 })
+            }
             Err(e) => {
                 let _ = producer.abort_transaction(self.timeout);
                 *state = None; // start afresh (a fenced producer cannot be reused)
