@@ -7,12 +7,19 @@
 //! in order, so "at or below" is exact. The job id is part of the key because a job started on a
 //! new checkpoint location numbers its batches from 0 again: keyed by sink name alone, its output
 //! would be skipped as "already written" by the old job.
+//!
+//! The rows of a batch are pipelined: up to [`PIPELINE`] statements are in flight on the
+//! connection at once (tokio-postgres sends them without waiting for each answer), so a batch
+//! costs a few round trips instead of one per row.
 
 use cairn::{BatchInfo, DStream, Data};
-use postgres::types::ToSql;
-use postgres::{Client, NoTls};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls};
+
+/// Statements in flight at once while writing a batch.
+pub const PIPELINE: usize = 512;
 
 /// Parameters of one row for the sink's statement (`$1`, `$2`, ... in order).
 pub type Row = Vec<Box<dyn ToSql + Sync + Send>>;
@@ -61,8 +68,39 @@ pub struct PostgresSink<T> {
     conn: String,
     statement: String,
     to_row: ToRow<T>,
-    client: Mutex<Option<Client>>,
+    client: Mutex<Option<Connection>>,
     attempts: u32,
+    setup: Option<String>,
+}
+
+/// A connection and the single-threaded runtime that drives it (the sink runs on the
+/// scheduler's thread; the runtime only turns while a batch is being written).
+struct Connection {
+    rt: tokio::runtime::Runtime,
+    client: Client,
+}
+
+impl Connection {
+    fn open(conn: &str, setup: Option<&str>) -> Result<Self, tokio_postgres::Error> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a current-thread runtime needs no resources that can run out");
+        let client = rt.block_on(async {
+            let (client, connection) = tokio_postgres::connect(conn, NoTls).await?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!("PostgreSQL connection ended: {e}");
+                }
+            });
+            client.batch_execute(PROGRESS_DDL).await?;
+            if let Some(sql) = setup {
+                client.batch_execute(sql).await?;
+            }
+            Ok::<_, tokio_postgres::Error>(client)
+        })?;
+        Ok(Self { rt, client })
+    }
 }
 
 const PROGRESS_DDL: &str = "CREATE TABLE IF NOT EXISTS cairn_sink_progress (\
@@ -86,7 +124,15 @@ impl<T: Data> PostgresSink<T> {
             to_row: Arc::new(to_row),
             client: Mutex::new(None),
             attempts: 4,
+            setup: None,
         }
+    }
+
+    /// SQL run on every new connection before the sink writes (e.g. `CREATE TABLE IF NOT
+    /// EXISTS ...`); an error in it fails the batch like a failed connection.
+    pub fn setup(mut self, sql: impl Into<String>) -> Self {
+        self.setup = Some(sql.into());
+        self
     }
 
     /// Attempts per batch when the connection fails (default 4, with backoff).
@@ -106,17 +152,14 @@ impl<T: Data> PostgresSink<T> {
         let mut guard = self.client.lock().unwrap_or_else(|e| e.into_inner());
         let mut last = String::new();
         for attempt in 1..=self.attempts {
-            if guard.as_ref().is_none_or(|c| c.is_closed()) {
-                match Client::connect(&self.conn, NoTls) {
-                    Ok(mut c) => match c.batch_execute(PROGRESS_DDL) {
-                        Ok(()) => *guard = Some(c),
-                        Err(e) => last = e.to_string(),
-                    },
+            if guard.as_ref().is_none_or(|c| c.client.is_closed()) {
+                match Connection::open(&self.conn, self.setup.as_deref()) {
+                    Ok(c) => *guard = Some(c),
                     Err(e) => last = e.to_string(),
                 }
             }
-            if let Some(client) = guard.as_mut() {
-                match self.transaction(client, info, rows) {
+            if let Some(c) = guard.as_mut() {
+                match c.rt.block_on(self.transaction(&mut c.client, info, rows)) {
                     Ok(o) => return Ok(o),
                     Err(e) if is_schema_error(&e) => {
                         return Err(Error::Schema {
@@ -148,25 +191,29 @@ impl<T: Data> PostgresSink<T> {
         })
     }
 
-    fn transaction(
+    async fn transaction(
         &self,
         client: &mut Client,
         info: &BatchInfo,
         rows: &[T],
-    ) -> Result<Outcome, postgres::Error> {
-        let mut tx = client.transaction()?;
+    ) -> Result<Outcome, tokio_postgres::Error> {
+        let tx = client.transaction().await?;
         let job = &*info.job_id;
         // Create the progress row of this sink and job if missing, then lock it.
-        let created = tx.execute(
-            "INSERT INTO cairn_sink_progress (sink, job_id, batch_id) VALUES ($1, $2, -1) \
+        let created = tx
+            .execute(
+                "INSERT INTO cairn_sink_progress (sink, job_id, batch_id) VALUES ($1, $2, -1) \
              ON CONFLICT (sink, job_id) DO NOTHING",
-            &[&self.name, &job],
-        )?;
-        if created == 1 {
-            let others = tx.query(
-                "SELECT job_id, batch_id FROM cairn_sink_progress WHERE sink = $1 AND job_id <> $2",
                 &[&self.name, &job],
-            )?;
+            )
+            .await?;
+        if created == 1 {
+            let others = tx
+                .query(
+                    "SELECT job_id, batch_id FROM cairn_sink_progress WHERE sink = $1 AND job_id <> $2",
+                    &[&self.name, &job],
+                )
+                .await?;
             for r in &others {
                 let (other, batch): (String, i64) = (r.get(0), r.get(1));
                 tracing::warn!(
@@ -181,32 +228,36 @@ impl<T: Data> PostgresSink<T> {
             .query_one(
                 "SELECT batch_id FROM cairn_sink_progress WHERE sink = $1 AND job_id = $2 FOR UPDATE",
                 &[&self.name, &job],
-            )?
+            )
+            .await?
             .get(0);
         let batch = info.batch_id as i64;
         if done >= batch {
-            tx.rollback()?;
+            tx.rollback().await?;
             tracing::info!("PostgreSQL sink {:?}: batch {batch} was already committed; skipping", self.name);
             return Ok(Outcome::AlreadyCommitted);
         }
-        let stmt = tx.prepare(&self.statement)?;
-        for r in rows {
-            let params = (self.to_row)(info, r);
-            let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect();
-            tx.execute(&stmt, &refs)?;
+        let stmt = tx.prepare(&self.statement).await?;
+        for chunk in rows.chunks(PIPELINE) {
+            let params: Vec<Row> = chunk.iter().map(|r| (self.to_row)(info, r)).collect();
+            let refs: Vec<Vec<&(dyn ToSql + Sync)>> =
+                params.iter().map(|p| p.iter().map(|x| &**x as &(dyn ToSql + Sync)).collect()).collect();
+            // Polled together, the executes are pipelined on the one connection.
+            futures::future::try_join_all(refs.iter().map(|r| tx.execute(&stmt, r))).await?;
         }
         tx.execute(
             "UPDATE cairn_sink_progress SET batch_id = $3, committed_at = now() WHERE sink = $1 AND job_id = $2",
             &[&self.name, &job, &batch],
-        )?;
-        tx.commit()?;
+        )
+        .await?;
+        tx.commit().await?;
         Ok(Outcome::Written { rows: rows.len() as u64 })
     }
 }
 
 /// Errors a retry cannot fix: the statement does not match the table.
-fn is_schema_error(e: &postgres::Error) -> bool {
-    use postgres::error::SqlState;
+fn is_schema_error(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
     e.code().is_some_and(|c| {
         [
             SqlState::UNDEFINED_TABLE,

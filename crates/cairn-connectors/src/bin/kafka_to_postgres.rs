@@ -36,15 +36,6 @@ fn main() {
         Some(Ok(m)) if m > 0 => m,
         Some(_) => usage("MAX_PER_PARTITION must be a whole number above 0"),
     };
-    let mut c = postgres::Client::connect(pg, postgres::NoTls).unwrap_or_else(|e| {
-        eprintln!("cannot connect to PostgreSQL: {e}");
-        std::process::exit(1)
-    });
-    c.batch_execute("CREATE TABLE IF NOT EXISTS totals (key TEXT PRIMARY KEY, total BIGINT NOT NULL)")
-        .unwrap_or_else(|e| {
-            eprintln!("cannot create the totals table: {e}");
-            std::process::exit(1)
-        });
     let result = StreamingContext::get_or_create(ckpt, |loc| {
         let ctx = StreamingContext::builder()
             .app_name("kafka-to-postgres")
@@ -65,6 +56,7 @@ fn main() {
             "INSERT INTO totals (key, total) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET total = EXCLUDED.total",
             |_, (k, t): &(String, i64)| vec![Box::new(k.clone()), Box::new(*t)],
         )
+        .setup("CREATE TABLE IF NOT EXISTS totals (key TEXT PRIMARY KEY, total BIGINT NOT NULL)")
         .attach(&totals);
         KafkaSink::new(brokers, "totals", out_topic, |b: &cairn::BatchInfo, (k, t): &(String, i64)| {
             (Some(k.clone().into_bytes()), format!("{}:{k}:{t}", b.batch_id).into_bytes())
