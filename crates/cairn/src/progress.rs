@@ -31,8 +31,9 @@ pub struct BatchProgress {
     pub processing_ms: f64,
     /// How late the batch started relative to its batch time (processing-time trigger).
     pub scheduling_delay_ms: f64,
-    /// Time the scheduler spent on checkpointing for this batch: logging the plan, cutting a
-    /// state snapshot, and waiting for room in the checkpoint queue.
+    /// Time the scheduler spent outside the batch's processing for this batch: asking the
+    /// sources for their plan (for Kafka, broker round trips), logging the plan, cutting a state
+    /// snapshot, and waiting for room in the checkpoint queue.
     pub checkpoint_ms: f64,
     /// Of `checkpoint_ms`, time spent blocked because storage fell behind (backpressure).
     pub checkpoint_wait_ms: f64,
