@@ -133,6 +133,12 @@ fn a_topic_list_is_read_and_a_missing_topic_is_an_error() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("topic nope not found"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let err =
+        drain(dir.path().to_str().unwrap(), KafkaSource::builder(&broker.bootstrap, "nope").build().unwrap())
+            .unwrap_err()
+            .to_string();
+    assert!(err.contains("topic nope not found"), "{err}");
 }
 
 #[test]
