@@ -155,7 +155,14 @@ impl<T: Data> PostgresSink<T> {
             if guard.as_ref().is_none_or(|c| c.client.is_closed()) {
                 match Connection::open(&self.conn, self.setup.as_deref()) {
                     Ok(c) => *guard = Some(c),
-                    Err(e) => last = e.to_string(),
+                    Err(e) if is_schema_error(&e) => {
+                        return Err(Error::Schema {
+                            sink: self.name.clone(),
+                            statement: self.setup.clone().unwrap_or_default(),
+                            message: describe(&e),
+                        })
+                    }
+                    Err(e) => last = describe(&e),
                 }
             }
             if let Some(c) = guard.as_mut() {
@@ -165,13 +172,11 @@ impl<T: Data> PostgresSink<T> {
                         return Err(Error::Schema {
                             sink: self.name.clone(),
                             statement: self.statement.clone(),
-                            message: e
-                                .as_db_error()
-                                .map_or_else(|| e.to_string(), |d| d.message().to_string()),
+                            message: describe(&e),
                         })
                     }
                     Err(e) => {
-                        last = e.to_string();
+                        last = describe(&e);
                         *guard = None; // reconnect: the connection may be broken
                     }
                 }
@@ -255,6 +260,11 @@ impl<T: Data> PostgresSink<T> {
     }
 }
 
+/// The server's own message for a database error (`Display` says only "db error").
+fn describe(e: &tokio_postgres::Error) -> String {
+    e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string())
+}
+
 /// Errors a retry cannot fix: the statement does not match the table.
 fn is_schema_error(e: &tokio_postgres::Error) -> bool {
     use tokio_postgres::error::SqlState;
@@ -266,6 +276,7 @@ fn is_schema_error(e: &tokio_postgres::Error) -> bool {
             SqlState::SYNTAX_ERROR,
             SqlState::INVALID_TEXT_REPRESENTATION,
             SqlState::UNDEFINED_FUNCTION,
+            SqlState::UNDEFINED_OBJECT,
             SqlState::WRONG_OBJECT_TYPE,
             SqlState::INVALID_COLUMN_REFERENCE,
         ]

@@ -154,6 +154,11 @@ fn postgres_sink_is_exactly_once() {
     let err = sink.write_batch(&cairn::BatchInfo::new("test-job", 0, 0), &[(1, 1)]).unwrap_err();
     assert!(matches!(err, Error::Schema { .. }), "{err}");
     assert!(err.to_string().contains("\"bad\"") && err.to_string().contains("nope"), "{err}");
+    // Setup SQL that cannot run is a schema error too, with the server's message.
+    let bad_setup = PostgresSink::new(&conn, "setup", "SELECT 1", |_, _: &(i64, i64)| vec![])
+        .setup("CREATE TABLE IF NOT EXISTS broken (key NOSUCHTYPE)");
+    let err = bad_setup.write_batch(&cairn::BatchInfo::new("test-job", 0, 0), &[(1, 1)]).unwrap_err();
+    assert!(matches!(err, Error::Schema { .. }) && err.to_string().contains("nosuchtype"), "{err}");
     // And an unreachable database is reported after the retries, not silently skipped.
     let dead = PostgresSink::new(
         "host=127.0.0.1 port=1 user=postgres connect_timeout=1",
