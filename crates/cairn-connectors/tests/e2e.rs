@@ -10,9 +10,6 @@ use cairn_sim::kafka::KafkaBroker;
 use cairn_sim::kafka_log::{committed_view, read_partition_log, ControlType};
 use cairn_sim::postgres::PgServer;
 use cairn_sim::Rng;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -21,15 +18,8 @@ const MAX: u64 = 5;
 const RECORDS: u32 = 450;
 
 fn topics(broker: &KafkaBroker) {
-    let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", &broker.bootstrap).set("broker.address.family", "v4");
-    let admin: AdminClient<DefaultClientContext> = cfg.create().unwrap();
-    let t = [
-        NewTopic::new("in", 3, TopicReplication::Fixed(1)),
-        NewTopic::new("out", 1, TopicReplication::Fixed(1)),
-    ];
-    let r = futures::executor::block_on(admin.create_topics(&t, &AdminOptions::new())).unwrap();
-    assert!(r.iter().all(|x| x.is_ok()), "{r:?}");
+    broker.create_topic("in", 3);
+    broker.create_topic("out", 1);
 }
 
 /// Every partition's records in offset order: (partition, key).

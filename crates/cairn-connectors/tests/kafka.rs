@@ -15,19 +15,9 @@ const TOPIC: &str = "events";
 
 type Collected = std::sync::Arc<std::sync::Mutex<Vec<Vec<(String, u64)>>>>;
 
-fn create_topic(broker: &KafkaBroker, name: &str, partitions: i32) {
-    let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", &broker.bootstrap).set("broker.address.family", "v4");
-    let admin: AdminClient<DefaultClientContext> = cfg.create().unwrap();
-    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
-    let r = futures::executor::block_on(admin.create_topics([&topic], &AdminOptions::new())).unwrap();
-    assert!(r.iter().all(|x| x.is_ok()), "{r:?}");
-}
-
 fn setup(broker: &KafkaBroker, records: u32) {
-    create_topic(broker, TOPIC, 3);
-    let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", &broker.bootstrap).set("broker.address.family", "v4");
+    broker.create_topic(TOPIC, 3);
+    let cfg = broker.client_config();
     let producer: BaseProducer = cfg.create().unwrap();
     for i in 0..records {
         let key = format!("k{}", i % 7);
@@ -121,7 +111,7 @@ fn read_topic(brokers: &str, topic: &str) -> Vec<String> {
 #[test]
 fn transactional_sink_writes_each_batch_exactly_once() {
     let broker = KafkaBroker::start();
-    create_topic(&broker, "out", 1);
+    broker.create_topic("out", 1);
     let sink = KafkaSink::new(&broker.bootstrap, "totals", "out", |b: &cairn::BatchInfo, v: &u32| {
         (None, format!("{}:{v}", b.batch_id).into_bytes())
     });

@@ -6,29 +6,20 @@ use cairn::source::Source;
 use cairn::{StreamingContext, Trigger};
 use cairn_connectors::kafka::{Decode, KafkaRecord, KafkaSink, KafkaSource, StartFrom, Topics};
 use cairn_sim::kafka::KafkaBroker;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 fn admin(broker: &KafkaBroker) -> AdminClient<DefaultClientContext> {
-    let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", &broker.bootstrap).set("broker.address.family", "v4");
+    let cfg = broker.client_config();
     cfg.create().unwrap()
-}
-
-fn create_topic(broker: &KafkaBroker, name: &str, partitions: i32) {
-    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
-    let r = futures::executor::block_on(admin(broker).create_topics([&topic], &AdminOptions::new())).unwrap();
-    assert!(r.iter().all(|x| x.is_ok()), "{r:?}");
 }
 
 /// Produces `values` to one partition of `topic`, keyed by the value.
 fn produce(broker: &KafkaBroker, topic: &str, partition: i32, values: &[String]) {
-    let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", &broker.bootstrap).set("broker.address.family", "v4");
+    let cfg = broker.client_config();
     let producer: BaseProducer = cfg.create().unwrap();
     for v in values {
         producer.send(BaseRecord::to(topic).key(v).payload(v).partition(partition)).unwrap();
@@ -77,9 +68,9 @@ fn sorted(mut v: Vec<String>) -> Vec<String> {
 #[test]
 fn a_pattern_reads_matching_topics_and_picks_up_new_topics() {
     let broker = KafkaBroker::start();
-    create_topic(&broker, "orders-eu", 2);
-    create_topic(&broker, "orders-us", 1);
-    create_topic(&broker, "payments", 1);
+    broker.create_topic("orders-eu", 2);
+    broker.create_topic("orders-us", 1);
+    broker.create_topic("payments", 1);
     produce(&broker, "orders-eu", 0, &numbers("eu", 0..10));
     produce(&broker, "orders-eu", 1, &numbers("eu", 10..15));
     produce(&broker, "orders-us", 0, &numbers("us", 0..7));
@@ -101,7 +92,7 @@ fn a_pattern_reads_matching_topics_and_picks_up_new_topics() {
     // existing topic is not exercised here: neither nisshi nor librdkafka's mock cluster
     // implements CreatePartitions; a partition without a position is planned like a new topic's,
     // see the planning unit tests.)
-    create_topic(&broker, "orders-asia", 1);
+    broker.create_topic("orders-asia", 1);
     produce(&broker, "orders-asia", 0, &numbers("asia", 0..3));
     produce(&broker, "orders-eu", 1, &numbers("eu", 15..17));
     let second = drain(loc, source()).unwrap();
@@ -113,8 +104,8 @@ fn a_pattern_reads_matching_topics_and_picks_up_new_topics() {
 #[test]
 fn a_topic_list_is_read_and_a_missing_topic_is_an_error() {
     let broker = KafkaBroker::start();
-    create_topic(&broker, "a", 1);
-    create_topic(&broker, "b.events", 1);
+    broker.create_topic("a", 1);
+    broker.create_topic("b.events", 1);
     produce(&broker, "a", 0, &numbers("a", 0..3));
     produce(&broker, "b.events", 0, &numbers("b", 0..2));
     let dir = tempfile::tempdir().unwrap();
@@ -144,7 +135,7 @@ fn a_topic_list_is_read_and_a_missing_topic_is_an_error() {
 #[test]
 fn start_positions_latest_and_explicit_offsets() {
     let broker = KafkaBroker::start();
-    create_topic(&broker, "t", 2);
+    broker.create_topic("t", 2);
     produce(&broker, "t", 0, &numbers("old", 0..5));
     produce(&broker, "t", 1, &numbers("p1-", 0..5));
     // Explicit: partition 0 from offset 3; partition 1 has no entry and starts at the earliest.
@@ -186,7 +177,7 @@ fn start_positions_latest_and_explicit_offsets() {
 #[test]
 fn deleted_offsets_stop_the_job_unless_skipping_is_asked_for() {
     let broker = KafkaBroker::start();
-    create_topic(&broker, "r", 1);
+    broker.create_topic("r", 1);
     produce(&broker, "r", 0, &numbers("v", 0..40));
     let dir = tempfile::tempdir().unwrap();
     let loc = dir.path().to_str().unwrap();
@@ -226,8 +217,8 @@ fn deleted_offsets_stop_the_job_unless_skipping_is_asked_for() {
 #[test]
 fn records_that_do_not_decode_fail_the_batch_or_go_to_a_dead_letter_topic() {
     let broker = KafkaBroker::start();
-    create_topic(&broker, "nums", 1);
-    create_topic(&broker, "nums-dlq", 1);
+    broker.create_topic("nums", 1);
+    broker.create_topic("nums-dlq", 1);
     let values: Vec<String> = (0..12).map(|i| if i == 7 { "oops".into() } else { i.to_string() }).collect();
     produce(&broker, "nums", 0, &values);
     let parse = |r: &KafkaRecord| -> Result<u64, cairn::UserError> {

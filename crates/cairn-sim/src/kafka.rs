@@ -31,6 +31,24 @@ impl KafkaBroker {
         crate::tools::wait_listening(port, "nisshi");
         Self { child, dir, bootstrap: format!("127.0.0.1:{port}") }
     }
+
+    /// Client settings for this broker (IPv4 only: it listens on 127.0.0.1).
+    pub fn client_config(&self) -> rdkafka::ClientConfig {
+        let mut cfg = rdkafka::ClientConfig::new();
+        cfg.set("bootstrap.servers", &self.bootstrap).set("broker.address.family", "v4");
+        cfg
+    }
+
+    /// Creates a topic (replication 1); panics if the broker refuses.
+    pub fn create_topic(&self, name: &str, partitions: i32) {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+            self.client_config().create().expect("admin client");
+        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        let r = futures::executor::block_on(admin.create_topics([&topic], &AdminOptions::new()))
+            .expect("CreateTopics");
+        assert!(r.iter().all(|x| x.is_ok()), "creating topic {name}: {r:?}");
+    }
 }
 
 impl Drop for KafkaBroker {

@@ -3,9 +3,6 @@
 
 use cairn_sim::kafka::KafkaBroker;
 use cairn_sim::kafka_log::{committed_view, read_partition_log, ControlType};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use std::time::Duration;
 
@@ -25,14 +22,8 @@ fn strings(v: Vec<Vec<u8>>) -> Vec<String> {
 #[test]
 fn committed_view_of_a_real_log_keeps_committed_and_drops_aborted_transactions() {
     let broker = KafkaBroker::start();
-    let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", &broker.bootstrap).set("broker.address.family", "v4");
-    let admin: AdminClient<DefaultClientContext> = cfg.create().unwrap();
-    let r = futures::executor::block_on(
-        admin.create_topics(&[NewTopic::new("t", 1, TopicReplication::Fixed(1))], &AdminOptions::new()),
-    )
-    .unwrap();
-    assert!(r.iter().all(|x| x.is_ok()), "{r:?}");
+    broker.create_topic("t", 1);
+    let cfg = broker.client_config();
 
     let tx: BaseProducer = cfg.clone().set("transactional.id", "kafka-log-test").create().unwrap();
     tx.init_transactions(T).unwrap();
@@ -83,14 +74,7 @@ fn committed_view_of_a_real_log_keeps_committed_and_drops_aborted_transactions()
 #[test]
 fn an_empty_partition_has_an_empty_log_and_other_addresses_are_refused() {
     let broker = KafkaBroker::start();
-    let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", &broker.bootstrap).set("broker.address.family", "v4");
-    let admin: AdminClient<DefaultClientContext> = cfg.create().unwrap();
-    let r = futures::executor::block_on(
-        admin.create_topics(&[NewTopic::new("e", 1, TopicReplication::Fixed(1))], &AdminOptions::new()),
-    )
-    .unwrap();
-    assert!(r.iter().all(|x| x.is_ok()), "{r:?}");
+    broker.create_topic("e", 1);
     assert_eq!(read_partition_log(&broker.bootstrap, "e", 0).unwrap(), vec![]);
     let e = read_partition_log("192.0.2.1:9092", "e", 0).unwrap_err();
     assert!(e.contains("loopback"), "{e}");

@@ -294,12 +294,6 @@ impl KafkaSource {
         Self::builder(brokers, topic).start(start).max_per_partition(max_per_partition).build()
     }
 
-    /// See [`KafkaSourceBuilder::skip_lost_records`].
-    pub fn skip_lost_records(mut self, yes: bool) -> Self {
-        self.skip_lost = yes;
-        self
-    }
-
     /// A listener that commits what this source read to the consumer group `group` after every
     /// completed batch (register it with `StreamingContext::add_listener`).
     pub fn group_committer(&self, group: &str) -> Result<GroupCommitter, UserError> {
