@@ -8,6 +8,7 @@
 
 pub mod azure;
 mod faulty;
+pub mod fixture;
 pub mod kafka;
 pub mod kafka_log;
 pub mod postgres;
