@@ -257,7 +257,9 @@ pub fn verify(store: &CheckpointStore) -> Result<Verification> {
     for (name, _) in &objects {
         let path = store.paths().path(*name);
         let check = match *name {
-            ObjectName::Metadata => store.read_metadata().map(|_| ()),
+            ObjectName::Metadata | ObjectName::MetadataCopy => store.read_raw(*name).and_then(|b| {
+                codec::decode_json::<JobMetadata>(path.as_ref(), &b, ObjectKind::Metadata).map(|_| ())
+            }),
             ObjectName::Lease => store.read_raw(*name).and_then(|b| {
                 codec::decode_json::<LeaseRecord>(path.as_ref(), &b, ObjectKind::Lease).map(|_| ())
             }),

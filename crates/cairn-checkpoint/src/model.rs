@@ -83,6 +83,44 @@ pub struct BatchPlan {
     /// standalone `.commit` object is written only for the last batch before a stop.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_commit: Option<BatchCommit>,
+    /// A copy of the previous batch's plan, so that no single damaged or missing plan object
+    /// loses the input of a batch recovery must replay: a plan is rebuilt from its successor's
+    /// copy. Absent on batch 0 and in plans written before copies existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_plan: Option<PlanCopy>,
+}
+
+/// What a plan carries of its predecessor: everything needed to re-run that batch exactly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanCopy {
+    pub batch_time_ms: i64,
+    pub planned_at_ms: i64,
+    pub sources: Vec<SourcePlan>,
+}
+
+impl BatchPlan {
+    /// The copy of this plan that its successor carries.
+    pub fn copy(&self) -> PlanCopy {
+        PlanCopy {
+            batch_time_ms: self.batch_time_ms,
+            planned_at_ms: self.planned_at_ms,
+            sources: self.sources.clone(),
+        }
+    }
+
+    /// Rebuilds the plan of batch `batch_id` from the copy its successor carried. The rebuilt plan
+    /// has no `previous_commit` (committedness is decided from the listing) and no copy of its own
+    /// predecessor.
+    pub fn from_copy(batch_id: BatchId, copy: PlanCopy) -> Self {
+        Self {
+            batch_id,
+            batch_time_ms: copy.batch_time_ms,
+            planned_at_ms: copy.planned_at_ms,
+            sources: copy.sources,
+            previous_commit: None,
+            previous_plan: None,
+        }
+    }
 }
 
 /// Logged after every sink of a batch has finished.

@@ -11,6 +11,8 @@ use object_store::path::Path;
 pub enum ObjectName {
     /// `metadata`: job metadata, written once.
     Metadata,
+    /// `metadata.copy`: a second copy of `metadata`, so that one damaged copy loses nothing.
+    MetadataCopy,
     /// `_lease`: which process holds the location.
     Lease,
     /// `log/<batch>.plan`: a batch's planned input.
@@ -64,6 +66,7 @@ impl Paths {
     pub fn path(&self, name: ObjectName) -> Path {
         match name {
             ObjectName::Metadata => self.root.child("metadata"),
+            ObjectName::MetadataCopy => self.root.child("metadata.copy"),
             ObjectName::Lease => self.root.child("_lease"),
             ObjectName::Plan(b) => self.log_dir().child(format!("{:020}.plan", b.0)),
             ObjectName::Commit(b) => self.log_dir().child(format!("{:020}.commit", b.0)),
@@ -79,6 +82,7 @@ impl Paths {
         let rel: Vec<_> = path.prefix_match(&self.root)?.collect();
         match rel.as_slice() {
             [name] if name.as_ref() == "metadata" => Some(ObjectName::Metadata),
+            [name] if name.as_ref() == "metadata.copy" => Some(ObjectName::MetadataCopy),
             [name] if name.as_ref() == "_lease" => Some(ObjectName::Lease),
             [dir, file] => {
                 let (stem, ext) = file.as_ref().split_once('.')?;

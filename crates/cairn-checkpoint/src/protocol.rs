@@ -3,7 +3,7 @@
 //! [`crate::store`] module lists, reads and deletes according to these decisions.
 
 use crate::paths::ObjectName;
-use crate::BatchId;
+use crate::{BatchId, BatchPlan};
 use std::collections::BTreeSet;
 
 /// The recognised objects of a checkpoint location at one moment.
@@ -132,30 +132,108 @@ pub fn recovery_attempts(listing: &Listing) -> Vec<Attempt> {
     out
 }
 
-/// The planned batches to replay after restoring the checkpoint of `after` (or from nothing).
-/// They must follow it without a gap; a gap means the log was damaged and the error says where.
+/// The planned batches to replay after restoring the checkpoint of `after` (or from nothing),
+/// in order. A single missing plan followed by a present one is listed too: its successor
+/// carries a copy of it ([`resolve_plans`] rebuilds it). Two missing plans in a row (or a missing
+/// first plan with nothing after it) are a damaged log, and the error says where.
+///
+/// ```
+/// use cairn_checkpoint::protocol::{replay_batches, Listing};
+/// use cairn_checkpoint::paths::ObjectName::*;
+/// use cairn_checkpoint::BatchId as B;
+/// let l = Listing::new([Full(B(3)), Plan(B(4)), Plan(B(6))]);
+/// assert_eq!(replay_batches(&l, Some(B(3))).unwrap(), vec![B(4), B(5), B(6)]);
+/// let l = Listing::new([Full(B(3)), Plan(B(4)), Plan(B(7))]);
+/// assert!(replay_batches(&l, Some(B(3))).is_err());
+/// ```
 pub fn replay_batches(listing: &Listing, after: Option<BatchId>) -> Result<Vec<BatchId>, String> {
     let first = after.map_or(0, |b| b.0 + 1);
-    let plans: Vec<BatchId> = listing.plans().into_iter().filter(|b| b.0 >= first).collect();
-    if after.is_none() {
-        if let Some(first_plan) = listing.plans().first() {
-            if first_plan.0 != 0 {
-                return Err(format!(
-                    "no state checkpoint, and the batch log starts at batch {first_plan} instead of 0"
-                ));
+    let plans: BTreeSet<u64> = listing.plans().into_iter().map(|b| b.0).filter(|b| *b >= first).collect();
+    let Some(&last) = plans.iter().next_back() else { return Ok(Vec::new()) };
+    let mut out = Vec::with_capacity((last + 1 - first) as usize);
+    for b in first..=last {
+        if !plans.contains(&b) && !plans.contains(&(b + 1)) {
+            return Err(match after {
+                None if b == 0 => {
+                    format!("no state checkpoint, and the batch log starts at batch {} instead of 0", plans.iter().next().copied().unwrap_or(last))
+                }
+                _ => format!(
+                    "batch log has a gap: the plans of batches {b} and {} are both missing but batch {last} was planned",
+                    b + 1
+                ),
+            });
+        }
+        out.push(BatchId(b));
+    }
+    Ok(out)
+}
+
+/// The plans recovery replays, and what it had to work around to get them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResolvedPlans {
+    /// The plans to replay, in order.
+    pub plans: Vec<BatchPlan>,
+    /// Batches whose plan was rebuilt from its successor's copy (their plan object should be
+    /// rewritten).
+    pub rebuilt: Vec<BatchId>,
+    /// What was worked around, for the recovery warnings.
+    pub warnings: Vec<String>,
+}
+
+/// Decides which plans recovery replays from what it read for each of `ids` (from
+/// [`replay_batches`]; `Err` holds why an object is unreadable or missing): a plan that does not
+/// verify is rebuilt from the copy its successor carries; a last plan that cannot be read and has
+/// no standalone commit record (`committed`) is dropped, and that batch is planned again. Anything
+/// else is an error naming the batch.
+pub fn resolve_plans(
+    ids: &[BatchId],
+    read: Vec<Result<BatchPlan, String>>,
+    committed: &BTreeSet<BatchId>,
+) -> Result<ResolvedPlans, String> {
+    let read: Vec<Result<BatchPlan, String>> = ids
+        .iter()
+        .zip(read)
+        .map(|(id, r)| match r {
+            Ok(p) if p.batch_id != *id => Err(format!("the object holds the plan of batch {}", p.batch_id)),
+            other => other,
+        })
+        .collect();
+    let mut out = ResolvedPlans::default();
+    for (i, id) in ids.iter().enumerate() {
+        match &read[i] {
+            Ok(p) => out.plans.push(p.clone()),
+            Err(e) => {
+                let copy =
+                    read.get(i + 1).and_then(|n| n.as_ref().ok()).and_then(|n| n.previous_plan.clone());
+                match copy {
+                    Some(copy) => {
+                        out.warnings.push(format!(
+                            "the plan of batch {id} is unusable ({e}); rebuilt from the copy in the plan of batch {}",
+                            id.0 + 1
+                        ));
+                        out.plans.push(BatchPlan::from_copy(*id, copy));
+                        out.rebuilt.push(*id);
+                    }
+                    None if i + 1 == ids.len() && !committed.contains(id) => {
+                        out.warnings
+                            .push(format!("the plan of the last batch {id} is unusable ({e}); it will be planned again"));
+                    }
+                    None if i + 1 < ids.len() => {
+                        return Err(format!(
+                            "the plan of batch {id} is unusable ({e}) and the plan of batch {} holds no copy of it",
+                            id.0 + 1
+                        ))
+                    }
+                    None => {
+                        return Err(format!(
+                            "the plan of batch {id} is unusable ({e}), and the batch was committed, so it cannot be planned again"
+                        ))
+                    }
+                }
             }
         }
     }
-    for (i, b) in plans.iter().enumerate() {
-        let want = first + i as u64;
-        if b.0 != want {
-            return Err(format!(
-                "batch log has a gap: plan of batch {want} is missing but batch {} was planned",
-                b.0
-            ));
-        }
-    }
-    Ok(plans)
+    Ok(out)
 }
 
 /// What retention keeps and deletes.
@@ -163,6 +241,14 @@ pub fn replay_batches(listing: &Listing, after: Option<BatchId>) -> Result<Vec<B
 pub struct RetentionPlan {
     /// Checkpoints kept, newest first.
     pub keep_checkpoints: Vec<BatchId>,
+    /// An older checkpoint kept (with its chain and the batch log after it) only because none of
+    /// the kept ones restores without an object of the newest checkpoint's chain: the second,
+    /// independent restore point.
+    pub fallback: Option<BatchId>,
+    /// No independent checkpoint exists yet (every checkpoint builds on the job's first full
+    /// snapshot): the whole batch log is kept, so that replaying from the start is the second
+    /// restore point.
+    pub keeps_whole_log: bool,
     /// Objects to delete, in an order that never leaves a kept checkpoint unusable if interrupted:
     /// batch logs (oldest first), then state objects (oldest first).
     pub delete: Vec<ObjectName>,
@@ -171,37 +257,66 @@ pub struct RetentionPlan {
 /// Plans retention keeping the newest `keep` checkpoints (at least one), everything their chains
 /// need, and the batch log after the oldest kept one. Unknown objects are never touched.
 ///
+/// No single damaged object may lose the job, so there is always a second restore point that
+/// shares no object with the newest checkpoint's chain: one of the kept checkpoints, else an
+/// older checkpoint kept for that purpose ([`RetentionPlan::fallback`]), else the whole batch
+/// log (a replay from the start, [`RetentionPlan::keeps_whole_log`]).
+///
 /// ```
 /// use cairn_checkpoint::protocol::{plan_retention, Listing};
 /// use cairn_checkpoint::paths::ObjectName::*;
 /// use cairn_checkpoint::BatchId as B;
 /// let l = Listing::new([Plan(B(0)), Commit(B(0)), Full(B(0)), Plan(B(1)), Commit(B(1)), Full(B(1))]);
 /// let p = plan_retention(&l, 1);
-/// // Replay after the kept checkpoint (batch 1) starts at batch 2: no log entry is needed.
-/// assert_eq!(p.delete, vec![Commit(B(0)), Plan(B(0)), Commit(B(1)), Plan(B(1)), Full(B(0))]);
-/// assert_eq!(p.keep_checkpoints, vec![B(1)]);
+/// // Checkpoint 0 is the independent second restore point of checkpoint 1: both stay, and the
+/// // log after batch 0 stays for the replay from it.
+/// assert_eq!(p.delete, vec![Commit(B(0)), Plan(B(0))]);
+/// assert_eq!((p.keep_checkpoints, p.fallback), (vec![B(1)], Some(B(0))));
 /// ```
 pub fn plan_retention(listing: &Listing, keep: usize) -> RetentionPlan {
     let keep = keep.max(1);
     let mut kept = Vec::new();
     let mut needed = BTreeSet::new();
-    for batch in listing.checkpoints().into_iter().rev() {
+    let mut newest_chain = BTreeSet::new();
+    let mut independent = false;
+    let checkpoints = listing.checkpoints();
+    for batch in checkpoints.iter().rev() {
         if kept.len() == keep {
             break;
         }
-        if let Some(c) = chain(listing, batch, true) {
+        if let Some(c) = chain(listing, *batch, true) {
+            if kept.is_empty() {
+                newest_chain = c.iter().copied().collect();
+            } else if c.iter().all(|n| !newest_chain.contains(n)) {
+                independent = true;
+            }
             needed.extend(c);
-            kept.push(batch);
+            kept.push(*batch);
         }
     }
     let Some(&oldest) = kept.last() else {
         return RetentionPlan::default();
     };
+    let mut fallback = None;
+    if !independent {
+        fallback = checkpoints.iter().rev().filter(|b| **b < oldest).find_map(|b| {
+            [true, false].into_iter().find_map(|prefer_full| {
+                chain(listing, *b, prefer_full)
+                    .filter(|c| c.iter().all(|n| !newest_chain.contains(n)))
+                    .map(|c| (*b, c))
+            })
+        });
+        if let Some((_, c)) = &fallback {
+            needed.extend(c.iter().copied());
+        }
+    }
+    let keeps_whole_log = !independent && fallback.is_none();
+    let log_floor = if keeps_whole_log { None } else { Some(fallback.as_ref().map_or(oldest, |f| f.0)) };
     let mut logs = Vec::new();
     let mut state = Vec::new();
     for n in listing.names() {
         match n {
-            ObjectName::Plan(b) | ObjectName::Commit(b) if b <= oldest => logs.push(n),
+            ObjectName::Plan(b) | ObjectName::Commit(b) if log_floor.is_some_and(|f| b <= f) => logs.push(n),
             ObjectName::Full(b) | ObjectName::Delta { batch: b, .. }
                 if !needed.contains(&n) && b < kept[0] =>
             {
@@ -219,5 +334,5 @@ pub fn plan_retention(listing: &Listing, keep: usize) -> RetentionPlan {
         _ => unreachable!("only state"),
     });
     logs.extend(state);
-    RetentionPlan { keep_checkpoints: kept, delete: logs }
+    RetentionPlan { keep_checkpoints: kept, fallback: fallback.map(|f| f.0), keeps_whole_log, delete: logs }
 }

@@ -45,6 +45,15 @@ pub struct Recovered {
     pub replay: Vec<BatchPlan>,
     /// Which of the replayed batches already have a commit record.
     pub committed: BTreeSet<BatchId>,
+    /// Replayed batches whose plan object was damaged or missing and was rebuilt from its
+    /// successor's copy; the engine rewrites them.
+    pub rebuilt_plans: Vec<BatchId>,
+    /// A copy of the newest plan, for the next plan to carry.
+    pub last_plan: Option<crate::PlanCopy>,
+    /// State objects that failed verification. Recovery worked around them; the engine deletes
+    /// them and writes a full checkpoint next, so that nothing new builds on them and retention
+    /// does not count them as a restore point.
+    pub damaged_state: Vec<ObjectName>,
     /// The id the next new batch gets.
     pub next_batch: BatchId,
     /// Problems recovery worked around (a corrupt newest checkpoint, a torn trailing plan...).
@@ -53,6 +62,18 @@ pub struct Recovered {
     pub restore_ms: u64,
     pub bytes_read: u64,
     pub objects_read: u64,
+}
+
+/// A copy of a redundant object that is missing or damaged, and what is wrong with it.
+pub type DamagedCopy = (ObjectName, String);
+
+/// Why a state object could not be used during recovery.
+#[derive(Debug, Clone)]
+struct Unusable {
+    /// It is present but does not verify (checksum, header, name mismatch) or is missing: never
+    /// usable again. Storage errors and objects of a newer format are not damage.
+    damaged: bool,
+    reason: String,
 }
 
 /// What a retention pass did.
@@ -274,27 +295,89 @@ impl CheckpointStore {
         }
     }
 
-    /// The job metadata, if the location has been initialised.
-    pub fn read_metadata(&self) -> Result<Option<JobMetadata>> {
-        let path = self.paths.path(ObjectName::Metadata);
+    /// Reads one copy of the metadata: `Ok(None)` when missing, `Err` when unreadable.
+    fn read_metadata_copy(&self, name: ObjectName) -> Result<Option<JobMetadata>> {
+        let path = self.paths.path(name);
         match self.get(&path)? {
             None => Ok(None),
             Some(b) => Ok(Some(codec::decode_json(path.as_ref(), &b, ObjectKind::Metadata)?)),
         }
     }
 
-    /// Writes the job metadata once; an identical existing object is accepted.
-    pub fn create_metadata(&self, m: &JobMetadata) -> Result<()> {
-        let path = self.paths.path(ObjectName::Metadata);
-        let bytes = codec::encode_json(ObjectKind::Metadata, m);
-        match self.put(&path, bytes.clone(), PutMode::Create)? {
-            Created::New => Ok(()),
-            Created::Exists(old) if old == bytes => Ok(()),
-            Created::Exists(_) => Err(Error::Conflict {
-                path: path.to_string(),
-                reason: "another job initialised this location first".into(),
-            }),
+    /// Reads both copies of the metadata: the job's metadata (from whichever copy verifies; the
+    /// primary when both do) and the copies that are missing or damaged. Both damaged is an error
+    /// naming both problems; both missing is a location without metadata.
+    pub fn inspect_metadata(&self) -> Result<(Option<JobMetadata>, Vec<DamagedCopy>)> {
+        let mut bad = Vec::new();
+        let mut found = None;
+        let mut errors = Vec::new();
+        for name in [ObjectName::Metadata, ObjectName::MetadataCopy] {
+            match self.read_metadata_copy(name) {
+                Ok(Some(m)) => {
+                    if found.is_none() {
+                        found = Some(m);
+                    }
+                }
+                Ok(None) => bad.push((name, "missing".to_string())),
+                Err(e @ Error::Storage { .. }) => return Err(e),
+                Err(e) => {
+                    errors.push(e.to_string());
+                    bad.push((name, e.to_string()));
+                }
+            }
         }
+        if found.is_none() && !errors.is_empty() {
+            return Err(Error::Unrecoverable {
+                location: self.location.clone(),
+                reason: format!(
+                    "both copies of the job metadata are damaged or missing ({}); the job's identity, batch interval and start time are gone: start the job on a new location, or restore `metadata` from a backup",
+                    bad.iter().map(|(n, e)| format!("{}: {e}", self.paths.path(*n))).collect::<Vec<_>>().join("; ")
+                ),
+            });
+        }
+        if found.is_none() {
+            bad.clear(); // an empty location: nothing is damaged
+        }
+        Ok((found, bad))
+    }
+
+    /// The job metadata, if the location has been initialised: the primary copy, or the second
+    /// copy when the primary is missing or damaged.
+    pub fn read_metadata(&self) -> Result<Option<JobMetadata>> {
+        Ok(self.inspect_metadata()?.0)
+    }
+
+    /// Rewrites a missing or damaged copy of the metadata from the good one (and creates the
+    /// second copy on locations written before it existed). Returns what was repaired.
+    pub fn repair_metadata(&self) -> Result<Vec<String>> {
+        let (Some(m), bad) = self.inspect_metadata()? else { return Ok(Vec::new()) };
+        let bytes = codec::encode_json(ObjectKind::Metadata, &m);
+        let mut repaired = Vec::new();
+        for (name, problem) in bad {
+            let path = self.paths.path(name);
+            self.put(&path, bytes.clone(), PutMode::Overwrite)?;
+            repaired.push(format!("{path} was {problem}; rewritten from the other copy"));
+        }
+        Ok(repaired)
+    }
+
+    /// Writes the job metadata once, as two copies; an identical existing object is accepted.
+    pub fn create_metadata(&self, m: &JobMetadata) -> Result<()> {
+        let bytes = codec::encode_json(ObjectKind::Metadata, m);
+        for name in [ObjectName::Metadata, ObjectName::MetadataCopy] {
+            let path = self.paths.path(name);
+            match self.put(&path, bytes.clone(), PutMode::Create)? {
+                Created::New => {}
+                Created::Exists(old) if old == bytes => {}
+                Created::Exists(_) => {
+                    return Err(Error::Conflict {
+                        path: path.to_string(),
+                        reason: "another job initialised this location first".into(),
+                    })
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Logs a batch's plan with a conditional create. Re-logging the same plan (a replay) is
@@ -399,6 +482,15 @@ impl CheckpointStore {
         }
     }
 
+    /// Deletes an object; a missing one is not an error.
+    pub fn delete_object(&self, name: ObjectName) -> Result<()> {
+        let path = self.paths.path(name);
+        match self.block_on(self.store.delete(&path)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Error::storage(&path, e)),
+        }
+    }
+
     /// Writes raw bytes (failpoints use it to leave a torn object behind).
     pub fn write_raw(&self, name: ObjectName, bytes: Vec<u8>) -> Result<()> {
         self.put(&self.paths.path(name), bytes, PutMode::Overwrite).map(|_| ())
@@ -432,17 +524,17 @@ impl CheckpointStore {
         Ok(Listing::new(metas.iter().filter_map(|m| self.paths.parse(&m.location))))
     }
 
-    /// Reads and verifies a state object: (name, bytes read, checkpoint or the reason it is bad).
+    /// Reads and verifies a state object: (name, bytes read, checkpoint or why it is unusable).
     fn fetch_state(
         &self,
         name: ObjectName,
-    ) -> (ObjectName, u64, std::result::Result<StateCheckpoint, String>) {
+    ) -> (ObjectName, u64, std::result::Result<StateCheckpoint, Unusable>) {
         let path = self.paths.path(name);
+        let unusable =
+            |e: Error| Unusable { damaged: matches!(e, Error::Corrupt { .. }), reason: e.to_string() };
         match self.get_required(&path) {
-            Ok(bytes) => {
-                (name, bytes.len() as u64, self.decode_state_at(name, &bytes).map_err(|e| e.to_string()))
-            }
-            Err(e) => (name, 0, Err(e.to_string())),
+            Ok(bytes) => (name, bytes.len() as u64, self.decode_state_at(name, &bytes).map_err(unusable)),
+            Err(e) => (name, 0, Err(unusable(e))),
         }
     }
 
@@ -477,18 +569,24 @@ impl CheckpointStore {
     /// batches after it. Damage is worked around where possible and reported in `warnings`.
     pub fn recover(&self) -> Result<Recovered> {
         let t0 = std::time::Instant::now();
-        let metadata = self.read_metadata()?;
+        let (metadata, bad_metadata) = self.inspect_metadata()?;
         let listing = self.listing()?;
-        let mut warnings = Vec::new();
+        let mut warnings: Vec<String> = bad_metadata
+            .iter()
+            // A missing second copy is a location written before copies existed: repaired quietly.
+            .filter(|(n, e)| !(*n == ObjectName::MetadataCopy && e == "missing"))
+            .map(|(n, e)| format!("{} is {e}; the other copy is used", self.paths.path(*n)))
+            .collect();
         let mut failures = Vec::new();
-        let mut cache: HashMap<ObjectName, std::result::Result<StateCheckpoint, String>> = HashMap::new();
+        let mut cache: HashMap<ObjectName, std::result::Result<StateCheckpoint, Unusable>> = HashMap::new();
+        let mut damaged = BTreeSet::new();
         let (mut bytes_read, mut objects_read) = (0u64, 0u64);
         let mut restored = None;
         let attempts = protocol::recovery_attempts(&listing);
         // The newest checkpoint's objects are read and decoded in parallel: they are what
         // recovery almost always loads, and restore time is what a restart waits for.
         if let Some(first) = attempts.first() {
-            let loaded: Vec<(ObjectName, u64, std::result::Result<StateCheckpoint, String>)> =
+            let loaded: Vec<(ObjectName, u64, std::result::Result<StateCheckpoint, Unusable>)> =
                 std::thread::scope(|sc| {
                     let handles: Vec<_> =
                         first.chain.iter().map(|n| sc.spawn(move || self.fetch_state(*n))).collect();
@@ -516,8 +614,11 @@ impl CheckpointStore {
                 match entry {
                     Ok(c) => chain.push(c),
                     Err(e) => {
+                        if e.damaged {
+                            damaged.insert(*name);
+                        }
                         cache.insert(*name, Err(e.clone()));
-                        failure = Some(e);
+                        failure = Some(e.reason);
                         break;
                     }
                 }
@@ -552,16 +653,31 @@ impl CheckpointStore {
                 }),
                 replay,
             ),
-            None if listing.checkpoints().is_empty() => {
-                let replay = protocol::replay_batches(&listing, None)
-                    .map_err(|reason| Error::Unrecoverable { location: self.location.clone(), reason })?;
-                (None, replay)
-            }
             None => {
-                return Err(Error::Unrecoverable {
-                    location: self.location.clone(),
-                    reason: format!("every checkpoint failed to load: {}", failures.join("; ")),
-                })
+                // No checkpoint restores (or none exists): replaying the whole log from the
+                // start is the last restore point, kept by retention until an independent
+                // checkpoint exists.
+                let from_start = protocol::replay_batches(&listing, None);
+                match from_start {
+                    Ok(replay) if listing.checkpoints().is_empty() => (None, replay),
+                    Ok(replay) if replay.first() == Some(&BatchId(0)) => {
+                        let w = "no checkpoint could be restored; replaying the batch log from batch 0".to_string();
+                        tracing::warn!("{w}");
+                        warnings.push(w);
+                        (None, replay)
+                    }
+                    Ok(_) | Err(_) if !failures.is_empty() => {
+                        return Err(Error::Unrecoverable {
+                            location: self.location.clone(),
+                            reason: format!(
+                                "every checkpoint failed to load ({}), and the batch log no longer starts at batch 0; start from an older copy of the location, or from scratch on a new one",
+                                failures.join("; ")
+                            ),
+                        })
+                    }
+                    Ok(replay) => (None, replay),
+                    Err(reason) => return Err(Error::Unrecoverable { location: self.location.clone(), reason }),
+                }
             }
         };
         if let (Some(s), Some(newest)) = (&state, listing.checkpoints().last()) {
@@ -576,34 +692,15 @@ impl CheckpointStore {
         }
         let restore_ms = t0.elapsed().as_millis() as u64;
         let commits: BTreeSet<BatchId> = listing.commits().into_iter().collect();
-        let mut replay = Vec::with_capacity(replay_ids.len());
-        for (i, id) in replay_ids.iter().enumerate() {
-            match self.read_plan(*id) {
-                Ok(p) if p.batch_id == *id => replay.push(p),
-                Ok(p) => {
-                    return Err(Error::Unrecoverable {
-                        location: self.location.clone(),
-                        reason: format!("the plan object of batch {id} holds batch {}", p.batch_id),
-                    })
-                }
-                Err(e) if i + 1 == replay_ids.len() && !commits.contains(id) => {
-                    // A torn last plan: that batch never ran to commit. It is planned afresh.
-                    let w = format!(
-                        "the plan of the last batch {id} is unreadable ({e}); it will be planned again"
-                    );
-                    tracing::warn!("{w}");
-                    warnings.push(w);
-                }
-                Err(e) => {
-                    return Err(Error::Unrecoverable {
-                        location: self.location.clone(),
-                        reason: format!(
-                            "the plan of batch {id} is unreadable ({e}) and later batches depend on it"
-                        ),
-                    })
-                }
-            }
+        let read: Vec<std::result::Result<BatchPlan, String>> =
+            replay_ids.iter().map(|id| self.read_plan(*id).map_err(|e| e.to_string())).collect();
+        let resolved = protocol::resolve_plans(&replay_ids, read, &commits)
+            .map_err(|reason| Error::Unrecoverable { location: self.location.clone(), reason })?;
+        for w in &resolved.warnings {
+            tracing::warn!("{w}");
         }
+        warnings.extend(resolved.warnings);
+        let replay = resolved.plans;
         let next_batch = match (replay.last(), &state) {
             (Some(p), _) => BatchId(p.batch_id.0 + 1),
             (None, Some(s)) => BatchId(s.batch_id.0 + 1),
@@ -617,7 +714,22 @@ impl CheckpointStore {
             .map(|p| p.batch_id)
             .filter(|b| commits.contains(b) || planned.contains(&BatchId(b.0 + 1)))
             .collect();
+        // The next plan carries a copy of the newest one; without a replay it was not read yet.
+        let last_plan = match replay.last() {
+            Some(p) => Some(p.copy()),
+            None => next_batch
+                .0
+                .checked_sub(1)
+                .filter(|b| planned.contains(&BatchId(*b)))
+                .and_then(|b| self.read_plan(BatchId(b)).ok())
+                .map(|p| p.copy()),
+        };
+        // Only objects present in the listing: a missing one needs no clean-up.
+        let damaged_state = damaged.into_iter().filter(|n| listing.contains(*n)).collect();
         Ok(Recovered {
+            damaged_state,
+            last_plan,
+            rebuilt_plans: resolved.rebuilt,
             metadata,
             state,
             replay,

@@ -56,6 +56,7 @@ fn arb_plan() -> impl Strategy<Value = BatchPlan> {
                 })
                 .collect(),
             previous_commit: None,
+            previous_plan: None,
         })
 }
 

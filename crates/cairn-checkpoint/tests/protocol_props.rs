@@ -65,16 +65,32 @@ proptest! {
         // Retention is idempotent: a second pass on what is left deletes nothing more.
         let left = Listing::new(names.iter().copied().filter(|n| !plan.delete.contains(n)));
         prop_assert!(plan_retention(&left, keep).delete.is_empty());
+        // No single object lost after retention loses the job: some checkpoint still restores
+        // with a replayable log after it, or the whole log replays from batch 0.
+        let kept: Vec<ObjectName> = left.names().collect();
+        for lost in &kept {
+            let damaged = Listing::new(kept.iter().copied().filter(|n| n != lost));
+            let by_checkpoint = recovery_attempts(&damaged)
+                .iter()
+                .any(|a| replay_batches(&damaged, Some(a.batch)).is_ok());
+            let from_start = replay_batches(&damaged, None).is_ok_and(|r| r.first() == Some(&B(0)))
+                || damaged.plans().is_empty() && damaged.checkpoints().is_empty();
+            prop_assert!(by_checkpoint || from_start, "losing {:?} loses the job (kept {:?}, fallback {:?})", lost, plan.keep_checkpoints, plan.fallback);
+        }
     }
 }
 
 #[test]
 fn replay_needs_an_unbroken_log() {
+    // One missing plan is rebuilt from its successor's copy; two in a row are a gap.
     let l = Listing::new([Full(B(3)), Plan(B(4)), Plan(B(6))]);
+    assert_eq!(replay_batches(&l, Some(B(3))).unwrap(), vec![B(4), B(5), B(6)]);
+    let l = Listing::new([Full(B(3)), Plan(B(4)), Plan(B(7))]);
     let err = replay_batches(&l, Some(B(3))).unwrap_err();
-    assert!(err.contains("plan of batch 5 is missing"), "{err}");
+    assert!(err.contains("batches 5 and 6 are both missing"), "{err}");
     let l = Listing::new([Plan(B(2)), Plan(B(3))]);
     assert!(replay_batches(&l, None).unwrap_err().contains("starts at batch 2"));
+    assert_eq!(replay_batches(&Listing::new([Plan(B(1))]), None).unwrap(), vec![B(0), B(1)]);
     assert_eq!(replay_batches(&Listing::new([Plan(B(0)), Plan(B(1))]), None).unwrap(), vec![B(0), B(1)]);
 }
 

@@ -20,6 +20,8 @@ fn plan(b: u64) -> BatchPlan {
             ranges: vec![OffsetRange { partition: "0".into(), start: b * 10, end: b * 10 + 10 }],
         }],
         previous_commit: None,
+        // As the engine writes them: each plan carries a copy of its predecessor.
+        previous_plan: b.checked_sub(1).map(|p| plan(p).copy()),
     }
 }
 
@@ -92,7 +94,22 @@ fn conditional_creates() {
     s.create_metadata(&m).unwrap();
     let other = JobMetadata { app_name: "b".into(), ..m.clone() };
     assert!(matches!(s.create_metadata(&other), Err(Error::Conflict { .. })));
-    assert_eq!(s.read_metadata().unwrap(), Some(m));
+    assert_eq!(s.read_metadata().unwrap(), Some(m.clone()));
+    // Two copies: either one damaged or missing is read from the other and repaired.
+    let primary = dir.path().join("metadata");
+    let copy = dir.path().join("metadata.copy");
+    let good = std::fs::read(&primary).unwrap();
+    assert_eq!(std::fs::read(&copy).unwrap(), good);
+    std::fs::write(&primary, &good[..good.len() - 3]).unwrap();
+    let (found, bad) = s.inspect_metadata().unwrap();
+    assert_eq!((found.as_ref(), bad.len()), (Some(&m), 1));
+    assert_eq!(s.repair_metadata().unwrap().len(), 1);
+    assert_eq!(std::fs::read(&primary).unwrap(), good, "the primary is rewritten from the copy");
+    std::fs::remove_file(&copy).unwrap();
+    assert_eq!(s.read_metadata().unwrap(), Some(m.clone()));
+    assert_eq!(s.repair_metadata().unwrap().len(), 1);
+    assert_eq!(std::fs::read(&copy).unwrap(), good, "the missing copy is written again");
+    assert!(s.repair_metadata().unwrap().is_empty(), "nothing left to repair");
 
     assert_eq!(s.write_plan(&plan(0)).unwrap().objects, 1);
     assert_eq!(s.write_plan(&plan(0)).unwrap().objects, 0, "a replay re-logs the same plan");
@@ -194,10 +211,20 @@ fn damaged_logs() {
     assert_eq!(r.next_batch, BatchId(4));
     assert!(r.warnings.iter().any(|w| w.contains("planned again")), "{:?}", r.warnings);
     assert_eq!(s.write_plan(&plan(4)).unwrap().objects, 1, "the torn plan is replaced");
-    // A gap in the log is unrecoverable and says where.
+    // A missing or damaged plan is rebuilt from the copy its successor carries.
     std::fs::remove_file(dir.path().join("log/00000000000000000003.plan")).unwrap();
+    let r = s.recover().unwrap();
+    assert_eq!(r.replay, vec![BatchPlan { previous_plan: None, ..plan(3) }, plan(4)]);
+    assert_eq!(r.rebuilt_plans, vec![BatchId(3)]);
+    assert!(r.warnings.iter().any(|w| w.contains("rebuilt from the copy")), "{:?}", r.warnings);
+    std::fs::write(dir.path().join("log/00000000000000000003.plan"), b"CAIR\x01garbage").unwrap();
+    assert_eq!(s.recover().unwrap().rebuilt_plans, vec![BatchId(3)]);
+    // Two plans lost in a row are a gap recovery cannot bridge, and the error says where.
+    s.write_plan(&plan(5)).unwrap();
+    std::fs::remove_file(dir.path().join("log/00000000000000000003.plan")).unwrap();
+    std::fs::remove_file(dir.path().join("log/00000000000000000004.plan")).unwrap();
     let err = s.recover().unwrap_err().to_string();
-    assert!(err.contains("plan of batch 3 is missing"), "{err}");
+    assert!(err.contains("plans of batches 3 and 4 are both missing"), "{err}");
 }
 
 #[test]

@@ -12,7 +12,7 @@ use crate::writer::{CheckpointWriter, WriterStats};
 use cairn_checkpoint::lease::Lease;
 use cairn_checkpoint::{
     BatchCommit, BatchId, BatchPlan, CheckpointKind, CheckpointStore, GraphDescription, JobMetadata,
-    OperatorDescription, SourcePlan, StateCheckpoint, TableData, TableWriter, FORMAT_VERSION,
+    OperatorDescription, PlanCopy, SourcePlan, StateCheckpoint, TableData, TableWriter, FORMAT_VERSION,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,6 +64,8 @@ pub(crate) struct Prepared {
     /// The restored state holds tables no current operator took (dropped or removed state): the
     /// next checkpoint is a full one, so those tables leave the chain instead of coming back.
     force_full: bool,
+    /// A copy of the newest plan in the log, for the next plan to carry.
+    last_plan: Option<PlanCopy>,
 }
 
 fn source_table_id(source: &str) -> String {
@@ -161,6 +163,7 @@ pub(crate) fn prepare(inner: &Inner) -> Result<Prepared> {
             graph_desc,
             job_id: format!("{}-{now:x}", cfg.app_name).into(),
             force_full: false,
+            last_plan: None,
         });
     };
     let store = match &cfg.store {
@@ -210,6 +213,9 @@ fn restore(
                     cfg.batch_interval.as_millis()
                 )));
             }
+            for r in store.repair_metadata()? {
+                tracing::info!("recovery: {r}");
+            }
             m
         }
         None => {
@@ -232,11 +238,23 @@ fn restore(
             m
         }
     };
+    // A plan rebuilt from its successor's copy is stored again, so the log is whole before
+    // anything else can be damaged.
+    for p in recovered.replay.iter().filter(|p| recovered.rebuilt_plans.contains(&p.batch_id)) {
+        store.write_plan(p)?;
+    }
     let stored_graph = recovered.state.as_ref().map(|s| &s.graph).unwrap_or(&metadata.graph);
     let dropped = check_compatible(stored_graph, &graph_desc, &cfg.drop_state)?;
 
     let mut last_checkpoint = None;
     let mut force_full = false;
+    // Damaged state objects recovery worked around are removed, and the next checkpoint is a full
+    // one: new checkpoints must not chain onto them, nor retention count them as a restore point.
+    for name in &recovered.damaged_state {
+        store.delete_object(*name)?;
+        tracing::warn!("recovery: removed the damaged object {}", store.paths().path(*name));
+        force_full = true;
+    }
     if let Some(state) = &recovered.state {
         let mut taken = std::collections::HashSet::new();
         let t0 = Instant::now();
@@ -264,7 +282,7 @@ fn restore(
             }
         }
         last_checkpoint = Some(state.batch_id);
-        force_full = state.tables.iter().any(|t| !taken.contains(&t.id));
+        force_full |= state.tables.iter().any(|t| !taken.contains(&t.id));
         tracing::info!(
             "restored state after batch {} from {} object(s) in {:.0} ms (+{} ms reading)",
             state.batch_id,
@@ -290,6 +308,7 @@ fn restore(
         graph_desc,
         job_id: metadata.job_id.as_str().into(),
         force_full,
+        last_plan: recovered.last_plan,
     })
 }
 
@@ -399,6 +418,7 @@ impl Runner {
             self.advance_positions(&plan);
             let committed = self.p.committed.contains(&plan.batch_id);
             self.run_batch(&plan, true, committed, 0.0)?;
+            self.p.last_plan = Some(plan.copy());
             self.summary.replayed_batches += 1;
         }
         let interval = self.inner.cfg.batch_interval.as_millis() as i64;
@@ -449,12 +469,14 @@ impl Runner {
                 planned_at_ms: self.inner.cfg.clock.now_ms(),
                 sources,
                 previous_commit: self.pending_commit.take(),
+                previous_plan: self.p.last_plan.take(),
             };
             if let Some(store) = &self.p.store {
                 self.summary.log_objects += store.write_plan(&plan)?.objects;
                 failpoint::hit(failpoint::AFTER_PLAN, plan.batch_id.0);
             }
             let plan_ms = t0.elapsed().as_secs_f64() * 1e3;
+            self.p.last_plan = Some(plan.copy());
             self.advance_positions(&plan);
             self.run_batch(&plan, false, false, plan_ms)?;
             self.summary.new_batches += 1;

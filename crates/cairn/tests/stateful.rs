@@ -996,11 +996,12 @@ fn each_batch_adds_one_plan_and_one_state_object() {
         assert_eq!(summary.log_objects, new + 1, "one plan per batch and the final commit");
         let log = files_in(dir.path(), "log");
         let state = files_in(dir.path(), "state");
-        // Retention (keeping every checkpoint here) drops the log up to the oldest checkpoint,
-        // batch 0: its plan and the commit of the first run.
+        // Retention keeps every checkpoint here, and all of them build on the one full snapshot:
+        // no checkpoint is independent of it, so the whole log stays (a replay from batch 0 is
+        // the second restore point).
         stops.push(stop - 1);
-        let mut want_log: Vec<String> = (1..stop).map(|b| format!("{b:020}.plan")).collect();
-        want_log.extend(stops.iter().filter(|b| **b > 0).map(|b| format!("{b:020}.commit")));
+        let mut want_log: Vec<String> = (0..stop).map(|b| format!("{b:020}.plan")).collect();
+        want_log.extend(stops.iter().map(|b| format!("{b:020}.commit")));
         want_log.sort();
         assert_eq!(log, want_log, "after run {run}");
         assert_eq!(count_kind(&state, ".full"), 1, "{state:?}");
@@ -1023,8 +1024,9 @@ fn parse_state(name: &str) -> (u64, Option<u64>) {
     }
 }
 
-/// After 30 batches keeping 3 checkpoints: the log holds only the batches after the oldest kept
-/// checkpoint, and the state directory exactly the chains of the 3 newest checkpoints.
+/// After 30 batches keeping 3 checkpoints: the state directory holds exactly the chains of the 3
+/// newest checkpoints and of a second restore point that shares no object with the newest
+/// checkpoint's chain, and the log holds only the batches after that restore point.
 #[test]
 fn retention_keeps_the_newest_checkpoints_and_the_log_after_them() {
     let dir = tempfile::tempdir().unwrap();
@@ -1043,16 +1045,6 @@ fn retention_keeps_the_newest_checkpoints_and_the_log_after_them() {
         .print(0);
     let summary = ctx.run_available().unwrap();
     assert_eq!(summary.checkpoints, 30);
-    let log = files_in(dir.path(), "log");
-    assert_eq!(
-        log,
-        vec![
-            "00000000000000000028.plan".to_string(),
-            "00000000000000000029.commit".to_string(),
-            "00000000000000000029.plan".to_string()
-        ],
-        "the log after the oldest kept checkpoint (batch 27)"
-    );
     let state: Vec<(u64, Option<u64>)> =
         files_in(dir.path(), "state").iter().map(|n| parse_state(n)).collect();
     let fulls: BTreeSet<u64> = state.iter().filter(|s| s.1.is_none()).map(|s| s.0).collect();
@@ -1070,7 +1062,16 @@ fn retention_keeps_the_newest_checkpoints_and_the_log_after_them() {
             b = p;
         }
     };
-    let needed: BTreeSet<(u64, Option<u64>)> = [27, 28, 29].into_iter().flat_map(chain).collect();
+    let newest = chain(29);
+    let second = (0..29)
+        .rev()
+        .find(|b| (fulls.contains(b) || deltas.contains_key(b)) && chain(*b).is_disjoint(&newest))
+        .expect("a second restore point independent of the newest chain");
+    let needed: BTreeSet<(u64, Option<u64>)> = [27, 28, 29, second].into_iter().flat_map(chain).collect();
+    let mut want_log: Vec<String> = (second.min(27) + 1..30).map(|b| format!("{b:020}.plan")).collect();
+    want_log.push("00000000000000000029.commit".into());
+    want_log.sort();
+    assert_eq!(files_in(dir.path(), "log"), want_log, "the log after the second restore point ({second})");
     // Objects of batch 29 itself (a delta and, if compacted, a full snapshot) are kept too.
     let mut want = needed.clone();
     want.extend(state.iter().filter(|s| s.0 == 29).copied());
