@@ -323,11 +323,9 @@ pub fn gc(store: &CheckpointStore, keep: usize, dry_run: bool) -> Result<GcRepor
         });
     }
     let r = store.apply_retention(keep)?;
-    Ok(GcReport {
-        kept_checkpoints: r.kept_checkpoints.iter().map(|b| b.0).collect(),
-        deleted: r.deleted.iter().map(|n| store.paths().path(*n).to_string()).collect(),
-        dry_run,
-    })
+    let mut deleted: Vec<String> = r.deleted.iter().map(|n| store.paths().path(*n).to_string()).collect();
+    deleted.extend(r.debris.iter().map(|f| f.display().to_string()));
+    Ok(GcReport { kept_checkpoints: r.kept_checkpoints.iter().map(|b| b.0).collect(), deleted, dry_run })
 }
 
 /// One entry of an operator's state, as stored (postcard-encoded key and value bytes).

@@ -36,6 +36,13 @@ pub enum Error {
         #[source]
         source: object_store::Error,
     },
+    /// A local file-system operation outside the object store failed (sweeping debris).
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// A record could not be encoded or decoded.
     #[error("cannot decode {path}: {reason}")]
     Decode { path: String, reason: String },

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod codec;
 pub mod compat;
+pub mod debris;
 mod error;
 pub mod frame;
 pub mod lease;

@@ -106,6 +106,13 @@ impl Paths {
         self.root.child(format!("part-{:020}.txt", batch.0))
     }
 
+    /// Where a file sink on the local file system stages a batch's output before renaming it into
+    /// place: `_staging/part-<batch>.txt`, a directory readers of the output skip (names starting
+    /// with `_`), so a crash mid-write never leaves a partial file under a data name.
+    pub fn sink_staging(&self, batch: BatchId) -> Path {
+        self.root.child(crate::debris::SINK_STAGING_DIR).child(format!("part-{:020}.txt", batch.0))
+    }
+
     /// The batch id of a file sink's output object, if `path` is one.
     pub fn parse_sink_part(&self, path: &Path) -> Option<BatchId> {
         let rel: Vec<_> = path.prefix_match(&self.root)?.collect();

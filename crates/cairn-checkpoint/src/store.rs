@@ -81,6 +81,8 @@ struct Unusable {
 pub struct RetentionReport {
     pub kept_checkpoints: Vec<BatchId>,
     pub deleted: Vec<ObjectName>,
+    /// Staging files of crashed writers removed (local locations only).
+    pub debris: Vec<std::path::PathBuf>,
 }
 
 /// A checkpoint location.
@@ -89,6 +91,8 @@ pub struct CheckpointStore {
     paths: Paths,
     location: String,
     rt: Arc<tokio::runtime::Runtime>,
+    /// The directory of a location on the local file system, swept for crashed writers' debris.
+    local_dir: Option<std::path::PathBuf>,
 }
 
 /// Resolves a location string to an object store and a root prefix: a local path (created if
@@ -103,10 +107,28 @@ pub struct CheckpointStore {
 /// assert!(cairn_checkpoint::store::open_store("ftp://host/x").is_err());
 /// ```
 pub fn open_store(location: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
+    let opened = open_location(location)?;
+    Ok((opened.store, opened.root))
+}
+
+/// An opened location: its object store, the root prefix in it, and, for a location on the local
+/// file system, its directory (where crashed writers can leave staging files, see
+/// [`crate::debris`]).
+#[derive(Debug, Clone)]
+pub struct OpenedLocation {
+    pub store: Arc<dyn ObjectStore>,
+    pub root: Path,
+    pub local_dir: Option<std::path::PathBuf>,
+}
+
+/// Like [`open_store`], also telling where a local location lives on disk.
+pub fn open_location(location: &str) -> Result<OpenedLocation> {
+    let remote =
+        |(store, root): (Arc<dyn ObjectStore>, Path)| OpenedLocation { store, root, local_dir: None };
     let invalid = |reason: String| Error::InvalidLocation { location: location.to_string(), reason };
     let local_dir = if let Some((scheme, rest)) = location.split_once("://") {
         match scheme {
-            "memory" => return Ok((Arc::new(object_store::memory::InMemory::new()), Path::from(""))),
+            "memory" => return Ok(remote((Arc::new(object_store::memory::InMemory::new()), Path::from("")))),
             "file" => {
                 let url = url::Url::parse(location).map_err(|e| invalid(e.to_string()))?;
                 url.to_file_path().map_err(|_| invalid(format!("{rest:?} is not an absolute local path")))?
@@ -115,20 +137,20 @@ pub fn open_store(location: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
                 // Credentials, region and endpoint come from the usual AWS_* variables
                 // (AWS_ENDPOINT and AWS_ALLOW_HTTP=true for a local S3-compatible server).
                 let store = object_store::aws::AmazonS3Builder::from_env().with_url(location).build();
-                return cloud(location, "S3", store);
+                return cloud(location, "S3", store).map(remote);
             }
             "az" | "abfs" | "abfss" | "azure" | "adl" => {
                 // Account, key or token from the usual AZURE_* variables (AZURE_STORAGE_USE_EMULATOR
                 // and AZURITE_BLOB_STORAGE_URL for a local Azurite).
                 let store = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(location).build();
-                return cloud(location, "Azure Blob storage", store);
+                return cloud(location, "Azure Blob storage", store).map(remote);
             }
             "gs" => {
                 // Service account from GOOGLE_SERVICE_ACCOUNT (a key file path) or
                 // GOOGLE_SERVICE_ACCOUNT_KEY (its JSON), as object_store reads them.
                 let store =
                     object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(location).build();
-                return cloud(location, "Google Cloud Storage", store);
+                return cloud(location, "Google Cloud Storage", store).map(remote);
             }
             #[cfg(feature = "hdfs")]
             "hdfs" | "viewfs" => {
@@ -139,7 +161,7 @@ pub fn open_store(location: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
                     .build()
                     .map_err(|e| invalid(format!("cannot configure HDFS: {e}")))?;
                 let root = Path::from(url.path().trim_matches('/'));
-                return Ok((Arc::new(store), root));
+                return Ok(remote((Arc::new(store), root)));
             }
             other => {
                 let hdfs = if cfg!(feature = "hdfs") { ", hdfs://namenode/path" } else { "" };
@@ -158,7 +180,7 @@ pub fn open_store(location: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
     let dir = local_dir.canonicalize().map_err(|e| invalid(format!("cannot resolve directory: {e}")))?;
     let fs =
         object_store::local::LocalFileSystem::new_with_prefix(&dir).map_err(|e| invalid(e.to_string()))?;
-    Ok((Arc::new(fs), Path::from("")))
+    Ok(OpenedLocation { store: Arc::new(fs), root: Path::from(""), local_dir: Some(dir) })
 }
 
 /// A cloud store built from a URL: the URL's path is the root prefix.
@@ -195,6 +217,7 @@ impl Clone for CheckpointStore {
             paths: self.paths.clone(),
             location: self.location.clone(),
             rt: self.rt.clone(),
+            local_dir: self.local_dir.clone(),
         }
     }
 }
@@ -222,13 +245,15 @@ impl CheckpointStore {
     /// assert!(store.read_metadata().unwrap().is_none());
     /// ```
     pub fn open(location: &str) -> Result<Self> {
-        let (store, root) = open_store(location)?;
-        Ok(Self::with_store(store, root, location))
+        let opened = open_location(location)?;
+        let mut s = Self::with_store(opened.store, opened.root, location);
+        s.local_dir = opened.local_dir;
+        Ok(s)
     }
 
     /// Uses an existing object store (e.g. wrapped to inject latency or faults) under `root`.
     pub fn with_store(store: Arc<dyn ObjectStore>, root: Path, location: impl Into<String>) -> Self {
-        Self { store, paths: Paths::new(root), location: location.into(), rt: runtime() }
+        Self { store, paths: Paths::new(root), location: location.into(), rt: runtime(), local_dir: None }
     }
 
     /// The location as given.
@@ -386,8 +411,11 @@ impl CheckpointStore {
         let path = self.paths.path(ObjectName::Plan(plan.batch_id));
         let bytes = codec::encode_json(ObjectKind::Plan, plan);
         let len = bytes.len() as u64;
-        match self.put(&path, bytes, PutMode::Create)? {
-            Created::New => Ok(WriteStats { bytes: len, objects: 1 }),
+        match self.put(&path, bytes.clone(), PutMode::Create)? {
+            Created::New => {
+                self.ensure_whole(&path, bytes)?;
+                Ok(WriteStats { bytes: len, objects: 1 })
+            }
             Created::Exists(old) => {
                 match codec::decode_json::<BatchPlan>(path.as_ref(), &old, ObjectKind::Plan) {
                     Ok(existing)
@@ -449,19 +477,7 @@ impl CheckpointStore {
         let len = bytes.len() as u64;
         match self.put(&path, bytes.clone(), PutMode::Create)? {
             Created::New => {
-                // A store without atomic puts can report success for a torn object; later
-                // checkpoints would chain onto it. A HEAD catches a short object at once.
-                let stored =
-                    self.block_on(self.store.head(&path)).map_err(|e| Error::storage(&path, e))?.size;
-                if stored != len {
-                    tracing::warn!("{path} was stored torn ({stored} of {len} bytes); rewriting");
-                    self.put(&path, bytes, PutMode::Overwrite)?;
-                    let again =
-                        self.block_on(self.store.head(&path)).map_err(|e| Error::storage(&path, e))?.size;
-                    if again != len {
-                        return Err(Error::corrupt(&path, format!("stored {again} of {len} bytes twice")));
-                    }
-                }
+                self.ensure_whole(&path, bytes)?;
                 Ok(WriteStats { bytes: len, objects: 1 })
             }
             Created::Exists(old) if old == bytes => Ok(WriteStats::default()),
@@ -489,6 +505,23 @@ impl CheckpointStore {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(Error::storage(&path, e)),
         }
+    }
+
+    /// A store without atomic puts can report success for a torn object, and later objects would
+    /// build on it (a checkpoint chained onto a torn one, a batch run from a torn plan). A HEAD
+    /// catches a short object at once; it is rewritten once, then the write fails.
+    fn ensure_whole(&self, path: &Path, bytes: Vec<u8>) -> Result<()> {
+        let len = bytes.len() as u64;
+        let stored = self.block_on(self.store.head(path)).map_err(|e| Error::storage(path, e))?.size;
+        if stored != len {
+            tracing::warn!("{path} was stored torn ({stored} of {len} bytes); rewriting");
+            self.put(path, bytes, PutMode::Overwrite)?;
+            let again = self.block_on(self.store.head(path)).map_err(|e| Error::storage(path, e))?.size;
+            if again != len {
+                return Err(Error::corrupt(path, format!("stored {again} of {len} bytes twice")));
+            }
+        }
+        Ok(())
     }
 
     /// Writes raw bytes (failpoints use it to leave a torn object behind).
@@ -773,9 +806,24 @@ impl CheckpointStore {
         Ok(Some(WriteStats { bytes: len, objects: 1 }))
     }
 
+    /// Removes staging files that crashed writers left in a local location and that nobody has
+    /// touched for [`crate::debris::DEBRIS_GRACE`]; returns them. Object stores leave none.
+    pub fn sweep_debris(&self) -> Result<Vec<std::path::PathBuf>> {
+        let Some(dir) = &self.local_dir else { return Ok(Vec::new()) };
+        #[allow(clippy::disallowed_methods)] // file ages are wall-clock facts, not batch time
+        let now = std::time::SystemTime::now();
+        let removed = crate::debris::sweep(dir, crate::debris::DEBRIS_GRACE, now)
+            .map_err(|e| Error::Io { path: dir.display().to_string(), source: e })?;
+        for f in &removed {
+            tracing::info!("removed {} (left by a crashed writer)", f.display());
+        }
+        Ok(removed)
+    }
+
     /// Keeps the newest `keep` checkpoints and what they need; deletes the rest in an order that
-    /// never breaks recovery if interrupted.
+    /// never breaks recovery if interrupted. Crashed writers' staging files go with them.
     pub fn apply_retention(&self, keep: usize) -> Result<RetentionReport> {
+        let debris = self.sweep_debris()?;
         let plan = protocol::plan_retention(&self.listing()?, keep);
         let mut deleted = Vec::new();
         for name in plan.delete {
@@ -785,6 +833,6 @@ impl CheckpointStore {
                 Err(e) => return Err(Error::storage(&path, e)),
             }
         }
-        Ok(RetentionReport { kept_checkpoints: plan.keep_checkpoints, deleted })
+        Ok(RetentionReport { kept_checkpoints: plan.keep_checkpoints, deleted, debris })
     }
 }

@@ -151,9 +151,27 @@ pub fn define_job(
     Ok(())
 }
 
+/// Asserts that a reader of the output directory that skips hidden names (`.` and `_` first, as
+/// Spark and Hive do) sees only complete `part-<batch>.txt` files: no staging file of a write a
+/// crash interrupted carries a data name.
+pub fn check_no_visible_debris(dir: &str) {
+    for e in std::fs::read_dir(dir).expect("read the output directory") {
+        let name = e.expect("entry").file_name().to_string_lossy().into_owned();
+        if name.starts_with('_') || name.starts_with('.') {
+            continue;
+        }
+        let digits = name.strip_prefix("part-").and_then(|n| n.strip_suffix(".txt"));
+        assert!(
+            digits.is_some_and(|d| d.len() == 20 && d.bytes().all(|c| c.is_ascii_digit())),
+            "{dir}: {name:?} is visible to readers but is not a complete output file"
+        );
+    }
+}
+
 /// Asserts that both sinks hold every batch exactly once with exactly the model's lines.
 pub fn check_sink_output(out_totals: &str, out_windows: &str, p: &JobParams) {
     for (dir, expected) in [(out_totals, expected_totals(p)), (out_windows, expected_windows(p))] {
+        check_no_visible_debris(dir);
         let got = cairn::read_text_output(dir).expect("read sink output");
         let ids: Vec<u64> = got.iter().map(|(b, _)| *b).collect();
         assert_eq!(ids, (0..p.batches).collect::<Vec<_>>(), "{dir}: every batch exactly once");

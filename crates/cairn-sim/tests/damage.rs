@@ -164,3 +164,45 @@ fn both_copies_of_the_metadata_damaged_is_refused_naming_them() {
     assert!(err.contains("both copies of the job metadata"), "{err}");
     assert!(err.contains("metadata.copy") && err.contains("new location"), "{err}");
 }
+
+/// Makes `path` a file last modified `age` ago, as a crashed writer leaves its staging file.
+#[allow(clippy::disallowed_methods)] // file ages are wall-clock facts
+fn plant(path: &Path, age: std::time::Duration) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, b"half a write").unwrap();
+    let f = std::fs::File::options().write(true).open(path).unwrap();
+    f.set_modified(std::time::SystemTime::now() - age).unwrap();
+}
+
+#[test]
+fn staging_debris_of_crashed_writers_is_removed_and_never_read_as_data() {
+    let base = tempfile::tempdir().unwrap();
+    let out = run(base.path(), &params(6), Some("after-sink@5"));
+    assert!(!out.status.success());
+    let root = base.path();
+    let hour = std::time::Duration::from_secs(3600);
+    // What object_store's local file system leaves when a write is killed, and what the file
+    // sink's own staging leaves when it dies between the write and the rename.
+    let old = [
+        root.join("ckpt/log/00000000000000000006.plan#3"),
+        root.join("ckpt/state/00000000000000000005-00000000000000000003.delta#12"),
+        root.join("out-totals/_staging/part-00000000000000000005.txt#1"),
+        root.join("out-windows/_staging/part-00000000000000000005.txt"),
+    ];
+    // A staging file written a moment ago may belong to a live writer: never touched.
+    let fresh = root.join("ckpt/log/00000000000000000009.plan#1");
+    for f in &old {
+        plant(f, hour);
+    }
+    plant(&fresh, std::time::Duration::ZERO);
+    let end = params(10);
+    let out = run(root, &end, None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for f in &old {
+        assert!(!f.exists(), "{} was left behind", f.display());
+    }
+    assert!(fresh.exists(), "a fresh staging file may be a live writer's");
+    let s = |x: &str| root.join(x).display().to_string();
+    check_sink_output(&s("out-totals"), &s("out-windows"), &end);
+    check_final_state(&s("ckpt"), &end);
+}

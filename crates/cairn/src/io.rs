@@ -23,11 +23,13 @@ pub(crate) struct Location {
     pub label: String,
     pub store: Arc<dyn ObjectStore>,
     pub root: Path,
+    /// The directory, for a location on the local file system (where writes are staged).
+    pub local_dir: Option<std::path::PathBuf>,
 }
 
 impl Location {
     pub fn open(location: &str) -> crate::Result<Self> {
-        let (store, root) = cairn_checkpoint::store::open_store(location)?;
-        Ok(Self { label: location.to_string(), store, root })
+        let o = cairn_checkpoint::store::open_location(location)?;
+        Ok(Self { label: location.to_string(), store: o.store, root: o.root, local_dir: o.local_dir })
     }
 }

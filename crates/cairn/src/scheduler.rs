@@ -238,6 +238,9 @@ fn restore(
             m
         }
     };
+    // Staging files of crashed writers that nobody touched for a while go now (retention
+    // sweeps them too).
+    store.sweep_debris()?;
     // A plan rebuilt from its successor's copy is stored again, so the log is whole before
     // anything else can be damaged.
     for p in recovered.replay.iter().filter(|p| recovered.rebuilt_plans.contains(&p.batch_id)) {

@@ -31,13 +31,44 @@ impl<T: Data + Display> DStream<T> {
     pub fn save_as_text_files(&self, location: &str) -> Result<()> {
         let loc = Location::open(location)?;
         let paths = Paths::new(loc.root.clone());
+        if let Some(dir) = &loc.local_dir {
+            // Staged writes of a crashed earlier run.
+            #[allow(clippy::disallowed_methods)] // file ages are wall-clock facts
+            let now = std::time::SystemTime::now();
+            let removed = cairn_checkpoint::debris::sweep(dir, cairn_checkpoint::debris::DEBRIS_GRACE, now)
+                .map_err(|e| Error::Sink {
+                sink: location.to_string(),
+                batch: 0,
+                message: format!("cannot remove staging debris: {e}"),
+            })?;
+            for f in removed {
+                tracing::info!("removed {} (left by a crashed writer)", f.display());
+            }
+        }
         self.output(move |parts, ctx| {
             let mut buf = Vec::new();
             for x in parts.iter().flatten() {
                 let _ = writeln!(buf, "{x}");
             }
-            let path = paths.sink_part(cairn_checkpoint::BatchId(ctx.info.batch_id));
-            put_text(&loc, &path, buf).map_err(|e| match e {
+            let batch = cairn_checkpoint::BatchId(ctx.info.batch_id);
+            let path = paths.sink_part(batch);
+            // Object stores put atomically. A local directory gets a staging file next to the
+            // target from object_store, which a reader would take as data: write under
+            // `_staging/` and rename into place instead.
+            let written = match loc.local_dir {
+                None => put_text(&loc, &path, buf),
+                Some(_) => {
+                    let staged = paths.sink_staging(batch);
+                    put_text(&loc, &staged, buf).and_then(|()| {
+                        block_on(loc.store.rename(&staged, &path)).map_err(|e| Error::Sink {
+                            sink: loc.label.clone(),
+                            batch: 0,
+                            message: format!("cannot move {staged} to {path}: {e}"),
+                        })
+                    })
+                }
+            };
+            written.map_err(|e| match e {
                 Error::Sink { sink, message, .. } => Error::Sink { sink, batch: ctx.info.batch_id, message },
                 other => other,
             })
