@@ -95,7 +95,7 @@ pub fn list(store: &CheckpointStore, keep: usize) -> Result<Overview> {
             batch: b.0,
             batch_time_ms: p.as_ref().map(|p| p.batch_time_ms),
             // Plans are only written once the previous batch committed.
-            committed: commit.is_some() || commits.contains(b) || plans.contains(&BatchId(b.0 + 1)),
+            committed: protocol::is_committed(&listing, *b),
             ranges: p.as_ref().map_or(0, |p| p.sources.iter().map(|s| s.ranges.len()).sum()),
             records: commit.map(|c| c.input_records),
         });

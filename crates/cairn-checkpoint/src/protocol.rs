@@ -336,3 +336,71 @@ pub fn plan_retention(listing: &Listing, keep: usize) -> RetentionPlan {
     logs.extend(state);
     RetentionPlan { keep_checkpoints: kept, fallback: fallback.map(|f| f.0), keeps_whole_log, delete: logs }
 }
+
+/// Whether a batch is committed: it has a commit record, or the next batch was planned (a plan
+/// is only written once the previous batch's sinks finished, and carries its commit record).
+///
+/// ```
+/// use cairn_checkpoint::protocol::{is_committed, Listing};
+/// use cairn_checkpoint::paths::ObjectName::*;
+/// use cairn_checkpoint::BatchId as B;
+/// let l = Listing::new([Plan(B(4)), Plan(B(5)), Plan(B(6)), Commit(B(6)), Plan(B(7))]);
+/// assert!(is_committed(&l, B(4)) && is_committed(&l, B(6)));
+/// assert!(!is_committed(&l, B(7)));
+/// ```
+pub fn is_committed(listing: &Listing, batch: BatchId) -> bool {
+    listing.contains(ObjectName::Commit(batch)) || listing.contains(ObjectName::Plan(BatchId(batch.0 + 1)))
+}
+
+/// What to do about the state checkpoint after a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointDecision {
+    /// Fewer batches than the checkpoint interval since the last checkpoint.
+    NotDue,
+    /// Cut a checkpoint now (waiting for room in the writer's queue if need be).
+    Write,
+    /// Due, but the writer is busy: put it off (the changes go into the next one) rather than
+    /// stall the batch.
+    Defer,
+}
+
+/// Decides the checkpoint after a batch: due every `every` batches; while the writer's queue is
+/// full a due checkpoint is deferred, for at most `max_deferral` batches, after which the
+/// scheduler waits (bounding what a crash can make it replay).
+///
+/// ```
+/// use cairn_checkpoint::protocol::{checkpoint_decision, CheckpointDecision::*};
+/// assert_eq!(checkpoint_decision(1, 2, 5, false), NotDue);
+/// assert_eq!(checkpoint_decision(2, 2, 5, false), Write);
+/// assert_eq!(checkpoint_decision(2, 2, 5, true), Defer);
+/// assert_eq!(checkpoint_decision(7, 2, 5, true), Write); // overdue: wait for the writer
+/// ```
+pub fn checkpoint_decision(
+    since_last: u64,
+    every: u64,
+    max_deferral: u64,
+    writer_full: bool,
+) -> CheckpointDecision {
+    if since_last < every.max(1) {
+        return CheckpointDecision::NotDue;
+    }
+    let overdue = since_last - every.max(1) >= max_deferral;
+    if writer_full && !overdue {
+        CheckpointDecision::Defer
+    } else {
+        CheckpointDecision::Write
+    }
+}
+
+/// Whether the newest checkpoint's chain (`chain_len` objects through full snapshots) is long
+/// enough that a full snapshot should be compacted from it: more than `full_every` objects. The
+/// length comes from the location, not from memory, so restarts still get snapshots cut.
+///
+/// ```
+/// use cairn_checkpoint::protocol::compaction_due;
+/// assert!(!compaction_due(4, 4));
+/// assert!(compaction_due(5, 4));
+/// ```
+pub fn compaction_due(chain_len: usize, full_every: usize) -> bool {
+    chain_len > full_every
+}

@@ -739,21 +739,15 @@ impl CheckpointStore {
             (None, Some(s)) => BatchId(s.batch_id.0 + 1),
             (None, None) => BatchId(0),
         };
-        // A batch is committed if it has a commit object, or if the next batch was planned (plans
-        // carry the previous batch's commit).
-        let planned: BTreeSet<BatchId> = listing.plans().into_iter().collect();
-        let committed = replay
-            .iter()
-            .map(|p| p.batch_id)
-            .filter(|b| commits.contains(b) || planned.contains(&BatchId(b.0 + 1)))
-            .collect();
+        let committed =
+            replay.iter().map(|p| p.batch_id).filter(|b| protocol::is_committed(&listing, *b)).collect();
         // The next plan carries a copy of the newest one; without a replay it was not read yet.
         let last_plan = match replay.last() {
             Some(p) => Some(p.copy()),
             None => next_batch
                 .0
                 .checked_sub(1)
-                .filter(|b| planned.contains(&BatchId(*b)))
+                .filter(|b| listing.contains(ObjectName::Plan(BatchId(*b))))
                 .and_then(|b| self.read_plan(BatchId(b)).ok())
                 .map(|p| p.copy()),
         };

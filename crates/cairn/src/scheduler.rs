@@ -568,16 +568,20 @@ impl Runner {
         let mut checkpointed = false;
         let mut deferred = false;
         let mut checkpoint_bytes = 0;
-        if let (true, Some(w)) = (self.batches_since_checkpoint >= self.checkpoint_every, &self.writer) {
-            // While storage is busy, a due checkpoint is put off (its changes keep accumulating
-            // and go into the next one) instead of stalling the batch; past the deferral bound
-            // the scheduler waits, which bounds how much a crash can make it replay.
-            let overdue = self.batches_since_checkpoint - self.checkpoint_every >= self.max_deferral;
-            if w.is_full() && !overdue {
-                deferred = true;
-            } else {
-                (wait_ms, checkpoint_bytes) = self.checkpoint(plan.batch_id)?;
-                checkpointed = true;
+        if let Some(w) = &self.writer {
+            use cairn_checkpoint::protocol::{checkpoint_decision, CheckpointDecision};
+            match checkpoint_decision(
+                self.batches_since_checkpoint,
+                self.checkpoint_every,
+                self.max_deferral,
+                w.is_full(),
+            ) {
+                CheckpointDecision::NotDue => {}
+                CheckpointDecision::Defer => deferred = true,
+                CheckpointDecision::Write => {
+                    (wait_ms, checkpoint_bytes) = self.checkpoint(plan.batch_id)?;
+                    checkpointed = true;
+                }
             }
         }
         let stats: WriterStats = self.writer.as_ref().map(|w| w.stats()).unwrap_or_default();

@@ -219,7 +219,7 @@ fn maintenance_loop(
             .ok()
             .and_then(|l| cairn_checkpoint::protocol::chain(&l, batch, true))
             .map_or(0, |c| c.len());
-        if chain_len > full_every {
+        if cairn_checkpoint::protocol::compaction_due(chain_len, full_every) {
             match store.compact(batch) {
                 Ok(Some(w)) => {
                     let mut s = lock(shared);
