@@ -53,8 +53,8 @@ pub use error::{Error, Result};
 pub use graph::{BatchInfo, Partitions};
 pub use keyed::Key;
 pub use progress::{
-    BatchProgress, BatchStarted, CheckpointFailed, CheckpointWritten, OperatorProgress, RecoveryFinished,
-    StreamingListener,
+    BatchProgress, BatchStarted, CheckpointFailed, CheckpointWritten, LeaseLost, OperatorProgress,
+    RecoveryFinished, StreamingListener,
 };
 pub use scheduler::RunSummary;
 pub use sink::read_text_output;
