@@ -40,7 +40,6 @@ pub mod source;
 mod state;
 mod stateful;
 pub mod testing;
-mod web;
 mod window;
 mod writer;
 
