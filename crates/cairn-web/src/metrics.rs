@@ -99,7 +99,7 @@ impl Families {
         );
         r.register(
             "checkpoint_write_retries",
-            "Checkpoint store attempts that failed and were retried",
+            "Checkpoint writes that failed and were attempted again (single puts retried inside the store are not counted)",
             f.checkpoint_write_retries.clone(),
         );
         r.register(
