@@ -76,7 +76,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result: Result<ExitCode, Box<dyn std::error::Error>> = match cli.command {
-        Command::Demo(a) => demo(a).map(|()| ExitCode::SUCCESS).map_err(Into::into),
+        Command::Demo(a) => demo(a).map(|()| ExitCode::SUCCESS),
         Command::Checkpoint(c) => admin::run(c),
     };
     match result {
@@ -111,9 +111,6 @@ fn build(a: &DemoArgs, loc: &str) -> cairn::Result<StreamingContext> {
     if let Some(p) = a.parallelism {
         b = b.parallelism(p);
     }
-    if let Some(addr) = &a.http {
-        b = b.http_address(addr);
-    }
     let ctx = b.build()?;
     let events = ctx.generator("purchases", 2, a.rate, move |p, o| event(p, o, users))?;
     let totals = events.map_with_state(
@@ -129,7 +126,7 @@ fn build(a: &DemoArgs, loc: &str) -> cairn::Result<StreamingContext> {
     Ok(ctx)
 }
 
-fn demo(a: DemoArgs) -> cairn::Result<()> {
+fn demo(a: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
     if a.print_graph {
         let ctx = build(&a, &a.checkpoint)?;
         println!("{}", serde_json::to_string_pretty(&ctx.graph_description()).unwrap_or_default());
@@ -169,11 +166,16 @@ fn demo(a: DemoArgs) -> cairn::Result<()> {
     if let Some(p) = &a.progress_json {
         ctx.progress_json_lines(p)?;
     }
-    ctx.start()?;
-    if let Some(addr) = ctx.http_address() {
+    // Served before the job starts, so the metrics see recovery and every batch; it stops when
+    // dropped, after the job.
+    let endpoint = a.http.as_deref().map(|addr| cairn_web::serve(&ctx, addr)).transpose()?;
+    if let Some(e) = &endpoint {
+        let addr = e.addr();
         println!("web page: http://{addr}/  metrics: http://{addr}/metrics");
     }
+    ctx.start()?;
     let summary = ctx.await_termination()?;
+    drop(endpoint);
     if live {
         println!();
     }

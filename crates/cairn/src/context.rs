@@ -41,7 +41,6 @@ pub(crate) struct Config {
     pub stop_on_signals: bool,
     pub lease_ttl: Duration,
     pub clock: Arc<dyn Clock>,
-    pub http_address: Option<String>,
 }
 
 /// Builds a [`StreamingContext`].
@@ -150,13 +149,6 @@ impl StreamingContextBuilder {
         self.cfg.lease_ttl = d;
         self
     }
-    /// Serves Prometheus metrics (`/metrics`) and a live web page with the batch timeline (`/`)
-    /// on this address while the job runs, e.g. `127.0.0.1:8080` (port 0 picks a free port; see
-    /// [`StreamingContext::http_address`]). Off by default.
-    pub fn http_address(mut self, addr: impl Into<String>) -> Self {
-        self.cfg.http_address = Some(addr.into());
-        self
-    }
     /// Replaces the wall clock (tests).
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.cfg.clock = clock;
@@ -193,7 +185,6 @@ impl StreamingContextBuilder {
                 stop: Arc::new(AtomicBool::new(false)),
                 listeners: Listeners::default(),
                 phase: Mutex::new(Phase::Defining),
-                http: Mutex::new(None),
             }),
         })
     }
@@ -212,7 +203,6 @@ pub(crate) struct Inner {
     pub stop: Arc<AtomicBool>,
     pub listeners: Listeners,
     phase: Mutex<Phase>,
-    http: Mutex<Option<crate::web::Server>>,
 }
 
 /// Stops a running context from another thread: the running batch finishes, a final checkpoint
@@ -276,7 +266,6 @@ impl StreamingContext {
                 stop_on_signals: false,
                 lease_ttl: Duration::from_secs(10),
                 clock: clock::system(),
-                http_address: None,
             },
         }
     }
@@ -300,6 +289,17 @@ impl StreamingContext {
         }
         ctx.prepare()?;
         Ok(ctx)
+    }
+
+    /// The configured app name (see [`StreamingContextBuilder::app_name`]).
+    pub fn app_name(&self) -> &str {
+        &self.inner.cfg.app_name
+    }
+
+    /// Whether [`start`](Self::start) (or a `run` method) was called: listeners added after that
+    /// miss the events that came before.
+    pub fn is_started(&self) -> bool {
+        matches!(*self.phase(), Phase::Running(_) | Phase::Finished)
     }
 
     /// The configured parallelism.
@@ -439,15 +439,6 @@ impl StreamingContext {
         if self.inner.cfg.stop_on_signals {
             scheduler::install_signal_handlers(&self.inner.stop)?;
         }
-        if let Some(addr) = &self.inner.cfg.http_address {
-            let monitor = crate::web::Monitor::new(&self.inner.cfg.app_name);
-            let server = crate::web::serve(addr, monitor.clone()).map_err(|e| {
-                Error::Config(format!("cannot serve metrics and the web page on {addr}: {e}"))
-            })?;
-            tracing::info!("metrics at http://{}/metrics, live page at http://{}/", server.addr, server.addr);
-            self.add_listener(Arc::new(monitor));
-            *self.inner.http.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
-        }
         let inner = self.inner.clone();
         let handle = std::thread::Builder::new()
             .name("cairn-scheduler".into())
@@ -469,16 +460,7 @@ impl StreamingContext {
             Phase::Running(h) => h,
             _ => return Err(Error::Lifecycle("the context is not running".into())),
         };
-        let result = handle.join().map_err(|_| Error::Lifecycle("the scheduler thread panicked".into()))?;
-        // The endpoint lives as long as the job.
-        self.inner.http.lock().unwrap_or_else(|e| e.into_inner()).take();
-        result
-    }
-
-    /// The address metrics and the web page are served on, once started (see
-    /// [`StreamingContextBuilder::http_address`]).
-    pub fn http_address(&self) -> Option<std::net::SocketAddr> {
-        self.inner.http.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|s| s.addr)
+        handle.join().map_err(|_| Error::Lifecycle("the scheduler thread panicked".into()))?
     }
 
     /// `start` then `await_termination`.

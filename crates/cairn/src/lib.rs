@@ -40,7 +40,6 @@ pub mod source;
 mod state;
 mod stateful;
 pub mod testing;
-mod web;
 mod window;
 mod writer;
 
@@ -53,8 +52,8 @@ pub use error::{Error, Result};
 pub use graph::{BatchInfo, Partitions};
 pub use keyed::Key;
 pub use progress::{
-    BatchProgress, BatchStarted, CheckpointFailed, CheckpointWritten, OperatorProgress, RecoveryFinished,
-    StreamingListener,
+    BatchProgress, BatchStarted, CheckpointFailed, CheckpointWritten, LeaseLost, OperatorProgress,
+    RecoveryFinished, StreamingListener,
 };
 pub use scheduler::RunSummary;
 pub use sink::read_text_output;

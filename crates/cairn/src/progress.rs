@@ -70,6 +70,8 @@ pub struct CheckpointWritten {
     pub bytes: u64,
     pub write_ms: f64,
     pub full: bool,
+    /// Store attempts that failed before the one that succeeded (0 when the first one did).
+    pub retries: u32,
 }
 
 /// A state checkpoint could not be stored (after retries); the job stops.
@@ -77,6 +79,16 @@ pub struct CheckpointWritten {
 pub struct CheckpointFailed {
     pub batch_id: u64,
     pub error: String,
+    /// Store attempts that failed before the last one, which failed too.
+    pub retries: u32,
+}
+
+/// Another process took the checkpoint location over (its lease was lost); the job stops
+/// without writing anything more there.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LeaseLost {
+    /// Who holds the location now.
+    pub holder: String,
 }
 
 /// Recovery finished; batches are about to run.
@@ -110,6 +122,7 @@ pub trait StreamingListener: Send + Sync {
     fn on_batch_completed(&self, _p: &BatchProgress) {}
     fn on_checkpoint_written(&self, _e: &CheckpointWritten) {}
     fn on_checkpoint_failed(&self, _e: &CheckpointFailed) {}
+    fn on_lease_lost(&self, _e: &LeaseLost) {}
 }
 
 /// The registered listeners, shared with the checkpoint writer's thread.

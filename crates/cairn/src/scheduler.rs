@@ -502,6 +502,8 @@ impl Runner {
 
     fn check_health(&self) -> Result<()> {
         if let Some(holder) = self.p.lease.as_ref().and_then(|l| l.lost()) {
+            let lost = crate::progress::LeaseLost { holder: holder.clone() };
+            self.inner.listeners.each(|l| l.on_lease_lost(&lost));
             return Err(Error::Checkpoint(cairn_checkpoint::Error::LeaseLost {
                 location: self.inner.cfg.checkpoint.clone().unwrap_or_default(),
                 holder,

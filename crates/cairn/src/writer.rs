@@ -183,6 +183,7 @@ fn write_loop(
                     bytes: w.bytes,
                     write_ms,
                     full: ckpt.kind == CheckpointKind::Full,
+                    retries: attempt - 1,
                 };
                 listeners.each(|l| l.on_checkpoint_written(&e));
             }
@@ -190,7 +191,7 @@ fn write_loop(
                 tracing::error!("checkpoint after batch {batch} could not be written: {e}");
                 s.error = Some(format!("checkpoint after batch {batch}: {e}"));
                 drop(s);
-                let e = CheckpointFailed { batch_id: batch.0, error: e.to_string() };
+                let e = CheckpointFailed { batch_id: batch.0, error: e.to_string(), retries: attempt - 1 };
                 listeners.each(|l| l.on_checkpoint_failed(&e));
                 return; // dropping rx makes the next submit fail
             }

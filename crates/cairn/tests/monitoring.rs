@@ -1,11 +1,10 @@
-//! Listeners, JSON progress lines and the Prometheus endpoint of a running job.
+//! Listeners and JSON progress lines of a running job (the Prometheus endpoint and the live page
+//! are tested in cairn-web).
 
 use cairn::{
     BatchProgress, CheckpointWritten, RecoveryFinished, StreamingContext, StreamingListener, Trigger,
 };
-use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 #[derive(Default)]
 struct Recorder {
@@ -71,54 +70,4 @@ fn listeners_see_every_event_in_order_and_progress_lines_are_json() {
     ctx.add_listener(rec.clone());
     ctx.run_available().unwrap();
     assert_eq!(rec.events.lock().unwrap()[0], "recovered Some(3)");
-}
-
-fn get(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-#[test]
-fn prometheus_endpoint_serves_the_figures_while_the_job_runs() {
-    let dir = tempfile::tempdir().unwrap();
-    let ctx = StreamingContext::builder()
-        .app_name("metrics-test")
-        .checkpoint(dir.path().to_str().unwrap())
-        .batch_interval(Duration::from_millis(20))
-        .http_address("127.0.0.1:0")
-        .build()
-        .unwrap();
-    let s = ctx.generator("g", 1, 50, |_, o| (o % 7, 1u64)).unwrap();
-    s.update_state_by_key("counts", |_, v: Vec<u64>, o: Option<u64>| Some(o.unwrap_or(0) + v.len() as u64))
-        .foreach_batch(|_, _| Ok(()));
-    ctx.start().unwrap();
-    let addr = ctx.http_address().expect("serving");
-    std::thread::sleep(Duration::from_millis(400));
-    let m = get(addr, "/metrics");
-    assert!(m.starts_with("HTTP/1.1 200"), "{m}");
-    assert!(m.contains("text/plain; version=0.0.4"));
-    let value = |name: &str| -> f64 {
-        m.lines()
-            .find(|l| l.starts_with(name) && !l.starts_with('#'))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing in\n{m}"))
-    };
-    let batches = value("cairn_batches_total{app=\"metrics-test\"}");
-    assert!(batches >= 3.0, "{batches}");
-    assert_eq!(value("cairn_input_records_total{app=\"metrics-test\"}"), batches * 50.0);
-    assert_eq!(value("cairn_state_keys{app=\"metrics-test\",operator=\"counts\"}"), 7.0);
-    assert!(value("cairn_batch_processing_seconds_count") >= batches);
-    assert!(m.contains("# TYPE cairn_checkpoint_write_seconds histogram"));
-    let p = get(addr, "/api/progress");
-    assert!(p.contains("\"app\":\"metrics-test\"") && p.contains("\"batch_id\""), "{p}");
-    let page = get(addr, "/");
-    assert!(page.contains("<canvas id=\"rate\">"));
-    ctx.stop();
-    ctx.await_termination().unwrap();
-    assert!(ctx.http_address().is_none(), "the endpoint stops with the job");
-    assert!(std::net::TcpStream::connect(addr).is_err(), "nothing listens any more");
 }
