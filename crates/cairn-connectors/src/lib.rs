@@ -9,4 +9,5 @@
 //!   so a replayed batch is never written twice.
 
 pub mod kafka;
+mod pending;
 pub mod postgres;

@@ -12,7 +12,8 @@
 //! connection at once (tokio-postgres sends them without waiting for each answer), so a batch
 //! costs a few round trips instead of one per row.
 
-use cairn::{BatchInfo, DStream, Data};
+use crate::pending::Pending;
+use cairn::{BatchContext, BatchInfo, BatchWrite, DStream, Data, Sink, UserError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_postgres::types::ToSql;
@@ -71,6 +72,8 @@ pub struct PostgresSink<T> {
     client: Mutex<Option<Connection>>,
     attempts: u32,
     setup: Option<String>,
+    /// The partitions of the batch being written, gathered until commit.
+    pending: Pending<T>,
 }
 
 /// A connection and the single-threaded runtime that drives it (the sink runs on the
@@ -125,6 +128,7 @@ impl<T: Data> PostgresSink<T> {
             client: Mutex::new(None),
             attempts: 4,
             setup: None,
+            pending: Pending::default(),
         }
     }
 
@@ -144,7 +148,7 @@ impl<T: Data> PostgresSink<T> {
     /// Makes the sink the output of `stream`: every batch is written (or skipped as already
     /// committed) before cairn commits the batch.
     pub fn attach(self, stream: &DStream<T>) {
-        stream.foreach_batch(move |info, rows| self.write_batch(info, &rows).map(|_| ()).map_err(Into::into));
+        stream.write_to(self);
     }
 
     /// Writes one batch, retrying (with a new connection) when the database connection fails.
@@ -282,4 +286,29 @@ fn is_schema_error(e: &tokio_postgres::Error) -> bool {
         ]
         .contains(c)
     }) || e.to_string().contains("error serializing parameter")
+}
+
+/// A batch is written in one transaction at commit, with the batch id recorded in it, so the
+/// partitions are gathered first (one connection for the batch: the progress row and the rows
+/// must commit together).
+impl<T: Data> Sink<T> for PostgresSink<T> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn open(&self, _: &BatchContext) -> Result<BatchWrite, UserError> {
+        self.pending.clear();
+        Ok(BatchWrite::Write)
+    }
+    fn write_partition(&self, _: &BatchContext, partition: usize, data: Vec<T>) -> Result<(), UserError> {
+        self.pending.push(partition, data);
+        Ok(())
+    }
+    fn commit(&self, batch: &BatchContext) -> Result<(), UserError> {
+        let rows = self.pending.take_in_order();
+        self.write_batch(&batch.info(), &rows)?;
+        Ok(())
+    }
+    fn abort(&self, _: &BatchContext) {
+        self.pending.clear();
+    }
 }

@@ -5,7 +5,7 @@ use crate::graph::{BatchCtx, BatchInfo, Graph, Node, Output, Partitions, Shared}
 use rayon::prelude::*;
 use std::fmt::Debug;
 use std::marker::PhantomData;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// What stream elements must be: cheap to move between threads. Blanket-implemented.
 pub trait Data: Clone + Send + Sync + 'static {}
@@ -92,6 +92,11 @@ impl<T: Data> DStream<T> {
     }
 
     /// Registers an output pulling this stream.
+    /// How many outputs the graph has so far (names unnamed sinks).
+    pub(crate) fn output_count(&self) -> usize {
+        self.graph.lock().outputs.len()
+    }
+
     pub(crate) fn output(
         &self,
         run: impl Fn(Partitions<T>, &BatchCtx<'_>) -> Result<()> + Send + Sync + 'static,
@@ -230,25 +235,6 @@ impl<T: Data> DStream<T> {
             let partials: Vec<T> = parts.into_par_iter().filter_map(|p| p.into_iter().reduce(&f)).collect();
             Ok(vec![partials.into_iter().reduce(&f).into_iter().collect()])
         })
-    }
-
-    /// Calls `f` with every batch's id, time and elements (in partition order). An error fails
-    /// the batch: it is not committed, and replays with the same id after a restart.
-    pub fn foreach_batch(
-        &self,
-        f: impl FnMut(&BatchInfo, Vec<T>) -> std::result::Result<(), UserError> + Send + 'static,
-    ) {
-        let f = Mutex::new(f);
-        let sink = format!("foreach_batch#{}", self.graph.lock().outputs.len());
-        self.output(move |parts, ctx| {
-            let data: Vec<T> = parts.into_iter().flatten().collect();
-            let mut f = f.lock().unwrap_or_else(|e| e.into_inner());
-            f(&ctx.info, data).map_err(|e| Error::Sink {
-                sink: sink.clone(),
-                batch: ctx.info.batch_id,
-                message: e.to_string(),
-            })
-        });
     }
 
     /// Prints the first `n` elements of every batch to stdout.

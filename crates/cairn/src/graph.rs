@@ -50,6 +50,8 @@ pub(crate) struct BatchCtx<'a> {
     pub start_time_ms: i64,
     /// Records read from sources in this batch.
     pub records: std::sync::atomic::AtomicU64,
+    /// The writer's ownership epoch, handed to sinks (see `BatchContext::epoch`).
+    pub epoch: Option<u64>,
 }
 
 impl BatchCtx<'_> {

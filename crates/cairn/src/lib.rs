@@ -56,7 +56,7 @@ pub use progress::{
     RecoveryFinished, StreamingListener,
 };
 pub use scheduler::RunSummary;
-pub use sink::read_text_output;
+pub use sink::{read_text_output, BatchContext, BatchWrite, Sink, TaskId, TextFileSink};
 pub use source::{Generator, Malformed, QueueHandle, Source, TextFiles};
 pub use state::StateData;
 pub use stateful::{OpName, State, StateSpec};

@@ -5,7 +5,7 @@ use crate::dstream::{DStream, Data, UserError};
 use crate::error::{Error, Result};
 use crate::graph::{BatchCtx, Graph, Node, Partitions};
 use crate::io::{block_on, Location};
-use cairn_checkpoint::object_store::{ObjectStore, PutPayload};
+use cairn_checkpoint::object_store::ObjectStore;
 use cairn_checkpoint::OffsetRange;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
@@ -377,19 +377,6 @@ impl<T: Data, F: Fn(&str) -> std::result::Result<T, String> + Send + Sync + 'sta
         }
         Ok(out)
     }
-}
-
-/// Writes `text` to `location/name` atomically (used by the file sink).
-pub(crate) fn put_text(
-    location: &Location,
-    name: &cairn_checkpoint::object_store::path::Path,
-    text: Vec<u8>,
-) -> Result<()> {
-    block_on(location.store.put(name, PutPayload::from(text))).map(|_| ()).map_err(|e| Error::Sink {
-        sink: location.label.clone(),
-        batch: 0,
-        message: format!("cannot write {name}: {e}"),
-    })
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //! so a batch replayed after a crash is never written twice.
 
 use super::decode::DeadLetter;
-use cairn::UserError;
+use crate::pending::Pending;
+use cairn::{BatchContext, BatchWrite, Sink, UserError};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -45,6 +46,8 @@ pub struct KafkaSink<T> {
     to_record: ToKafka<T>,
     timeout: Duration,
     state: Mutex<Option<Connected>>,
+    /// The partitions of the batch being written, gathered until commit.
+    pending: Pending<T>,
 }
 
 /// A sink's clients, for one job.
@@ -87,12 +90,13 @@ impl<T: cairn::Data> KafkaSink<T> {
             to_record: Arc::new(to_record),
             timeout: Duration::from_secs(30),
             state: Mutex::new(None),
+            pending: Pending::default(),
         }
     }
 
     /// Makes the sink an output of `stream`.
     pub fn attach(self, stream: &cairn::DStream<T>) {
-        stream.foreach_batch(move |info, rows| self.write_batch(info, &rows).map(|_| ()));
+        stream.write_to(self);
     }
 
     fn connect(&self, job_id: &Arc<str>) -> Result<Connected, UserError> {
@@ -222,5 +226,28 @@ impl KafkaSink<DeadLetter> {
             headers.push(("cairn.offset".into(), r.offset.to_string().into_bytes()));
             OutRecord { key: r.key.clone(), value: r.value.clone().unwrap_or_default(), headers }
         })
+    }
+}
+
+/// The batch's transaction (its records and the batch marker) is one unit written at commit; the
+/// partitions are gathered first, one producer per job.
+impl<T: cairn::Data> Sink<T> for KafkaSink<T> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn open(&self, _: &BatchContext) -> Result<BatchWrite, UserError> {
+        self.pending.clear();
+        Ok(BatchWrite::Write)
+    }
+    fn write_partition(&self, _: &BatchContext, partition: usize, data: Vec<T>) -> Result<(), UserError> {
+        self.pending.push(partition, data);
+        Ok(())
+    }
+    fn commit(&self, batch: &BatchContext) -> Result<(), UserError> {
+        let rows = self.pending.take_in_order();
+        self.write_batch(&batch.info(), &rows).map(|_| ())
+    }
+    fn abort(&self, _: &BatchContext) {
+        self.pending.clear();
     }
 }
