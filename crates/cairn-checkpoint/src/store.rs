@@ -90,7 +90,6 @@ pub struct CheckpointStore {
     store: Arc<dyn ObjectStore>,
     paths: Paths,
     location: String,
-    rt: Arc<tokio::runtime::Runtime>,
     /// The directory of a location on the local file system, swept for crashed writers' debris.
     local_dir: Option<std::path::PathBuf>,
 }
@@ -195,19 +194,32 @@ fn cloud<S: ObjectStore>(
     Ok((Arc::new(store), Path::from(url.path().trim_matches('/'))))
 }
 
-fn runtime() -> Arc<tokio::runtime::Runtime> {
-    static RT: std::sync::OnceLock<Arc<tokio::runtime::Runtime>> = std::sync::OnceLock::new();
-    RT.get_or_init(|| {
-        Arc::new(
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name("cairn-ckpt-io")
-                .enable_all()
-                .build()
-                .expect("cannot start the checkpoint I/O runtime"),
-        )
-    })
-    .clone()
+/// The one runtime that drives every object-store request of the process (checkpoints, sources,
+/// file sinks), started on first use. Starting it can fail (no threads or file descriptors left);
+/// that is an error for the request, not a panic.
+pub fn io_runtime() -> std::io::Result<&'static tokio::runtime::Runtime> {
+    static RT: std::sync::OnceLock<std::result::Result<tokio::runtime::Runtime, String>> =
+        std::sync::OnceLock::new();
+    let rt = RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("cairn-io")
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+    });
+    rt.as_ref().map_err(|e| std::io::Error::other(format!("cannot start the I/O runtime: {e}")))
+}
+
+/// Runs an object-store request on [`io_runtime`], blocking the caller (the engine's scheduler is
+/// synchronous). A runtime that cannot start is reported as the request's error.
+pub fn block_on_io<T>(
+    f: impl std::future::Future<Output = object_store::Result<T>>,
+) -> object_store::Result<T> {
+    match io_runtime() {
+        Ok(rt) => rt.block_on(f),
+        Err(e) => Err(object_store::Error::Generic { store: "cairn", source: Box::new(e) }),
+    }
 }
 
 impl Clone for CheckpointStore {
@@ -216,7 +228,6 @@ impl Clone for CheckpointStore {
             store: self.store.clone(),
             paths: self.paths.clone(),
             location: self.location.clone(),
-            rt: self.rt.clone(),
             local_dir: self.local_dir.clone(),
         }
     }
@@ -253,7 +264,7 @@ impl CheckpointStore {
 
     /// Uses an existing object store (e.g. wrapped to inject latency or faults) under `root`.
     pub fn with_store(store: Arc<dyn ObjectStore>, root: Path, location: impl Into<String>) -> Self {
-        Self { store, paths: Paths::new(root), location: location.into(), rt: runtime(), local_dir: None }
+        Self { store, paths: Paths::new(root), location: location.into(), local_dir: None }
     }
 
     /// The location as given.
@@ -272,8 +283,11 @@ impl CheckpointStore {
     }
 
     /// Runs a future on this store's runtime, blocking the caller.
-    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.rt.block_on(f)
+    pub fn block_on<T>(
+        &self,
+        f: impl std::future::Future<Output = object_store::Result<T>>,
+    ) -> object_store::Result<T> {
+        block_on_io(f)
     }
 
     fn get(&self, path: &Path) -> Result<Option<Vec<u8>>> {

@@ -102,7 +102,7 @@ fn conformance_and_racing_conditional_creates(base: &str) {
     // put / get / list / delete under the prefix.
     let p = ObjPath::from("jobs/a/x/one");
     rt(os.put(&p, PutPayload::from_static(b"1"))).unwrap();
-    let got = store.block_on(async { os.get(&p).await.unwrap().bytes().await.unwrap() });
+    let got = store.block_on(async { os.get(&p).await?.bytes().await }).unwrap();
     assert_eq!(&got[..], b"1");
     let listed: Vec<_> =
         store.block_on(os.list(Some(&ObjPath::from("jobs/a/x"))).try_collect::<Vec<_>>()).unwrap();
@@ -139,7 +139,7 @@ fn conformance_and_racing_conditional_creates(base: &str) {
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        let stored = store.block_on(async { os.get(&path).await.unwrap().bytes().await.unwrap() });
+        let stored = store.block_on(async { os.get(&path).await?.bytes().await }).unwrap();
         let owner: usize =
             std::str::from_utf8(&stored).unwrap().trim_start_matches("writer ").parse().unwrap();
         let winners: Vec<usize> = results.iter().filter(|(_, r)| r.is_ok()).map(|(w, _)| *w).collect();

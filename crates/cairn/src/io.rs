@@ -2,19 +2,14 @@
 //! `cairn-checkpoint`). One small runtime serves every blocking call.
 
 use cairn_checkpoint::object_store::{path::Path, ObjectStore};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-pub(crate) fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("cairn-io")
-            .enable_all()
-            .build()
-            .expect("cannot start the I/O runtime")
-    })
-    .block_on(f)
+/// Runs an object-store request on the process's one I/O runtime (shared with the checkpoint
+/// store).
+pub(crate) fn block_on<T>(
+    f: impl std::future::Future<Output = cairn_checkpoint::object_store::Result<T>>,
+) -> cairn_checkpoint::object_store::Result<T> {
+    cairn_checkpoint::store::block_on_io(f)
 }
 
 /// An object-store location: a local path, `file://` URL, or `memory://`.

@@ -368,6 +368,9 @@ pub(crate) fn run(inner: Arc<Inner>, p: Prepared, trigger: Trigger) -> Result<Ru
             cfg.keep_checkpoints,
         )
     });
+    // Without its writer the job cannot checkpoint: it stops here (the lease is given back as
+    // `p` drops).
+    let writer = writer.transpose()?;
     let ops = inner.graph.lock().stateful.clone();
     let summary = RunSummary {
         replayed_batches: 0,

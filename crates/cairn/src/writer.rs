@@ -56,7 +56,7 @@ impl CheckpointWriter {
         capacity: usize,
         full_every: usize,
         keep: usize,
-    ) -> Self {
+    ) -> Result<Self> {
         // `capacity` checkpoints may be pending: one being written, the rest queued.
         let (tx, rx) = sync_channel::<StateCheckpoint>(capacity.saturating_sub(1));
         let (maint_tx, maint_rx) = channel::<BatchId>();
@@ -68,7 +68,9 @@ impl CheckpointWriter {
                 std::thread::Builder::new()
                     .name("cairn-ckpt-writer".into())
                     .spawn(move || write_loop(&store, rx, &shared, maint_tx, &listeners))
-                    .expect("cannot start the checkpoint writer thread"),
+                    .map_err(|e| {
+                        Error::Lifecycle(format!("cannot start the checkpoint writer thread: {e}"))
+                    })?,
             );
         }
         {
@@ -77,10 +79,12 @@ impl CheckpointWriter {
                 std::thread::Builder::new()
                     .name("cairn-ckpt-maintenance".into())
                     .spawn(move || maintenance_loop(&store, maint_rx, &shared, full_every, keep))
-                    .expect("cannot start the checkpoint maintenance thread"),
+                    .map_err(|e| {
+                        Error::Lifecycle(format!("cannot start the checkpoint maintenance thread: {e}"))
+                    })?,
             );
         }
-        Self { tx: Some(tx), shared, threads, capacity: capacity.max(1) }
+        Ok(Self { tx: Some(tx), shared, threads, capacity: capacity.max(1) })
     }
 
     /// Checkpoints submitted and not yet written.
