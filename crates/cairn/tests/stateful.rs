@@ -765,6 +765,101 @@ fn a_window_operator_version_change_is_refused_unless_its_state_is_dropped() {
     }
 }
 
+/// The `update_state_by_key_every_batch` function of the test below: values add up (above 60
+/// the key is removed); without values an odd total loses 1, a negative even one is removed,
+/// another even one stays as it is.
+fn every_batch_update(vs: Vec<i64>, old: Option<i64>) -> Option<i64> {
+    match (vs.is_empty(), old) {
+        (false, old) => Some(old.unwrap_or(0) + vs.iter().sum::<i64>()).filter(|t| *t <= 60),
+        (true, Some(t)) if t % 2 != 0 => Some(t - 1),
+        (true, Some(t)) => (t >= 0).then_some(t),
+        (true, None) => panic!("called for a key without state and without values"),
+    }
+}
+
+/// Runs `update_state_by_key_every_batch("every", ...)` until `stop_after` batches exist,
+/// checkpointing every batch.
+fn every_batch_run(
+    location: &str,
+    batches: &[Vec<(u8, i64)>],
+    stop_after: u64,
+    parallelism: usize,
+) -> Rec<(u8, i64)> {
+    let ctx = StreamingContext::builder()
+        .checkpoint(location)
+        .batch_interval(SEC)
+        .checkpoint_interval(SEC)
+        .max_checkpoint_deferral(0)
+        .parallelism(parallelism)
+        .stop_after_batches(stop_after)
+        .trigger(Trigger::AvailableNow)
+        .build()
+        .unwrap();
+    let (q, s) = ctx.queue_stream::<(u8, i64)>("in").unwrap();
+    for b in batches {
+        q.push(b.clone());
+    }
+    let out = record(
+        &s.update_state_by_key_every_batch("every", |_k, vs, old| every_batch_update(vs, old)),
+        &Arc::default(),
+    );
+    let summary = ctx.run_available().unwrap();
+    assert_eq!(summary.next_batch, stop_after);
+    out
+}
+
+/// The number of entries (puts and tombstones) of table `id` in the delta checkpoint of `batch`.
+fn delta_entries(location: &str, batch: u64, id: &str) -> usize {
+    use cairn_checkpoint::paths::ObjectName;
+    let store = cairn_checkpoint::CheckpointStore::open(location).unwrap();
+    let names: Vec<ObjectName> = store.list_objects().unwrap().into_iter().map(|(n, _)| n).collect();
+    let name = names
+        .iter()
+        .copied()
+        .find(|n| matches!(n, ObjectName::Delta { batch: b, .. } if b.0 == batch))
+        .unwrap_or_else(|| panic!("no delta checkpoint of batch {batch} in {names:?}"));
+    let ckpt = store.read_state(name).unwrap();
+    ckpt.tables.iter().find(|t| t.id == id).map_or(0, |t| t.reader().count())
+}
+
+/// Spark's `updateStateByKey` semantics, against a plain loop, across a restart at another
+/// parallelism; a key whose value did not change is not rewritten by the next checkpoint.
+#[test]
+fn update_state_by_key_every_batch_visits_every_key_and_matches_the_model() {
+    let mut input = fixed_input(10);
+    // Key 20 goes -3, -4 (idle), then is removed (idle); key 21 goes 7, 6 (idle), then stays;
+    // key 22 goes -3 in batch 9, then like key 20.
+    input[0].push((20, -3));
+    input[9].extend([(21, 7), (22, -3)]);
+    input.extend([vec![], vec![], vec![]]);
+    let mut state: BTreeMap<u8, i64> = BTreeMap::new();
+    let mut want: BTreeMap<u64, Vec<(u8, i64)>> = BTreeMap::new();
+    for (b, batch) in input.iter().enumerate() {
+        let mut grouped: BTreeMap<u8, Vec<i64>> = state.keys().map(|k| (*k, Vec::new())).collect();
+        for &(k, v) in batch {
+            grouped.entry(k).or_default().push(v);
+        }
+        for (k, vs) in grouped {
+            match every_batch_update(vs, state.get(&k).copied()) {
+                Some(s) => state.insert(k, s),
+                None => state.remove(&k),
+            };
+        }
+        want.insert(b as u64, state.clone().into_iter().collect());
+    }
+    assert!(want[&1].contains(&(20, -4)) && !want[&2].iter().any(|(k, _)| *k == 20));
+    assert!(want[&10].contains(&(21, 6)) && want[&12].contains(&(21, 6)));
+    assert!(want[&10].contains(&(22, -4)) && !want[&11].iter().any(|(k, _)| *k == 22));
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut got = snapshot(&every_batch_run(loc(&dir), &input, 5, 2));
+    got.extend(snapshot(&every_batch_run(loc(&dir), &input, input.len() as u64, 3)));
+    assert_eq!(got, want);
+    // Batch 11 removed key 22; batch 12 changed nothing.
+    assert!(delta_entries(loc(&dir), 11, "every") > 0);
+    assert_eq!(delta_entries(loc(&dir), 12, "every"), 0, "unchanged values are not rewritten");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Incompatible changes.
 
