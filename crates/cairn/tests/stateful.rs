@@ -861,6 +861,130 @@ fn update_state_by_key_every_batch_visits_every_key_and_matches_the_model() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// State identity: the shape of a type, not its path.
+
+/// The same state type in three places: where it was, moved to another module, and grown.
+mod tally_v1 {
+    #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    pub struct Tally {
+        pub n: u64,
+        pub last: i64,
+    }
+}
+
+mod moved {
+    pub mod elsewhere {
+        #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+        pub struct Tally {
+            pub n: u64,
+            pub last: i64,
+        }
+    }
+}
+
+mod tally_grown {
+    #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    pub struct Tally {
+        pub n: u64,
+        pub last: i64,
+        pub first: i64,
+    }
+}
+
+mod tally_retyped {
+    #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    pub struct Tally {
+        pub n: u64,
+        pub last: u64,
+    }
+}
+
+/// Per batch, `(key, n, last)`.
+type Tallies = BTreeMap<u64, Vec<(u8, u64, i64)>>;
+
+/// Runs `update_state_by_key("tally", ...)` with state type `T` (built from and read back as
+/// `(n, last)`) over `batches`; returns each new batch's `(key, n, last)`.
+fn tally_job<T: cairn::StateData + Clone>(
+    location: &str,
+    batches: &[Vec<(u8, i64)>],
+    make: fn(u64, i64) -> T,
+    read: fn(&T) -> (u64, i64),
+) -> cairn::Result<Tallies> {
+    let rec: Rec<(u8, u64, i64)> = Arc::default();
+    let r = rec.clone();
+    let ctx = StreamingContext::get_or_create(location, move |l| {
+        let ctx = StreamingContext::builder().checkpoint(l).batch_interval(SEC).build()?;
+        let (q, s) = ctx.queue_stream::<(u8, i64)>("in")?;
+        for b in batches {
+            q.push(b.clone());
+        }
+        let out = s.update_state_by_key("tally", move |_, vs: Vec<i64>, old: Option<T>| {
+            let n = old.as_ref().map_or(0, |t| read(t).0);
+            Some(make(n + vs.len() as u64, *vs.last().expect("called with values")))
+        });
+        out.map(move |(k, t)| (k, read(&t).0, read(&t).1)).foreach_batch(move |info, mut data| {
+            data.sort();
+            r.lock().unwrap().insert(info.batch_id, data);
+            Ok(())
+        });
+        Ok(ctx)
+    })?;
+    ctx.run_available()?;
+    Ok(snapshot(&rec))
+}
+
+/// Moving a state type to another module keeps its identity (its shape), so the job restarts
+/// and its state continues; a type whose shape changed (a field added, a field retyped) is
+/// refused with an error naming the operator and both identities.
+#[test]
+fn state_identity_is_the_types_shape_not_its_path() {
+    use cairn::StateSchema;
+    let dir = tempfile::tempdir().unwrap();
+    let l = loc(&dir);
+    let mut input = vec![vec![(1, 5), (2, 7)], vec![(1, 6)]];
+    let first = tally_job(l, &input, |n, last| tally_v1::Tally { n, last }, |t| (t.n, t.last)).unwrap();
+    assert_eq!(first[&1], vec![(1, 2, 6)]);
+
+    input.push(vec![(1, 8), (2, 9)]);
+    let moved = tally_job(l, &input, |n, last| moved::elsewhere::Tally { n, last }, |t| (t.n, t.last))
+        .expect("moved type");
+    assert_eq!(moved.keys().copied().collect::<Vec<_>>(), vec![2], "the moved type resumes after batch 1");
+    assert_eq!(moved[&2], vec![(1, 3, 8), (2, 2, 9)], "with the state written under the old path");
+
+    let old = StateSchema::of::<tally_v1::Tally>();
+    assert_eq!(old.fingerprint, StateSchema::of::<moved::elsewhere::Tally>().fingerprint);
+    input.push(vec![(1, 1)]);
+    let grown = tally_job(l, &input, |n, last| tally_grown::Tally { n, last, first: 0 }, |t| (t.n, t.last));
+    let retyped = tally_job(
+        l,
+        &input,
+        |n, last| tally_retyped::Tally { n, last: last as u64 },
+        |t| (t.n, t.last as i64),
+    );
+    let new = [StateSchema::of::<tally_grown::Tally>(), StateSchema::of::<tally_retyped::Tally>()];
+    for (r, new) in [grown.map(|_| ()), retyped.map(|_| ())].into_iter().zip(new) {
+        match r {
+            Err(Error::Incompatible { operator, difference }) => {
+                assert_eq!(operator, "tally");
+                assert_ne!(new.fingerprint, old.fingerprint);
+                let (o, n) = (format!("{:016x}", old.fingerprint), format!("{:016x}", new.fingerprint));
+                assert!(
+                    difference.contains("state type changed from Tally (shape ")
+                        && difference.contains(&o)
+                        && difference.contains(&n),
+                    "{difference}"
+                );
+            }
+            other => panic!("expected Error::Incompatible for a changed shape, got {other:?}"),
+        }
+    }
+    // The refusals changed nothing: the moved type still resumes.
+    let again = tally_job(l, &input, |n, last| moved::elsewhere::Tally { n, last }, |t| (t.n, t.last))
+        .expect("moved type");
+    assert_eq!(again[&3], vec![(1, 4, 1)]);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Incompatible changes.
 
 #[derive(Clone, Copy, Debug, PartialEq)]
