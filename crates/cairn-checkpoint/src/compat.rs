@@ -14,8 +14,8 @@ pub enum Change {
     Removed { operator: String, kind: String },
     /// A removed source: its offsets are dropped. Compatible.
     SourceRemoved { operator: String },
-    /// Kind, key type, state type or state version changed. Incompatible: the stored state cannot
-    /// be read as the new type.
+    /// Kind, key type, state type (their [`StateSchema`](crate::schema::StateSchema) shape) or
+    /// state version changed. Incompatible: the stored state cannot be read as the new type.
     Retyped { operator: String, differences: Vec<String> },
     /// The number of partitions changed: state is redistributed by key. Compatible.
     Parallelism { from: u32, to: u32 },
@@ -66,15 +66,23 @@ impl std::fmt::Display for Change {
 
 fn differences(old: &OperatorDescription, new: &OperatorDescription) -> Vec<String> {
     let mut d = Vec::new();
-    let mut cmp = |what: &str, a: &str, b: &str| {
-        if a != b {
+    if old.kind != new.kind {
+        d.push(format!("kind changed from {} to {}", old.kind, new.kind));
+    }
+    // Types are compared by identity (schema fingerprint, or a legacy type path), and named by
+    // it: the stored one, then the new one.
+    let types = [
+        ("key type", old.key_identity(), new.key_identity()),
+        ("state type", old.state_identity(), new.state_identity()),
+    ];
+    for (what, a, b) in types {
+        if !a.matches(&b) {
             d.push(format!("{what} changed from {a} to {b}"));
         }
-    };
-    cmp("kind", &old.kind, &new.kind);
-    cmp("key type", &old.key_type, &new.key_type);
-    cmp("state type", &old.state_type, &new.state_type);
-    cmp("state version", &old.state_version.to_string(), &new.state_version.to_string());
+    }
+    if old.state_version != new.state_version {
+        d.push(format!("state version changed from {} to {}", old.state_version, new.state_version));
+    }
     d
 }
 
@@ -119,4 +127,64 @@ pub fn diff(stored: &GraphDescription, new: &GraphDescription) -> Vec<Change> {
         other.push(Change::Parallelism { from: stored.parallelism, to: new.parallelism });
     }
     removed.into_iter().chain(retyped).chain(other).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::StateSchema;
+
+    fn op(key_type: String, state_type: String) -> OperatorDescription {
+        OperatorDescription {
+            name: "totals".into(),
+            kind: "map_with_state".into(),
+            key_type,
+            state_type,
+            state_version: 1,
+        }
+    }
+
+    fn graph(op: OperatorDescription) -> GraphDescription {
+        GraphDescription { operators: vec![op], parallelism: 2 }
+    }
+
+    #[derive(serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Tally {
+        n: u64,
+    }
+
+    #[derive(serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Tally2 {
+        n: u64,
+        extra: u8,
+    }
+
+    /// A checkpoint from before schema identities stored type paths: the same path is the same
+    /// type, another path (a moved type: nothing tells that the shape is the same) is refused.
+    #[test]
+    fn a_legacy_type_path_matches_the_schema_written_for_the_same_path() {
+        let new =
+            op(StateSchema::of::<u64>().type_text("u64"), StateSchema::of::<Tally>().type_text("app::Tally"));
+        assert!(diff(&graph(op("u64".into(), "app::Tally".into())), &graph(new.clone())).is_empty());
+        let changes = diff(&graph(op("u64".into(), "app::old::Tally".into())), &graph(new));
+        assert_eq!(changes.len(), 1);
+        let text = changes[0].to_string();
+        assert!(text.contains("state type changed from app::old::Tally to Tally (shape "), "{text}");
+    }
+
+    /// Between schema identities only the shape counts: the path may change, the shape may not.
+    #[test]
+    fn schema_identities_compare_by_fingerprint() {
+        let key = StateSchema::of::<u64>().type_text("u64");
+        let stored = graph(op(key.clone(), StateSchema::of::<Tally>().type_text("app::Tally")));
+        let moved = graph(op(key.clone(), StateSchema::of::<Tally>().type_text("app::model::Tally")));
+        assert!(diff(&stored, &moved).is_empty());
+        let grown = graph(op(key, StateSchema::of::<Tally2>().type_text("app::Tally")));
+        let changes = diff(&stored, &grown);
+        assert!(matches!(&changes[..], [Change::Retyped { operator, differences }]
+            if operator == "totals" && differences.len() == 1 && differences[0].starts_with("state type changed from Tally (shape ")));
+        assert!(!changes[0].is_compatible(&[]));
+    }
 }

@@ -47,12 +47,58 @@ pub struct OperatorDescription {
     pub name: String,
     /// e.g. `map_with_state`, `window`, `source`.
     pub kind: String,
-    /// Rust type name of the key (empty when the operator is not keyed).
+    /// Identity of the key type: [`StateSchema::type_text`](crate::schema::StateSchema::type_text)
+    /// (`name#fingerprint rust::type::path`). Checkpoints written before schema identities hold
+    /// the Rust type path alone; sources hold an empty string.
     pub key_type: String,
-    /// Rust type name of the stored state value.
+    /// Identity of the stored state value, in the same form (`offsets` for a source).
     pub state_type: String,
-    /// User-controlled schema version of the state value.
+    /// User-controlled schema version of the state value (`OpName::with_version`).
     pub state_version: u32,
+}
+
+impl OperatorDescription {
+    /// The key type's identity, parsed.
+    ///
+    /// ```
+    /// use cairn_checkpoint::{schema::TypeIdentity, OperatorDescription};
+    /// let d = OperatorDescription { name: "in".into(), kind: "source".into(), key_type: String::new(),
+    ///     state_type: "offsets".into(), state_version: 1 };
+    /// assert_eq!(d.key_identity(), TypeIdentity::Legacy(""));
+    /// assert_eq!(d.state_identity(), TypeIdentity::Legacy("offsets"));
+    /// ```
+    pub fn key_identity(&self) -> crate::schema::TypeIdentity<'_> {
+        crate::schema::TypeIdentity::parse(&self.key_type)
+    }
+
+    /// The state type's identity, parsed.
+    pub fn state_identity(&self) -> crate::schema::TypeIdentity<'_> {
+        crate::schema::TypeIdentity::parse(&self.state_type)
+    }
+
+    /// The state's schema with its version, when the description has one (not for sources and
+    /// checkpoints written before schema identities).
+    ///
+    /// ```
+    /// use cairn_checkpoint::{schema::StateSchema, OperatorDescription};
+    /// let schema = StateSchema::of::<(u64, i64)>();
+    /// let d = OperatorDescription { name: "totals".into(), kind: "map_with_state".into(),
+    ///     key_type: StateSchema::of::<u64>().type_text("u64"),
+    ///     state_type: schema.type_text("(u64, i64)"), state_version: 2 };
+    /// assert_eq!(d.state_schema(), Some(schema.with_version(2)));
+    /// ```
+    pub fn state_schema(&self) -> Option<crate::schema::StateSchema> {
+        match self.state_identity() {
+            crate::schema::TypeIdentity::Schema { name, fingerprint, .. } => {
+                Some(crate::schema::StateSchema {
+                    name: name.to_string(),
+                    version: self.state_version,
+                    fingerprint,
+                })
+            }
+            crate::schema::TypeIdentity::Legacy(_) => None,
+        }
+    }
 }
 
 /// A half-open range of offsets `[start, end)` of one source partition. For a file source the

@@ -58,6 +58,20 @@ fn final_state(dirs: &FixtureDirs) -> (u64, Tables) {
     (state.batch_id.0, tables)
 }
 
+/// Whether every stateful operator (not source) of the newest checkpoint's graph has schema
+/// identities for its key and state types, rather than the bare type paths of format v1.
+fn graph_has_schemas(dirs: &FixtureDirs) -> bool {
+    use cairn::checkpoint::schema::TypeIdentity;
+    let store = CheckpointStore::open(&dirs.checkpoint()).unwrap();
+    let graph = store.recover().unwrap().state.expect("a checkpoint").graph;
+    let ops: Vec<_> = graph.operators.iter().filter(|o| o.kind != "source").collect();
+    assert!(!ops.is_empty());
+    ops.iter().all(|o| {
+        matches!(o.key_identity(), TypeIdentity::Schema { .. })
+            && matches!(o.state_identity(), TypeIdentity::Schema { .. })
+    })
+}
+
 fn fixtures() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
     let mut found = Vec::new();
@@ -104,7 +118,13 @@ fn every_fixture_restores_to_the_output_and_state_of_a_fresh_run() {
         let dir = tempfile::tempdir().unwrap();
         copy_dir(&fixture, dir.path());
         let dirs = FixtureDirs::new(dir.path());
+        assert!(!graph_has_schemas(&dirs), "{}: v1 fixtures store type paths", fixture.display());
         let summary = fixture_context(&dirs, END, None).unwrap().run_available().unwrap();
+        assert!(
+            graph_has_schemas(&dirs),
+            "{}: restored, it is written with schema identities",
+            fixture.display()
+        );
         assert_eq!(summary.next_batch, END, "{}", fixture.display());
         // It continued from the fixture's checkpoint (batch 5) rather than starting over, and
         // re-ran the crashed fixture's planned batch 6 with its logged input.

@@ -44,6 +44,7 @@ mod window;
 mod writer;
 
 pub use cairn_checkpoint as checkpoint;
+pub use cairn_checkpoint::schema::StateSchema;
 pub use cairn_checkpoint::OffsetRange;
 pub use clock::{Clock, SystemClock};
 pub use context::{StopHandle, StreamingContext, StreamingContextBuilder, Trigger};

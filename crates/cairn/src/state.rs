@@ -6,6 +6,7 @@
 
 use crate::error::{Error, Result};
 use crate::keyed::{partition_of, Key};
+use cairn_checkpoint::schema::StateSchema;
 use cairn_checkpoint::{OperatorDescription, TableData, TableWriter};
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
@@ -249,13 +250,38 @@ impl<K: Key + StateData, S: StateData> KeyedState<K, S> {
     }
 }
 
+/// The identity text of a key or state type (see `cairn_checkpoint::schema`). Tracing a type
+/// takes several passes over its `Deserialize` impl, and descriptions are built at every
+/// checkpoint, so each type is traced once per process.
+fn type_identity<T: StateData>() -> String {
+    static CACHE: Mutex<Option<FxHashMap<std::any::TypeId, String>>> = Mutex::new(None);
+    let id = std::any::TypeId::of::<T>();
+    if let Some(t) = CACHE.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_default().get(&id) {
+        return t.clone();
+    }
+    // The Rust path goes along so that checkpoints from before schema identities, which stored
+    // only the path, are still recognised. A `Deserialize` impl that panics on the tracer's
+    // minimal values (one that unwraps a parse, say) leaves the type identified by its path
+    // alone, as before schema identities, rather than failing the job.
+    let path = std::any::type_name::<T>();
+    let text = std::panic::catch_unwind(StateSchema::of::<T>)
+        .map(|schema| schema.type_text(path))
+        .unwrap_or_else(|_| path.to_string());
+    CACHE.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_default().insert(id, text.clone());
+    text
+}
+
 /// The description of a keyed operator for the graph check.
-pub(crate) fn describe<K, S>(name: &str, kind: &str, version: u32) -> OperatorDescription {
+pub(crate) fn describe<K: StateData, S: StateData>(
+    name: &str,
+    kind: &str,
+    version: u32,
+) -> OperatorDescription {
     OperatorDescription {
         name: name.to_string(),
         kind: kind.to_string(),
-        key_type: std::any::type_name::<K>().to_string(),
-        state_type: std::any::type_name::<S>().to_string(),
+        key_type: type_identity::<K>(),
+        state_type: type_identity::<S>(),
         state_version: version,
     }
 }

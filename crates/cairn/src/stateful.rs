@@ -200,7 +200,9 @@ impl<K: Key + StateData, V: Data> DStream<(K, V)> {
     /// emits `(key, new state)` for those keys.
     ///
     /// Unlike Spark, keys without new values are not visited every batch (that would cost the
-    /// whole state per batch); use `map_with_state` with a timeout to expire idle keys.
+    /// whole state per batch); use `map_with_state` with a timeout to expire idle keys, or
+    /// [`update_state_by_key_every_batch`](Self::update_state_by_key_every_batch) for Spark's
+    /// semantics.
     ///
     /// ```
     /// # use cairn::StreamingContext;
@@ -221,7 +223,54 @@ impl<K: Key + StateData, V: Data> DStream<(K, V)> {
         name: impl Into<OpName>,
         f: impl Fn(&K, Vec<V>, Option<S>) -> Option<S> + Send + Sync + 'static,
     ) -> DStream<(K, S)> {
-        let name = name.into();
+        self.update_state(name.into(), f, None)
+    }
+
+    /// Spark's `updateStateByKey`: like [`update_state_by_key`](Self::update_state_by_key), but
+    /// `f` sees every key in state every batch, with an empty `Vec` when the key got no values
+    /// (returning `None` removes it), and the output holds every key in state after the batch.
+    ///
+    /// Cost: every batch calls `f` (and clones the state value) for the whole state, not only
+    /// for the keys of the batch. Checkpoints stay incremental: a key without new values is
+    /// written to the next checkpoint only if `f` returned a value different from the old one,
+    /// which is why the state type must be `PartialEq` (without it every key would count as
+    /// changed, and every checkpoint would rewrite the whole state). The stored state is the
+    /// same as `update_state_by_key`'s, so a job may switch between the two across a restart.
+    ///
+    /// ```
+    /// # use cairn::StreamingContext;
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let ctx = StreamingContext::builder().checkpoint(dir.path().to_str().unwrap()).build().unwrap();
+    /// # let (q, s) = ctx.queue_stream::<(char, i64)>("in").unwrap();
+    /// // A key loses 1 per batch without values, and leaves when it reaches 0.
+    /// let credit = s.update_state_by_key_every_batch("credit", |_k, vs: Vec<i64>, old: Option<i64>| {
+    ///     let c = old.unwrap_or(0) + vs.iter().sum::<i64>() - i64::from(vs.is_empty());
+    ///     (c > 0).then_some(c)
+    /// });
+    /// # q.push(vec![('a', 2), ('b', 5)]);
+    /// # q.push(vec![('b', 1)]);
+    /// # q.push(vec![]);
+    /// # let out = cairn::testing::collect(&credit);
+    /// # ctx.run_available().unwrap();
+    /// # let got: Vec<Vec<(char, i64)>> = out.lock().unwrap().iter().map(|b| { let mut b = b.clone(); b.sort(); b }).collect();
+    /// # assert_eq!(got, vec![vec![('a', 2), ('b', 5)], vec![('a', 1), ('b', 6)], vec![('b', 5)]]);
+    /// ```
+    pub fn update_state_by_key_every_batch<S: StateData + Data + PartialEq>(
+        &self,
+        name: impl Into<OpName>,
+        f: impl Fn(&K, Vec<V>, Option<S>) -> Option<S> + Send + Sync + 'static,
+    ) -> DStream<(K, S)> {
+        self.update_state(name.into(), f, Some(|a: &S, b: &S| a == b))
+    }
+
+    /// Both `update_state_by_key` flavours: with `every_key` (how to tell an unchanged value),
+    /// keys without values in the batch are visited too.
+    fn update_state<S: StateData + Data>(
+        &self,
+        name: OpName,
+        f: impl Fn(&K, Vec<V>, Option<S>) -> Option<S> + Send + Sync + 'static,
+        every_key: Option<fn(&S, &S) -> bool>,
+    ) -> DStream<(K, S)> {
         self.graph.claim_stateful(name.name());
         let op = Arc::new(KeyedOp {
             kind: "update_state_by_key",
@@ -251,6 +300,29 @@ impl<K: Key + StateData, V: Data> DStream<(K, V)> {
                     let mut guard = op.state.part(i);
                     let StatePart { map, dirty, removed, .. } = &mut *guard;
                     let mut out = Vec::with_capacity(order.len());
+                    if let Some(same) = every_key {
+                        // Keys without values: an unchanged value is not marked changed, so the
+                        // next delta does not rewrite it (its last data time stays as it was).
+                        map.retain(|k, slot| {
+                            if grouped.contains_key(k) {
+                                return true;
+                            }
+                            match f(k, Vec::new(), Some(slot.value.clone())) {
+                                Some(s) => {
+                                    if !same(&s, &slot.value) {
+                                        slot.value = s;
+                                        StatePart::<K, S>::touch(dirty, k, slot);
+                                    }
+                                    out.push((k.clone(), slot.value.clone()));
+                                    true
+                                }
+                                None => {
+                                    StatePart::<K, S>::removed(removed, k.clone());
+                                    false
+                                }
+                            }
+                        });
+                    }
                     for k in order {
                         let vs = grouped.remove(&k).expect("grouped above");
                         let old = map.remove(&k);

@@ -129,11 +129,12 @@ impl<T: StateData + Data> Slices<T> {
 struct WindowOp<T> {
     slices: Slices<T>,
     n: usize,
+    version: u32,
 }
 
 impl<T: StateData + Data> StatefulOp for WindowOp<T> {
     fn describe(&self) -> OperatorDescription {
-        describe::<(), T>(&self.slices.name, "window", 1)
+        describe::<(), T>(&self.slices.name, "window", self.version)
     }
     fn snapshot(&self, full: bool) -> Result<Vec<TableData>> {
         Ok(vec![self.slices.snapshot(self.slices.name.clone(), full)?])
@@ -189,7 +190,7 @@ impl<T: StateData + Data> DStream<T> {
         self.graph.claim_stateful(name.name());
         let (w, s) = window_params(self, name.name(), window, slide);
         let n = self.graph.parallelism;
-        let op = Arc::new(WindowOp { slices: Slices::new(name.name()), n });
+        let op = Arc::new(WindowOp { slices: Slices::new(name.name()), n, version: name.version() });
         self.graph.add_stateful(op.clone());
         self.derive(move |parts, ctx| {
             let mut parts = parts;
@@ -216,7 +217,24 @@ impl<T: StateData + Data> DStream<T> {
         })
     }
 
-    /// Every `slide`, the number of elements in the last `window`.
+    /// Every `slide`, the number of elements in the last `window`: one count per slide, 0 for a
+    /// window without elements (as Spark's `countByWindow`). The count is kept incrementally
+    /// under `name` (a `reduce_by_key_and_window` with an inverse, on a single unit key).
+    ///
+    /// ```
+    /// # use cairn::StreamingContext;
+    /// # use std::time::Duration;
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let ctx = StreamingContext::builder().batch_interval(Duration::from_secs(1))
+    /// #     .checkpoint(dir.path().to_str().unwrap()).build().unwrap();
+    /// # let (q, s) = ctx.queue_stream::<char>("in").unwrap();
+    /// let counts = s.count_by_window("count2", Duration::from_secs(2), Duration::from_secs(1));
+    /// # for b in [vec!['a', 'b'], vec!['c'], vec![], vec![]] { q.push(b); }
+    /// # let out = cairn::testing::collect(&counts);
+    /// # ctx.run_available().unwrap();
+    /// // The last window holds no element: it still reports its count.
+    /// # assert_eq!(*out.lock().unwrap(), vec![vec![2], vec![3], vec![1], vec![0]]);
+    /// ```
     pub fn count_by_window(
         &self,
         name: impl Into<OpName>,
@@ -224,29 +242,97 @@ impl<T: StateData + Data> DStream<T> {
         slide: Duration,
     ) -> DStream<u64> {
         self.map(|_| ((), 1u64))
-            .reduce_by_key_and_window(name, |a, b| a + b, Some(|a: u64, b: u64| a - b), window, slide)
+            .reduce_window(
+                name.into(),
+                |a, b| a + b,
+                Some(|a: u64, b: u64| a - b),
+                window,
+                slide,
+                Some(((), 0)),
+            )
             .map(|(_, c)| c)
     }
 }
 
 type Agg<V> = (V, u32);
+type ReduceFn<V> = Arc<dyn Fn(V, V) -> V + Send + Sync>;
 
 struct ReduceWindowOp<K, V> {
     name: String,
+    version: u32,
     slices: Slices<(K, V)>,
     /// With an inverse function: the running window aggregate and how many slices feed each key.
     agg: Option<KeyedState<K, Agg<V>>>,
+    /// The reduce function, to rebuild the aggregate from the slices on restore.
+    reduce: ReduceFn<V>,
+    /// Without an inverse function, the keys of an aggregate restored from a run that had one:
+    /// the next delta deletes them, so a later run that adds the inverse back cannot mistake
+    /// that outdated aggregate for the window's.
+    stale_agg: Mutex<Vec<Vec<u8>>>,
     n: usize,
+}
+
+impl<K: Key + StateData, V: StateData + Data> ReduceWindowOp<K, V> {
+    fn agg_id(&self) -> String {
+        format!("{}/agg", self.name)
+    }
+
+    /// Whether the aggregate holds exactly the keys of the buffered slices, each with the number
+    /// of slices it appears in. That is what the inverse path maintains; anything else means the
+    /// aggregate was not kept alongside these slices (an inverse added since, or an aggregate
+    /// left by an older run), and it must be rebuilt.
+    fn agg_matches_slices(&self, agg: &KeyedState<K, Agg<V>>) -> bool {
+        let slices = self.slices.lock();
+        (0..self.n).all(|i| {
+            let mut counts: FxHashMap<&K, u32> = FxHashMap::default();
+            for parts in slices.by_time.values() {
+                for (k, _) in &parts[i] {
+                    *counts.entry(k).or_default() += 1;
+                }
+            }
+            let part = agg.part(i);
+            part.map.len() == counts.len()
+                && part.map.iter().all(|(k, slot)| counts.get(k) == Some(&slot.value.1))
+        })
+    }
+
+    /// Recomputes the aggregate from the slices, oldest first (the order the inverse path adds
+    /// them in). Every rebuilt key is written by the next checkpoint; keys only in the old
+    /// aggregate are deleted by it.
+    fn rebuild_agg(&self, agg: &KeyedState<K, Agg<V>>) {
+        let slices = self.slices.lock();
+        for i in 0..self.n {
+            let mut fresh: StatePart<K, Agg<V>> = StatePart::default();
+            for (t, parts) in &slices.by_time {
+                for (k, v) in &parts[i] {
+                    add_to(&mut fresh, k, v.clone(), &*self.reduce, *t);
+                }
+            }
+            let mut part = agg.part(i);
+            fresh.removed = part.map.keys().filter(|k| !fresh.map.contains_key(*k)).cloned().collect();
+            *part = fresh;
+        }
+    }
 }
 
 impl<K: Key + StateData, V: StateData + Data> StatefulOp for ReduceWindowOp<K, V> {
     fn describe(&self) -> OperatorDescription {
-        describe::<K, V>(&self.name, "reduce_by_key_and_window", 1)
+        describe::<K, V>(&self.name, "reduce_by_key_and_window", self.version)
     }
     fn snapshot(&self, full: bool) -> Result<Vec<TableData>> {
         let mut t = vec![self.slices.snapshot(format!("{}/slices", self.name), full)?];
         if let Some(agg) = &self.agg {
-            t.push(agg.snapshot(&format!("{}/agg", self.name), full)?);
+            t.push(agg.snapshot(&self.agg_id(), full)?);
+        } else {
+            let stale = std::mem::take(&mut *self.stale_agg.lock().unwrap_or_else(|e| e.into_inner()));
+            // A full snapshot simply leaves the table out; a delta must delete its keys.
+            if !full && !stale.is_empty() {
+                let mut w = TableWriter::new();
+                for k in &stale {
+                    w.delete(k);
+                }
+                t.push(w.finish(self.agg_id()));
+            }
         }
         Ok(t)
     }
@@ -254,8 +340,42 @@ impl<K: Key + StateData, V: StateData + Data> StatefulOp for ReduceWindowOp<K, V
         if let Some(t) = table(tables, &format!("{}/slices", self.name)) {
             self.slices.restore(t, self.n, |_, (k, _)| partition_of(k, self.n))?;
         }
-        if let (Some(agg), Some(t)) = (&self.agg, table(tables, &format!("{}/agg", self.name))) {
-            agg.restore(t)?;
+        let stored = table(tables, &self.agg_id());
+        match (&self.agg, stored) {
+            (Some(agg), stored) => {
+                if let Some(t) = stored {
+                    agg.restore(t)?;
+                }
+                if !self.agg_matches_slices(agg) {
+                    tracing::info!(
+                        "operator {:?}: rebuilding the window aggregate from the buffered batches ({})",
+                        self.name,
+                        if stored.is_some() {
+                            "the stored one was not maintained with them: the inverse function was removed and added back"
+                        } else {
+                            "the inverse function was added"
+                        }
+                    );
+                    self.rebuild_agg(agg);
+                }
+            }
+            (None, Some(t)) => {
+                let mut keys = Vec::new();
+                for entry in t.reader() {
+                    if let (k, Some(_)) = entry? {
+                        keys.push(k.to_vec());
+                    }
+                }
+                if !keys.is_empty() {
+                    tracing::info!(
+                        "operator {:?}: the inverse function was removed; the window is reduced from its buffered batches and the stored aggregate ({} keys) is deleted",
+                        self.name,
+                        keys.len()
+                    );
+                }
+                *self.stale_agg.lock().unwrap_or_else(|e| e.into_inner()) = keys;
+            }
+            (None, None) => {}
         }
         Ok(())
     }
@@ -271,6 +391,16 @@ impl<K: Key + StateData, V: StateData + Data> DStream<(K, V)> {
     /// values entering are added and values leaving are removed, so the cost per batch is that
     /// of the batch, not of the window. Without it, each slide reduces every buffered batch.
     ///
+    /// Either way a key is emitted exactly while at least one batch of the window holds a value
+    /// for it: a key whose last contributing batch left the window is not emitted, and a key
+    /// whose values cancel out (a sum back to 0) is emitted with that value while its batches
+    /// are in the window. (Spark, with an inverse, keeps such keys until a filter function
+    /// removes them.)
+    ///
+    /// The inverse function may be added or removed between runs on the same checkpoint: an
+    /// added one starts from an aggregate rebuilt from the buffered batches, a removed one's
+    /// stored aggregate is deleted.
+    ///
     /// ```
     /// # use cairn::StreamingContext;
     /// # use std::time::Duration;
@@ -280,10 +410,11 @@ impl<K: Key + StateData, V: StateData + Data> DStream<(K, V)> {
     /// # let (q, s) = ctx.queue_stream::<(char, i64)>("in").unwrap();
     /// let sums = s.reduce_by_key_and_window("sums", |a, b| a + b, Some(|a, b| a - b),
     ///     Duration::from_secs(2), Duration::from_secs(1));
-    /// # for b in [vec![('a', 1)], vec![('a', 2)], vec![('a', 4)]] { q.push(b); }
+    /// # for b in [vec![('a', 1)], vec![('a', 2)], vec![('a', 4)], vec![], vec![]] { q.push(b); }
     /// # let out = cairn::testing::collect(&sums);
     /// # ctx.run_available().unwrap();
-    /// # assert_eq!(*out.lock().unwrap(), vec![vec![('a', 1)], vec![('a', 3)], vec![('a', 6)]]);
+    /// // Once no batch of the window holds a value for 'a', it is no longer emitted.
+    /// # assert_eq!(*out.lock().unwrap(), vec![vec![('a', 1)], vec![('a', 3)], vec![('a', 6)], vec![('a', 4)], vec![]]);
     /// ```
     pub fn reduce_by_key_and_window<R, I>(
         &self,
@@ -297,20 +428,46 @@ impl<K: Key + StateData, V: StateData + Data> DStream<(K, V)> {
         R: Fn(V, V) -> V + Send + Sync + 'static,
         I: Fn(V, V) -> V + Send + Sync + 'static,
     {
-        let name = name.into();
+        self.reduce_window(name.into(), reduce, inverse, window, slide, None)
+    }
+
+    /// `reduce_by_key_and_window`, emitting `empty` on a slide whose window holds no key.
+    fn reduce_window<R, I>(
+        &self,
+        name: OpName,
+        reduce: R,
+        inverse: Option<I>,
+        window: Duration,
+        slide: Duration,
+        empty: Option<(K, V)>,
+    ) -> DStream<(K, V)>
+    where
+        R: Fn(V, V) -> V + Send + Sync + 'static,
+        I: Fn(V, V) -> V + Send + Sync + 'static,
+    {
         self.graph.claim_stateful(name.name());
         let (w, s) = window_params(self, name.name(), window, slide);
         let n = self.graph.parallelism;
+        let (reduced, reduce) = self.reduce_by_key_inner(reduce);
         let op = Arc::new(ReduceWindowOp {
             name: name.name().to_string(),
+            version: name.version(),
             slices: Slices::new(name.name()),
             agg: inverse.as_ref().map(|_| KeyedState::new(name.name(), n)),
+            reduce: reduce.clone(),
+            stale_agg: Mutex::new(Vec::new()),
             n,
         });
         self.graph.add_stateful(op.clone());
-        let reduced = self.reduce_by_key_inner(reduce);
-        let reduce = reduced.1;
-        reduced.0.derive(move |parts, ctx| {
+        let fill_empty = move |mut out: Partitions<(K, V)>| {
+            if let Some((k, v)) = &empty {
+                if out.iter().all(Vec::is_empty) {
+                    out[partition_of(k, n)].push((k.clone(), v.clone()));
+                }
+            }
+            out
+        };
+        reduced.derive(move |parts, ctx| {
             let parts = if parts.len() == n { parts } else { shuffle(parts, n) };
             let now = ctx.info.batch_time_ms;
             if let (Some(agg), Some(inv)) = (&op.agg, &inverse) {
@@ -332,42 +489,47 @@ impl<K: Key + StateData, V: StateData + Data> DStream<(K, V)> {
                 if !on_slide(ctx, s) {
                     return Ok(Vec::new());
                 }
-                return Ok((0..n)
-                    .into_par_iter()
-                    .map(|i| agg.part(i).map.iter().map(|(k, s)| (k.clone(), s.value.0.clone())).collect())
-                    .collect());
+                return Ok(fill_empty(
+                    (0..n)
+                        .into_par_iter()
+                        .map(|i| {
+                            agg.part(i).map.iter().map(|(k, s)| (k.clone(), s.value.0.clone())).collect()
+                        })
+                        .collect(),
+                ));
             }
             op.slices.push(now, parts, w);
             if !on_slide(ctx, s) {
                 return Ok(Vec::new());
             }
             let st = op.slices.lock();
-            Ok((0..n)
-                .into_par_iter()
-                .map(|i| {
-                    let mut m: FxHashMap<K, V> = FxHashMap::default();
-                    for parts in st.by_time.values() {
-                        for (k, v) in &parts[i] {
-                            let nv = match m.remove(k) {
-                                Some(old) => reduce(old, v.clone()),
-                                None => v.clone(),
-                            };
-                            m.insert(k.clone(), nv);
+            Ok(fill_empty(
+                (0..n)
+                    .into_par_iter()
+                    .map(|i| {
+                        let mut m: FxHashMap<K, V> = FxHashMap::default();
+                        for parts in st.by_time.values() {
+                            for (k, v) in &parts[i] {
+                                let nv = match m.remove(k) {
+                                    Some(old) => reduce(old, v.clone()),
+                                    None => v.clone(),
+                                };
+                                m.insert(k.clone(), nv);
+                            }
                         }
-                    }
-                    m.into_iter().collect()
-                })
-                .collect())
+                        m.into_iter().collect()
+                    })
+                    .collect(),
+            ))
         })
     }
 
     /// `reduce_by_key` that also hands back the shared reduce function.
-    #[allow(clippy::type_complexity)]
     fn reduce_by_key_inner<R: Fn(V, V) -> V + Send + Sync + 'static>(
         &self,
         reduce: R,
-    ) -> (DStream<(K, V)>, Arc<dyn Fn(V, V) -> V + Send + Sync>) {
-        let reduce: Arc<dyn Fn(V, V) -> V + Send + Sync> = Arc::new(reduce);
+    ) -> (DStream<(K, V)>, ReduceFn<V>) {
+        let reduce: ReduceFn<V> = Arc::new(reduce);
         let r = reduce.clone();
         (self.reduce_by_key(move |a, b| r(a, b)), reduce)
     }
