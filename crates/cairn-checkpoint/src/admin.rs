@@ -4,7 +4,7 @@
 
 use crate::compat::{self, Change};
 use crate::frame::ObjectKind;
-use crate::paths::ObjectName;
+use crate::paths::{self, ObjectName};
 use crate::protocol::{self, Listing};
 use crate::{
     codec, merge, BatchCommit, BatchId, BatchPlan, CheckpointKind, CheckpointStore, Error, GraphDescription,
@@ -202,7 +202,11 @@ pub fn show(store: &CheckpointStore, batch: Option<BatchId>) -> Result<Details> 
         state.as_ref().map(|s| s.graph.clone()).or_else(|| metadata.as_ref().map(|m| m.graph.clone()));
     let mut operators = Vec::new();
     for op in graph.iter().flat_map(|g| g.operators.iter()) {
-        let table_id = if op.kind == "source" { format!("$source/{}", op.name) } else { op.name.clone() };
+        let table_id = if op.kind == crate::OperatorKind::Source {
+            paths::source_table(&op.name)
+        } else {
+            op.name.clone()
+        };
         let prefix = format!("{table_id}/");
         let tables = state
             .iter()
@@ -212,7 +216,7 @@ pub fn show(store: &CheckpointStore, batch: Option<BatchId>) -> Result<Details> 
             .collect();
         operators.push(OperatorStat {
             name: op.name.clone(),
-            kind: op.kind.clone(),
+            kind: op.kind.to_string(),
             key_type: op.key_type.clone(),
             state_type: op.state_type.clone(),
             state_version: op.state_version,
@@ -356,12 +360,9 @@ pub fn dump_state(store: &CheckpointStore, operator: &str, batch: Option<BatchId
         });
     }
     let state = load_checkpoint(store, BatchId(b))?;
-    let prefix = format!("{operator}/");
-    let source_id = format!("$source/{operator}");
+    let source_id = paths::source_table(operator);
     let mut rows = Vec::new();
-    for t in
-        state.tables.iter().filter(|t| t.id == operator || t.id.starts_with(&prefix) || t.id == source_id)
-    {
+    for t in state.tables.iter().filter(|t| paths::table_of_operator(&t.id, operator) || t.id == source_id) {
         for e in t.reader() {
             let (k, v) = e?;
             if let Some(v) = v {

@@ -1,6 +1,7 @@
 //! Comparing a stored graph description with a new one: what a deployment adds, removes or
 //! retypes. Pure; used by the engine at start and by `cairn checkpoint diff` before a deploy.
 
+use crate::OperatorKind;
 use crate::{GraphDescription, OperatorDescription};
 
 /// One difference between the stored graph and the new one.
@@ -8,10 +9,10 @@ use crate::{GraphDescription, OperatorDescription};
 #[serde(tag = "change", rename_all = "snake_case")]
 pub enum Change {
     /// A new stateful operator or source: it starts empty. Compatible.
-    Added { operator: String, kind: String },
+    Added { operator: String, kind: OperatorKind },
     /// A stateful operator whose state the checkpoint holds is gone. Incompatible unless its
     /// state is dropped explicitly.
-    Removed { operator: String, kind: String },
+    Removed { operator: String, kind: OperatorKind },
     /// A removed source: its offsets are dropped. Compatible.
     SourceRemoved { operator: String },
     /// Kind, key type, state type (their [`StateSchema`](crate::schema::StateSchema) shape) or
@@ -92,7 +93,7 @@ fn differences(old: &OperatorDescription, new: &OperatorDescription) -> Vec<Stri
 /// use cairn_checkpoint::compat::{diff, Change};
 /// use cairn_checkpoint::{GraphDescription, OperatorDescription};
 /// let op = |name: &str, state: &str| OperatorDescription {
-///     name: name.into(), kind: "map_with_state".into(), key_type: "u64".into(),
+///     name: name.into(), kind: OperatorKind::MapWithState, key_type: "u64".into(),
 ///     state_type: state.into(), state_version: 1 };
 /// let old = GraphDescription { operators: vec![op("a", "u64"), op("b", "u64")], parallelism: 2 };
 /// let new = GraphDescription { operators: vec![op("a", "i64"), op("c", "u64")], parallelism: 2 };
@@ -108,7 +109,9 @@ pub fn diff(stored: &GraphDescription, new: &GraphDescription) -> Vec<Change> {
     let mut other = Vec::new();
     for old in &stored.operators {
         match new.operators.iter().find(|o| o.name == old.name) {
-            None if old.kind == "source" => other.push(Change::SourceRemoved { operator: old.name.clone() }),
+            None if old.kind == OperatorKind::Source => {
+                other.push(Change::SourceRemoved { operator: old.name.clone() })
+            }
             None => removed.push(Change::Removed { operator: old.name.clone(), kind: old.kind.clone() }),
             Some(n) => {
                 let differences = differences(old, n);
@@ -137,7 +140,7 @@ mod tests {
     fn op(key_type: String, state_type: String) -> OperatorDescription {
         OperatorDescription {
             name: "totals".into(),
-            kind: "map_with_state".into(),
+            kind: OperatorKind::MapWithState,
             key_type,
             state_type,
             state_version: 1,

@@ -40,13 +40,78 @@ pub struct GraphDescription {
     pub parallelism: u32,
 }
 
+/// The kinds of stateful operator (and sources) a checkpoint describes. Stored as a string, so a
+/// kind written by a newer release reads back as [`OperatorKind::Other`] rather than failing.
+///
+/// ```
+/// use cairn_checkpoint::OperatorKind;
+/// assert_eq!(OperatorKind::from("map_with_state".to_string()), OperatorKind::MapWithState);
+/// assert_eq!(OperatorKind::Window.as_str(), "window");
+/// assert_eq!(OperatorKind::from("join_with_state".to_string()).as_str(), "join_with_state");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum OperatorKind {
+    /// A source's positions.
+    Source,
+    /// `map_with_state`.
+    MapWithState,
+    /// `update_state_by_key` (either flavour: both store the same table).
+    UpdateStateByKey,
+    /// `window`.
+    Window,
+    /// `reduce_by_key_and_window` (and `count_by_window`, built on it).
+    ReduceByKeyAndWindow,
+    /// A kind this release does not know.
+    Other(String),
+}
+
+impl OperatorKind {
+    /// The stored name.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Source => "source",
+            Self::MapWithState => "map_with_state",
+            Self::UpdateStateByKey => "update_state_by_key",
+            Self::Window => "window",
+            Self::ReduceByKeyAndWindow => "reduce_by_key_and_window",
+            Self::Other(s) => s,
+        }
+    }
+}
+
+impl From<String> for OperatorKind {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "source" => Self::Source,
+            "map_with_state" => Self::MapWithState,
+            "update_state_by_key" => Self::UpdateStateByKey,
+            "window" => Self::Window,
+            "reduce_by_key_and_window" => Self::ReduceByKeyAndWindow,
+            _ => Self::Other(s),
+        }
+    }
+}
+
+impl From<OperatorKind> for String {
+    fn from(k: OperatorKind) -> Self {
+        k.as_str().to_string()
+    }
+}
+
+impl std::fmt::Display for OperatorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One stateful operator (or source) as the checkpoint knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OperatorDescription {
     /// The stable, user-given name: the operator's id in checkpoints.
     pub name: String,
-    /// e.g. `map_with_state`, `window`, `source`.
-    pub kind: String,
+    /// What the operator is (stored as its name: `map_with_state`, `window`, `source`, ...).
+    pub kind: OperatorKind,
     /// Identity of the key type: [`StateSchema::type_text`](crate::schema::StateSchema::type_text)
     /// (`name#fingerprint rust::type::path`). Checkpoints written before schema identities hold
     /// the Rust type path alone; sources hold an empty string.
@@ -62,7 +127,7 @@ impl OperatorDescription {
     ///
     /// ```
     /// use cairn_checkpoint::{schema::TypeIdentity, OperatorDescription};
-    /// let d = OperatorDescription { name: "in".into(), kind: "source".into(), key_type: String::new(),
+    /// let d = OperatorDescription { name: "in".into(), kind: cairn_checkpoint::OperatorKind::Source, key_type: String::new(),
     ///     state_type: "offsets".into(), state_version: 1 };
     /// assert_eq!(d.key_identity(), TypeIdentity::Legacy(""));
     /// assert_eq!(d.state_identity(), TypeIdentity::Legacy("offsets"));
@@ -82,7 +147,7 @@ impl OperatorDescription {
     /// ```
     /// use cairn_checkpoint::{schema::StateSchema, OperatorDescription};
     /// let schema = StateSchema::of::<(u64, i64)>();
-    /// let d = OperatorDescription { name: "totals".into(), kind: "map_with_state".into(),
+    /// let d = OperatorDescription { name: "totals".into(), kind: cairn_checkpoint::OperatorKind::MapWithState,
     ///     key_type: StateSchema::of::<u64>().type_text("u64"),
     ///     state_type: schema.type_text("(u64, i64)"), state_version: 2 };
     /// assert_eq!(d.state_schema(), Some(schema.with_version(2)));

@@ -121,6 +121,49 @@ impl Paths {
     }
 }
 
+/// The table that holds a source's positions in every state checkpoint: `$source/<source>`.
+///
+/// ```
+/// assert_eq!(cairn_checkpoint::paths::source_table("clicks"), "$source/clicks");
+/// ```
+pub fn source_table(source: &str) -> String {
+    format!("{SOURCE_TABLE_PREFIX}{source}")
+}
+
+/// The source a table id belongs to, if it is a source's positions table.
+///
+/// ```
+/// use cairn_checkpoint::paths::table_source;
+/// assert_eq!(table_source("$source/clicks"), Some("clicks"));
+/// assert_eq!(table_source("totals"), None);
+/// ```
+pub fn table_source(table: &str) -> Option<&str> {
+    table.strip_prefix(SOURCE_TABLE_PREFIX)
+}
+
+/// One of an operator's tables when it keeps several: `<operator>/<part>` (a window's `slices`
+/// and `agg`); an operator with one table uses its name alone.
+///
+/// ```
+/// assert_eq!(cairn_checkpoint::paths::operator_table("sums", "agg"), "sums/agg");
+/// ```
+pub fn operator_table(operator: &str, part: &str) -> String {
+    format!("{operator}/{part}")
+}
+
+/// Whether `table` is one of `operator`'s tables (its own, or `<operator>/<part>`).
+///
+/// ```
+/// use cairn_checkpoint::paths::table_of_operator;
+/// assert!(table_of_operator("sums/agg", "sums") && table_of_operator("sums", "sums"));
+/// assert!(!table_of_operator("sums2", "sums"));
+/// ```
+pub fn table_of_operator(table: &str, operator: &str) -> bool {
+    table == operator || table.strip_prefix(operator).is_some_and(|rest| rest.starts_with('/'))
+}
+
+const SOURCE_TABLE_PREFIX: &str = "$source/";
+
 fn batch_number(s: &str) -> Option<BatchId> {
     if s.len() != 20 || !s.bytes().all(|c| c.is_ascii_digit()) {
         return None;

@@ -21,7 +21,7 @@ fn arb_graph() -> impl Strategy<Value = GraphDescription> {
                 .into_iter()
                 .map(|(name, kind, key_type, state_type, state_version)| OperatorDescription {
                     name,
-                    kind,
+                    kind: kind.into(),
                     key_type,
                     state_type,
                     state_version,

@@ -213,7 +213,12 @@ impl Metrics {
     /// `cairn_state_checkpoint_bytes` at zero for each of its stateful operators.
     pub fn for_context(ctx: &StreamingContext) -> Self {
         let m = Self::new(ctx.app_name());
-        for op in ctx.graph_description().operators.iter().filter(|o| o.kind != "source") {
+        for op in ctx
+            .graph_description()
+            .operators
+            .iter()
+            .filter(|o| o.kind != cairn::checkpoint::OperatorKind::Source)
+        {
             let l = OperatorLabels { operator: op.name.clone() };
             // Creating the series is the point: it then shows 0 until the first batch.
             drop(m.f().state_keys.get_or_create(&l));

@@ -362,7 +362,7 @@ impl StreamingContext {
     ///     .print(1);
     /// let g = ctx.graph_description();
     /// assert_eq!(g.operators[0].name, "counts");
-    /// assert_eq!(g.operators[1].kind, "source");
+    /// assert_eq!(g.operators[1].kind, cairn::checkpoint::OperatorKind::Source);
     /// ```
     pub fn graph_description(&self) -> cairn_checkpoint::GraphDescription {
         scheduler::describe_graph(&self.inner)

@@ -68,9 +68,7 @@ pub(crate) struct Prepared {
     last_plan: Option<PlanCopy>,
 }
 
-fn source_table_id(source: &str) -> String {
-    format!("$source/{source}")
-}
+use cairn_checkpoint::paths::{source_table as source_table_id, table_of_operator};
 
 pub(crate) fn describe_graph(inner: &Inner) -> GraphDescription {
     let g = inner.graph.lock();
@@ -78,7 +76,7 @@ pub(crate) fn describe_graph(inner: &Inner) -> GraphDescription {
     for s in &g.sources {
         operators.push(OperatorDescription {
             name: s.name().to_string(),
-            kind: "source".into(),
+            kind: cairn_checkpoint::OperatorKind::Source,
             key_type: String::new(),
             state_type: "offsets".into(),
             state_version: 1,
@@ -267,9 +265,8 @@ fn restore(
             if dropped.contains(&name) {
                 continue; // its stored state has another type: start empty, as the user asked
             }
-            let prefix = format!("{name}/");
             let tables: Vec<&TableData> =
-                state.tables.iter().filter(|t| t.id == name || t.id.starts_with(&prefix)).collect();
+                state.tables.iter().filter(|t| table_of_operator(&t.id, &name)).collect();
             taken.extend(tables.iter().map(|t| t.id.clone()));
             op.restore(&tables)?;
         }

@@ -7,6 +7,7 @@
 use crate::error::{Error, Result};
 use crate::keyed::{partition_of, Key};
 use cairn_checkpoint::schema::StateSchema;
+use cairn_checkpoint::OperatorKind;
 use cairn_checkpoint::{OperatorDescription, TableData, TableWriter};
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
@@ -274,12 +275,12 @@ fn type_identity<T: StateData>() -> String {
 /// The description of a keyed operator for the graph check.
 pub(crate) fn describe<K: StateData, S: StateData>(
     name: &str,
-    kind: &str,
+    kind: OperatorKind,
     version: u32,
 ) -> OperatorDescription {
     OperatorDescription {
         name: name.to_string(),
-        kind: kind.to_string(),
+        kind,
         key_type: type_identity::<K>(),
         state_type: type_identity::<S>(),
         state_version: version,

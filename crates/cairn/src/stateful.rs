@@ -6,6 +6,7 @@ use crate::failpoint;
 use crate::graph::Partitions;
 use crate::keyed::{shuffle, Key};
 use crate::state::{describe, table, KeyedState, Slot, StateData, StatePart, StatefulOp};
+use cairn_checkpoint::OperatorKind;
 use cairn_checkpoint::{OperatorDescription, TableData};
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
@@ -62,14 +63,14 @@ impl From<String> for OpName {
 }
 
 struct KeyedOp<K, S> {
-    kind: &'static str,
+    kind: OperatorKind,
     version: u32,
     state: KeyedState<K, S>,
 }
 
 impl<K: Key + StateData, S: StateData> StatefulOp for KeyedOp<K, S> {
     fn describe(&self) -> OperatorDescription {
-        describe::<K, S>(&self.state.name, self.kind, self.version)
+        describe::<K, S>(&self.state.name, self.kind.clone(), self.version)
     }
     fn snapshot(&self, full: bool) -> Result<Vec<TableData>> {
         Ok(vec![self.state.snapshot(&self.state.name, full)?])
@@ -273,7 +274,7 @@ impl<K: Key + StateData, V: Data> DStream<(K, V)> {
     ) -> DStream<(K, S)> {
         self.graph.claim_stateful(name.name());
         let op = Arc::new(KeyedOp {
-            kind: "update_state_by_key",
+            kind: OperatorKind::UpdateStateByKey,
             version: name.version(),
             state: KeyedState::<K, S>::new(name.name(), self.graph.parallelism),
         });
@@ -374,7 +375,7 @@ impl<K: Key + StateData, V: Data> DStream<(K, V)> {
         self.graph.claim_stateful(name.name());
         let op = Arc::new(MapWithStateOp {
             inner: KeyedOp {
-                kind: "map_with_state",
+                kind: OperatorKind::MapWithState,
                 version: name.version(),
                 state: KeyedState::<K, S>::new(name.name(), self.graph.parallelism),
             },

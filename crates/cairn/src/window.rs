@@ -8,6 +8,8 @@ use crate::graph::{BatchCtx, Partitions};
 use crate::keyed::{partition_of, shuffle, Key};
 use crate::state::{decode, describe, encode_into, table, KeyedState, StateData, StatePart, StatefulOp};
 use crate::stateful::OpName;
+use cairn_checkpoint::paths::operator_table;
+use cairn_checkpoint::OperatorKind;
 use cairn_checkpoint::{OperatorDescription, TableData, TableWriter};
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
@@ -134,7 +136,7 @@ struct WindowOp<T> {
 
 impl<T: StateData + Data> StatefulOp for WindowOp<T> {
     fn describe(&self) -> OperatorDescription {
-        describe::<(), T>(&self.slices.name, "window", self.version)
+        describe::<(), T>(&self.slices.name, OperatorKind::Window, self.version)
     }
     fn snapshot(&self, full: bool) -> Result<Vec<TableData>> {
         Ok(vec![self.slices.snapshot(self.slices.name.clone(), full)?])
@@ -274,7 +276,7 @@ struct ReduceWindowOp<K, V> {
 
 impl<K: Key + StateData, V: StateData + Data> ReduceWindowOp<K, V> {
     fn agg_id(&self) -> String {
-        format!("{}/agg", self.name)
+        operator_table(&self.name, "agg")
     }
 
     /// Whether the aggregate holds exactly the keys of the buffered slices, each with the number
@@ -317,10 +319,10 @@ impl<K: Key + StateData, V: StateData + Data> ReduceWindowOp<K, V> {
 
 impl<K: Key + StateData, V: StateData + Data> StatefulOp for ReduceWindowOp<K, V> {
     fn describe(&self) -> OperatorDescription {
-        describe::<K, V>(&self.name, "reduce_by_key_and_window", self.version)
+        describe::<K, V>(&self.name, OperatorKind::ReduceByKeyAndWindow, self.version)
     }
     fn snapshot(&self, full: bool) -> Result<Vec<TableData>> {
-        let mut t = vec![self.slices.snapshot(format!("{}/slices", self.name), full)?];
+        let mut t = vec![self.slices.snapshot(operator_table(&self.name, "slices"), full)?];
         if let Some(agg) = &self.agg {
             t.push(agg.snapshot(&self.agg_id(), full)?);
         } else {
@@ -337,7 +339,7 @@ impl<K: Key + StateData, V: StateData + Data> StatefulOp for ReduceWindowOp<K, V
         Ok(t)
     }
     fn restore(&self, tables: &[&TableData]) -> Result<()> {
-        if let Some(t) = table(tables, &format!("{}/slices", self.name)) {
+        if let Some(t) = table(tables, &operator_table(&self.name, "slices")) {
             self.slices.restore(t, self.n, |_, (k, _)| partition_of(k, self.n))?;
         }
         let stored = table(tables, &self.agg_id());
