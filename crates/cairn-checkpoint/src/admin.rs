@@ -258,8 +258,13 @@ pub fn verify(store: &CheckpointStore) -> Result<Verification> {
         let path = store.paths().path(*name);
         let check = match *name {
             ObjectName::Metadata => store.read_metadata().map(|_| ()),
-            ObjectName::Lease => store.read_raw(*name).and_then(|b| {
-                codec::decode_json::<LeaseRecord>(path.as_ref(), &b, ObjectKind::Lease).map(|_| ())
+            ObjectName::Lease | ObjectName::LeaseClaim(_) | ObjectName::LeaseHeartbeat(_) => {
+                store.read_raw(*name).and_then(|b| {
+                    codec::decode_json::<LeaseRecord>(path.as_ref(), &b, ObjectKind::Lease).map(|_| ())
+                })
+            }
+            ObjectName::LeaseFence(_) => store.read_raw(*name).and_then(|b| {
+                codec::decode_json::<crate::FenceRecord>(path.as_ref(), &b, ObjectKind::Fence).map(|_| ())
             }),
             ObjectName::Plan(b) => store.read_plan(b).map(|_| ()),
             ObjectName::Commit(b) => store.read_commit(b).map(|_| ()),

@@ -91,6 +91,7 @@ fn plan(b: u64) -> BatchPlan {
             ranges: vec![OffsetRange { partition: "0".into(), start: b, end: b + 1 }],
         }],
         previous_commit: None,
+        epoch: 0,
     }
 }
 

@@ -168,6 +168,13 @@ pub(crate) fn prepare(inner: &Inner) -> Result<Prepared> {
         None => CheckpointStore::open(&location)?,
     };
     let lease = store.acquire_lease(cfg.lease_ttl)?;
+    if failpoint::armed_name() == Some(failpoint::FREEZE_BEFORE_PLAN) {
+        store.set_commit_hook(Some(Arc::new(|name| {
+            if let cairn_checkpoint::paths::ObjectName::Plan(b) = name {
+                failpoint::freeze(failpoint::FREEZE_BEFORE_PLAN, b.0);
+            }
+        })));
+    }
     // Whatever fails from here on, this process gives the location back: a caller that fixes
     // the problem and retries in the same process must not find its own stale lease.
     match restore(inner, &store, &location, positions, graph_desc, now, aligned_now) {
@@ -201,6 +208,9 @@ fn restore(
     for w in &recovered.warnings {
         tracing::warn!("recovery: {w}");
     }
+    // Objects a fenced-off holder left: this process holds the lease now, so they go before it
+    // writes anything (its own writes would replace most of them anyway).
+    store.remove_fenced(&recovered.fenced)?;
     let metadata = match recovered.metadata.clone() {
         Some(m) => {
             if m.batch_interval_ms != cfg.batch_interval.as_millis() as u64 {
@@ -449,6 +459,7 @@ impl Runner {
                 planned_at_ms: self.inner.cfg.clock.now_ms(),
                 sources,
                 previous_commit: self.pending_commit.take(),
+                epoch: 0, // stamped by the store
             };
             if let Some(store) = &self.p.store {
                 self.summary.log_objects += store.write_plan(&plan)?.objects;
@@ -532,6 +543,7 @@ impl Runner {
                     committed_at_ms: self.inner.cfg.clock.now_ms(),
                     input_records: ctx.records.load(Ordering::Relaxed),
                     processing_ms: processing_ms as u64,
+                    epoch: 0, // stamped by the store
                 });
             }
         }
@@ -653,6 +665,7 @@ impl Runner {
             created_ms: self.inner.cfg.clock.now_ms(),
             graph: self.p.graph_desc.clone(),
             tables,
+            epoch: 0, // stamped by the store
         };
         let bytes = ckpt.tables.iter().map(|t| t.data.len() as u64).sum();
         let writer = self.writer.as_ref().expect("checked by caller");
