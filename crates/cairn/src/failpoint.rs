@@ -61,9 +61,11 @@ pub(crate) fn hit(name: &str, batch: u64) {
 }
 
 /// Stops the whole process (every thread) with SIGSTOP if the named failpoint is armed for this
-/// batch; returns once something sends SIGCONT.
+/// batch; returns once something sends SIGCONT. Only the first hit stops: a write retried after
+/// the pause must go through.
 pub(crate) fn freeze(name: &str, batch: u64) {
-    if is_armed(name, batch) {
+    static FROZEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if is_armed(name, batch) && !FROZEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
         eprintln!("cairn: failpoint {name} hit at batch {batch}; stopping until SIGCONT");
         if let Err(e) = signal_hook::low_level::raise(signal_hook::consts::SIGSTOP) {
             eprintln!("cairn: failpoint {name}: cannot stop the process: {e}");
