@@ -282,29 +282,41 @@ pub fn latest_claim(listing: &Listing) -> Option<Epoch> {
     listing.names().filter_map(|n| if let ObjectName::LeaseClaim(e) = n { Some(e) } else { None }).max()
 }
 
+/// [`split_replay`]'s answer: the accepted plans and the fenced-off ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplaySplit {
+    /// Batches to replay, ascending.
+    pub accepted: Vec<BatchId>,
+    /// Plans not accepted, with the fence that excludes each.
+    pub rejected: Vec<(BatchId, Fenced)>,
+}
+
+/// An accepted plan follows a fenced-off one: some writer ignored the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the plan of batch {accepted} is accepted but the earlier plan of batch {fenced_batch} is fenced off ({by})")]
+pub struct ReplayAfterFenced {
+    pub accepted: BatchId,
+    pub fenced_batch: BatchId,
+    pub by: Fenced,
+}
+
 /// Of the planned batches to replay (ascending, with their writers' epochs), the accepted prefix
 /// and the rejected rest. Rejected plans can only be a tail: the fencing holder writes every plan
 /// from its fence point on itself, replacing what a fenced writer left. An accepted plan after a
 /// rejected one means a writer ignored the protocol, and the error says where.
-pub fn split_replay(
-    plans: &[(BatchId, Epoch)],
-    fences: &Fences,
-) -> Result<(Vec<BatchId>, Vec<(BatchId, Fenced)>), String> {
-    let mut accepted = Vec::new();
-    let mut rejected: Vec<(BatchId, Fenced)> = Vec::new();
+pub fn split_replay(plans: &[(BatchId, Epoch)], fences: &Fences) -> Result<ReplaySplit, ReplayAfterFenced> {
+    let mut out = ReplaySplit::default();
     for &(b, e) in plans {
         match fenced(fences, e, b) {
-            Some(f) => rejected.push((b, f)),
-            None if rejected.is_empty() => accepted.push(b),
+            Some(f) => out.rejected.push((b, f)),
+            None if out.rejected.is_empty() => out.accepted.push(b),
             None => {
-                return Err(format!(
-                    "the plan of batch {b} is accepted but the earlier plan of batch {} is fenced off ({})",
-                    rejected[0].0, rejected[0].1
-                ))
+                let (fenced_batch, by) = out.rejected[0];
+                return Err(ReplayAfterFenced { accepted: b, fenced_batch, by });
             }
         }
     }
-    Ok((accepted, rejected))
+    Ok(out)
 }
 
 /// What a starting process may do about the current lease holder.
@@ -411,16 +423,17 @@ mod fence_tests {
     #[test]
     fn split_replay_table() {
         let f = Fences::from([(2, B(10))]);
-        let (acc, rej) = split_replay(&[(B(8), 1), (B(9), 1), (B(10), 2), (B(11), 2)], &f).unwrap();
-        assert_eq!((acc.len(), rej.len()), (4, 0));
-        let (acc, rej) = split_replay(&[(B(9), 1), (B(10), 1)], &f).unwrap();
-        assert_eq!(acc, vec![B(9)]);
-        assert_eq!(rej, vec![(B(10), Fenced { by_epoch: 2, from_batch: B(10) })]);
-        let (acc, rej) = split_replay(&[(B(10), 1), (B(11), 1)], &f).unwrap();
-        assert!(acc.is_empty());
-        assert_eq!(rej.len(), 2);
+        let s = split_replay(&[(B(8), 1), (B(9), 1), (B(10), 2), (B(11), 2)], &f).unwrap();
+        assert_eq!((s.accepted.len(), s.rejected.len()), (4, 0));
+        let s = split_replay(&[(B(9), 1), (B(10), 1)], &f).unwrap();
+        assert_eq!(s.accepted, vec![B(9)]);
+        assert_eq!(s.rejected, vec![(B(10), Fenced { by_epoch: 2, from_batch: B(10) })]);
+        let s = split_replay(&[(B(10), 1), (B(11), 1)], &f).unwrap();
+        assert!(s.accepted.is_empty());
+        assert_eq!(s.rejected.len(), 2);
         let err = split_replay(&[(B(10), 1), (B(11), 2)], &f).unwrap_err();
-        assert!(err.contains("batch 11") && err.contains("batch 10"), "{err}");
+        assert_eq!((err.accepted, err.fenced_batch), (B(11), B(10)));
+        assert!(err.to_string().contains("batch 11"), "{err}");
     }
 
     #[test]

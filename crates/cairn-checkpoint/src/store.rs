@@ -758,8 +758,8 @@ impl CheckpointStore {
             }
         }
         let epochs: Vec<(BatchId, crate::Epoch)> = replay.iter().map(|p| (p.batch_id, p.epoch)).collect();
-        let (accepted, rejected) = protocol::split_replay(&epochs, &fences)
-            .map_err(|reason| Error::Unrecoverable { location: self.location.clone(), reason })?;
+        let protocol::ReplaySplit { accepted, rejected } = protocol::split_replay(&epochs, &fences)
+            .map_err(|e| Error::Unrecoverable { location: self.location.clone(), reason: e.to_string() })?;
         for (b, f) in &rejected {
             let w = format!("the plan of batch {b} is not accepted: its writer was fenced off ({f}); it will be planned again");
             tracing::warn!("{w}");
