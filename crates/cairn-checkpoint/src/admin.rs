@@ -264,8 +264,13 @@ pub fn verify(store: &CheckpointStore) -> Result<Verification> {
             ObjectName::Metadata | ObjectName::MetadataCopy => store.read_raw(*name).and_then(|b| {
                 codec::decode_json::<JobMetadata>(path.as_ref(), &b, ObjectKind::Metadata).map(|_| ())
             }),
-            ObjectName::Lease => store.read_raw(*name).and_then(|b| {
-                codec::decode_json::<LeaseRecord>(path.as_ref(), &b, ObjectKind::Lease).map(|_| ())
+            ObjectName::Lease | ObjectName::LeaseClaim(_) | ObjectName::LeaseHeartbeat(_) => {
+                store.read_raw(*name).and_then(|b| {
+                    codec::decode_json::<LeaseRecord>(path.as_ref(), &b, ObjectKind::Lease).map(|_| ())
+                })
+            }
+            ObjectName::LeaseFence(_) => store.read_raw(*name).and_then(|b| {
+                codec::decode_json::<crate::FenceRecord>(path.as_ref(), &b, ObjectKind::Fence).map(|_| ())
             }),
             ObjectName::Plan(b) => store.read_plan(b).map(|_| ()),
             ObjectName::Commit(b) => store.read_commit(b).map(|_| ()),

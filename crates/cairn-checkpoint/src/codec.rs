@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! u64 batch id | u8 kind (0 full, 1 delta) | [u64 parent batch id, delta only] | i64 created ms
+//! | [u64 writer's lease epoch, format version 2 and later]
 //! | u32 n + n bytes graph description (JSON) | u32 table count
 //! | per table: u32 n + n bytes id (UTF-8) | u64 entry count | u64 n + n bytes entries (see table.rs)
 //! ```
@@ -38,6 +39,7 @@ pub fn encode_state(ckpt: &StateCheckpoint) -> Vec<u8> {
         }
     }
     b.extend_from_slice(&ckpt.created_ms.to_le_bytes());
+    b.extend_from_slice(&ckpt.epoch.to_le_bytes());
     let graph = serde_json::to_vec(&ckpt.graph).expect("graph always serializes");
     b.extend_from_slice(&(graph.len() as u32).to_le_bytes());
     b.extend_from_slice(&graph);
@@ -58,7 +60,7 @@ pub fn encode_state(ckpt: &StateCheckpoint) -> Vec<u8> {
 
 /// Decodes a state checkpoint (full or delta), verifying it completely.
 pub fn decode_state(path: &str, bytes: &[u8]) -> Result<StateCheckpoint> {
-    let (kind, body) = frame::decode_any(path, bytes)?;
+    let (version, kind, body) = frame::decode_versioned(path, bytes)?;
     if !matches!(kind, ObjectKind::StateFull | ObjectKind::StateDelta) {
         return Err(Error::corrupt(path, format!("holds a {kind:?} object where state was expected")));
     }
@@ -74,6 +76,8 @@ pub fn decode_state(path: &str, bytes: &[u8]) -> Result<StateCheckpoint> {
         return Err(r.err("frame kind and checkpoint kind disagree".into()));
     }
     let created_ms = r.u64()? as i64;
+    // Version 1 had no epochs: its objects were written before any fence existed.
+    let epoch = if version >= 2 { r.u64()? } else { 0 };
     let glen = r.u32()? as usize;
     let graph: GraphDescription =
         serde_json::from_slice(r.bytes(glen)?).map_err(|e| r.err(format!("graph description: {e}")))?;
@@ -92,7 +96,7 @@ pub fn decode_state(path: &str, bytes: &[u8]) -> Result<StateCheckpoint> {
     if r.pos != body.len() {
         return Err(r.err(format!("{} trailing bytes", body.len() - r.pos)));
     }
-    Ok(StateCheckpoint { batch_id, kind: ckind, created_ms, graph, tables })
+    Ok(StateCheckpoint { batch_id, kind: ckind, created_ms, graph, tables, epoch })
 }
 
 struct Cursor<'a> {

@@ -23,6 +23,9 @@ pub enum Error {
     /// This process lost its lease (another process took the location over).
     #[error("lost the lease on {location}: now held by {holder}")]
     LeaseLost { location: String, holder: String },
+    /// An object was written by a lease holder that a newer epoch had fenced off.
+    #[error("{path} is not accepted: written by lease epoch {epoch}, but {reason}")]
+    Fenced { path: String, epoch: u64, reason: String },
     /// The stored graph and the code's graph disagree in a way that would mix old and new logic.
     #[error("incompatible change to stateful operator {operator:?}: {difference}")]
     Incompatible { operator: String, difference: String },

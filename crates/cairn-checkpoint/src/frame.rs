@@ -31,6 +31,8 @@ pub enum ObjectKind {
     StateDelta = 4,
     StateFull = 5,
     Lease = 6,
+    /// A lease epoch's fence record (format version 2).
+    Fence = 7,
 }
 
 impl ObjectKind {
@@ -42,6 +44,7 @@ impl ObjectKind {
             4 => Self::StateDelta,
             5 => Self::StateFull,
             6 => Self::Lease,
+            7 => Self::Fence,
             _ => return None,
         })
     }
@@ -91,6 +94,12 @@ pub fn decode(path: &str, bytes: &[u8], expected: ObjectKind) -> Result<Vec<u8>>
 
 /// Checks and unwraps an object of any kind.
 pub fn decode_any(path: &str, bytes: &[u8]) -> Result<(ObjectKind, Vec<u8>)> {
+    decode_versioned(path, bytes).map(|(_, kind, payload)| (kind, payload))
+}
+
+/// Checks and unwraps an object of any kind, returning its format version too (binary payloads
+/// whose layout grew between versions need it).
+pub fn decode_versioned(path: &str, bytes: &[u8]) -> Result<(u16, ObjectKind, Vec<u8>)> {
     if bytes.len() < HEADER + TRAILER {
         return Err(Error::corrupt(
             path,
@@ -127,5 +136,5 @@ pub fn decode_any(path: &str, bytes: &[u8]) -> Result<(ObjectKind, Vec<u8>)> {
             .map_err(|e| Error::corrupt(path, format!("bad compressed payload: {e}")))?,
         f => return Err(Error::corrupt(path, format!("unknown flags {f:#x}"))),
     };
-    Ok((kind, payload))
+    Ok((version, kind, payload))
 }

@@ -20,9 +20,9 @@ use rustc_hash::FxHashMap;
 /// b.put(b"k1", b"10");
 /// b.delete(b"k2");
 /// let full = StateCheckpoint { batch_id: BatchId(0), kind: CheckpointKind::Full, created_ms: 0,
-///     graph: GraphDescription::default(), tables: table(a) };
+///     graph: GraphDescription::default(), tables: table(a), epoch: 0 };
 /// let delta = StateCheckpoint { batch_id: BatchId(1), kind: CheckpointKind::Delta { parent: BatchId(0) },
-///     created_ms: 0, graph: GraphDescription::default(), tables: table(b) };
+///     created_ms: 0, graph: GraphDescription::default(), tables: table(b), epoch: 0 };
 /// let merged = merge_chain(vec![full, delta]).unwrap();
 /// let entries: Vec<_> = merged.tables[0].reader().map(|e| e.unwrap()).collect();
 /// assert_eq!(entries, vec![(&b"k1"[..], Some(&b"10"[..]))]);
@@ -71,6 +71,8 @@ pub fn merge_chain(chain: Vec<StateCheckpoint>) -> Result<StateCheckpoint> {
         created_ms: last.created_ms,
         graph: last.graph.clone(),
         tables,
+        // The compacting writer stamps its own epoch when it stores the snapshot.
+        epoch: last.epoch,
     })
 }
 
@@ -141,6 +143,7 @@ mod tests {
             created_ms: 0,
             graph: GraphDescription::default(),
             tables: vec![w.finish("t")],
+            epoch: 0,
         };
         let mut model = BTreeMap::new();
         let mut full = TableWriter::new();

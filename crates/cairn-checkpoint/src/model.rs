@@ -4,7 +4,13 @@
 use serde::{Deserialize, Serialize};
 
 /// The version written into every object header. Readers accept any version up to this one.
-pub const FORMAT_VERSION: u16 = 1;
+/// Version 2 added the writer's lease epoch to plans, commits and state checkpoints, and the
+/// per-epoch lease objects; version 1 objects read as epoch 0.
+pub const FORMAT_VERSION: u16 = 2;
+
+/// A lease epoch: every process that takes the location gets the next one (1, 2, ...). Objects
+/// written before epochs existed (format version 1) carry epoch 0.
+pub type Epoch = u64;
 
 /// A batch's id: 0, 1, 2, ... Replays reuse the id, so sinks can deduplicate on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -199,6 +205,9 @@ pub struct BatchPlan {
     /// copy. Absent on batch 0 and in plans written before copies existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_plan: Option<PlanCopy>,
+    /// The lease epoch of the writer (stamped by the store; 0 in format version 1).
+    #[serde(default)]
+    pub epoch: Epoch,
 }
 
 /// What a plan carries of its predecessor: everything needed to re-run that batch exactly.
@@ -207,6 +216,10 @@ pub struct PlanCopy {
     pub batch_time_ms: i64,
     pub planned_at_ms: i64,
     pub sources: Vec<SourcePlan>,
+    /// The epoch that wrote the original plan: a rebuilt plan is accepted or fenced off like the
+    /// original would have been.
+    #[serde(default)]
+    pub epoch: Epoch,
 }
 
 impl BatchPlan {
@@ -216,6 +229,7 @@ impl BatchPlan {
             batch_time_ms: self.batch_time_ms,
             planned_at_ms: self.planned_at_ms,
             sources: self.sources.clone(),
+            epoch: self.epoch,
         }
     }
 
@@ -230,6 +244,7 @@ impl BatchPlan {
             sources: copy.sources,
             previous_commit: None,
             previous_plan: None,
+            epoch: copy.epoch,
         }
     }
 }
@@ -241,6 +256,9 @@ pub struct BatchCommit {
     pub committed_at_ms: i64,
     pub input_records: u64,
     pub processing_ms: u64,
+    /// The lease epoch of the writer (stamped by the store; 0 in format version 1).
+    #[serde(default)]
+    pub epoch: Epoch,
 }
 
 /// Whether a state checkpoint holds everything, or only the keys changed since its parent.
@@ -263,15 +281,42 @@ pub struct StateCheckpoint {
     pub graph: GraphDescription,
     /// One table per operator state (and per source's positions), identified by `TableData::id`.
     pub tables: Vec<crate::TableData>,
+    /// The lease epoch of the writer (stamped by the store; 0 in format version 1).
+    pub epoch: Epoch,
 }
 
-/// Who holds a checkpoint location. Stored as the `_lease` object.
+/// Who holds a checkpoint location in one epoch. Stored as `lease/<epoch>.claim` (created once)
+/// and `lease/<epoch>.heartbeat` (rewritten by its holder only); format version 1 kept one
+/// `_lease` object, which is no longer read.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseRecord {
+    /// Unique per acquisition: tells a retried claim that landed from another process's claim.
     pub owner: String,
     pub host: String,
     pub pid: u32,
     pub started_ms: i64,
     pub heartbeat_ms: i64,
     pub ttl_ms: u64,
+    /// The epoch this record claims (0 in format version 1).
+    #[serde(default)]
+    pub epoch: Epoch,
+    /// Set by a holder that gave the location back: the next process need not wait for the TTL.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub released: bool,
+    /// In heartbeats: a copy of this epoch's fence point, so that a damaged or lost fence object
+    /// is not the end of the location. Absent in claims (written before the fence point is known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence_from: Option<BatchId>,
+}
+
+/// Written once by a new holder right after its claim (`lease/<epoch>.fence`): objects of older
+/// epochs about batch `from_batch` or later are not accepted (see [`crate::protocol::fenced`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceRecord {
+    pub epoch: Epoch,
+    /// One past the newest batch any object of the location concerned when the holder listed it
+    /// (after its claim existed).
+    pub from_batch: BatchId,
+    /// The claim's owner, so a retried create that landed is recognised.
+    pub owner: String,
 }

@@ -24,6 +24,12 @@ pub enum ObjectName {
     Delta { batch: BatchId, parent: BatchId },
     /// `state/<batch>.full`: all state as of the end of the batch.
     Full(BatchId),
+    /// `lease/<epoch>.claim`: who took the location in this epoch (created once, never changed).
+    LeaseClaim(u64),
+    /// `lease/<epoch>.fence`: from which batch older epochs' objects are not accepted.
+    LeaseFence(u64),
+    /// `lease/<epoch>.heartbeat`: the epoch holder's liveness, rewritten by that holder only.
+    LeaseHeartbeat(u64),
 }
 
 /// Builds object paths under one root prefix.
@@ -35,6 +41,9 @@ pub enum ObjectName {
 /// let plan = p.path(ObjectName::Plan(BatchId(7)));
 /// assert_eq!(plan.as_ref(), "jobs/a/log/00000000000000000007.plan");
 /// assert_eq!(p.parse(&plan), Some(ObjectName::Plan(BatchId(7))));
+/// let claim = p.path(ObjectName::LeaseClaim(3));
+/// assert_eq!(claim.as_ref(), "jobs/a/lease/00000000000000000003.claim");
+/// assert_eq!(p.parse(&claim), Some(ObjectName::LeaseClaim(3)));
 /// ```
 #[derive(Debug, Clone)]
 pub struct Paths {
@@ -57,6 +66,11 @@ impl Paths {
         self.root.child("log")
     }
 
+    /// The prefix holding the per-epoch lease objects.
+    pub fn lease_dir(&self) -> Path {
+        self.root.child("lease")
+    }
+
     /// The prefix holding state checkpoints.
     pub fn state_dir(&self) -> Path {
         self.root.child("state")
@@ -74,6 +88,9 @@ impl Paths {
                 self.state_dir().child(format!("{:020}-{:020}.delta", batch.0, parent.0))
             }
             ObjectName::Full(b) => self.state_dir().child(format!("{:020}.full", b.0)),
+            ObjectName::LeaseClaim(e) => self.lease_dir().child(format!("{e:020}.claim")),
+            ObjectName::LeaseFence(e) => self.lease_dir().child(format!("{e:020}.fence")),
+            ObjectName::LeaseHeartbeat(e) => self.lease_dir().child(format!("{e:020}.heartbeat")),
         }
     }
 
@@ -90,6 +107,9 @@ impl Paths {
                     ("log", "plan") => Some(ObjectName::Plan(batch_number(stem)?)),
                     ("log", "commit") => Some(ObjectName::Commit(batch_number(stem)?)),
                     ("state", "full") => Some(ObjectName::Full(batch_number(stem)?)),
+                    ("lease", "claim") => Some(ObjectName::LeaseClaim(batch_number(stem)?.0)),
+                    ("lease", "fence") => Some(ObjectName::LeaseFence(batch_number(stem)?.0)),
+                    ("lease", "heartbeat") => Some(ObjectName::LeaseHeartbeat(batch_number(stem)?.0)),
                     ("state", "delta") => {
                         let (b, p) = stem.split_once('-')?;
                         Some(ObjectName::Delta { batch: batch_number(b)?, parent: batch_number(p)? })

@@ -7,14 +7,14 @@ use crate::paths::{ObjectName, Paths};
 use crate::protocol::{self, Listing};
 use crate::{codec, merge};
 use crate::{
-    BatchCommit, BatchId, BatchPlan, CheckpointKind, Error, GraphDescription, JobMetadata, Result,
+    BatchCommit, BatchId, BatchPlan, CheckpointKind, Epoch, Error, GraphDescription, JobMetadata, Result,
     StateCheckpoint, TableData,
 };
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectMeta, ObjectStore, PutMode, PutOptions, PutPayload};
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 /// Bytes and objects written by one call.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -58,6 +58,10 @@ pub struct Recovered {
     pub next_batch: BatchId,
     /// Problems recovery worked around (a corrupt newest checkpoint, a torn trailing plan...).
     pub warnings: Vec<String>,
+    /// Objects recovery did not accept because a newer lease epoch fenced their writer off
+    /// (see [`protocol::fenced`]); the lease holder removes them with
+    /// [`CheckpointStore::remove_fenced`].
+    pub fenced: Vec<ObjectName>,
     /// Time spent reading and merging state objects.
     pub restore_ms: u64,
     pub bytes_read: u64,
@@ -92,7 +96,23 @@ pub struct CheckpointStore {
     location: String,
     /// The directory of a location on the local file system, swept for crashed writers' debris.
     local_dir: Option<std::path::PathBuf>,
+    /// The lease epoch this store writes in (shared by clones: the writer and maintenance
+    /// threads commit under the scheduler's lease).
+    held: Arc<RwLock<Option<Held>>>,
+    hook: Arc<RwLock<Option<CommitHook>>>,
 }
+
+/// The lease epoch a store holds, and the batch it took the location over from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Held {
+    pub epoch: Epoch,
+    pub from_batch: BatchId,
+}
+
+/// Called with the object's name after the lease check and before the write of every committed
+/// object (plans, commits, state checkpoints, compacted snapshots): tests use it to pause a
+/// process exactly where a stale holder could slip a write in.
+pub type CommitHook = Arc<dyn Fn(ObjectName) + Send + Sync>;
 
 /// Resolves a location string to an object store and a root prefix: a local path (created if
 /// missing), a `file:///abs/path` URL, `s3://bucket/prefix` (configured from the AWS_*
@@ -229,6 +249,8 @@ impl Clone for CheckpointStore {
             paths: self.paths.clone(),
             location: self.location.clone(),
             local_dir: self.local_dir.clone(),
+            held: self.held.clone(),
+            hook: self.hook.clone(),
         }
     }
 }
@@ -242,7 +264,7 @@ impl std::fmt::Debug for CheckpointStore {
 /// Attempts per object write before the error is returned.
 const PUT_ATTEMPTS: u32 = 3;
 
-enum Created {
+pub(crate) enum Created {
     New,
     Exists(Vec<u8>),
 }
@@ -264,7 +286,63 @@ impl CheckpointStore {
 
     /// Uses an existing object store (e.g. wrapped to inject latency or faults) under `root`.
     pub fn with_store(store: Arc<dyn ObjectStore>, root: Path, location: impl Into<String>) -> Self {
-        Self { store, paths: Paths::new(root), location: location.into(), local_dir: None }
+        Self {
+            store,
+            paths: Paths::new(root),
+            location: location.into(),
+            local_dir: None,
+            held: Arc::new(RwLock::new(None)),
+            hook: Arc::new(RwLock::new(None)),
+        }
+    }
+
+    pub(crate) fn held(&self) -> Option<Held> {
+        *self.held.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn set_held(&self, h: Option<Held>) {
+        *self.held.write().unwrap_or_else(|e| e.into_inner()) = h;
+    }
+
+    /// The lease epoch this store writes in (0 without a lease: tools and tests).
+    pub fn epoch(&self) -> Epoch {
+        self.held().map_or(0, |h| h.epoch)
+    }
+
+    /// Installs (or removes) the [`CommitHook`].
+    pub fn set_commit_hook(&self, hook: Option<CommitHook>) {
+        *self.hook.write().unwrap_or_else(|e| e.into_inner()) = hook;
+    }
+
+    /// Whether an existing object written in `epoch` about `batch` was left by a holder this
+    /// store's epoch fenced off: it may be replaced.
+    fn is_stale(&self, epoch: Epoch, batch: BatchId) -> bool {
+        self.held().is_some_and(|h| epoch < h.epoch && batch >= h.from_batch)
+    }
+
+    /// The write of a committed object: the lease is checked first (a taken-over process stops
+    /// with `LeaseLost` instead of writing), and again after a new object landed, so a process
+    /// that lost the lease meanwhile stops before acting on what it wrote (running sinks on a
+    /// plan the new holder may not accept).
+    fn commit_put(&self, name: ObjectName, bytes: Vec<u8>, mode: PutMode) -> Result<Created> {
+        self.check_lease()?;
+        let hook = self.hook.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(h) = hook {
+            h(name);
+        }
+        let created = self.put(&self.paths.path(name), bytes, mode)?;
+        self.check_lease()?;
+        Ok(created)
+    }
+
+    /// A conflict with an object a newer epoch wrote means this process is the stale one.
+    fn newer_epoch_conflict(&self, existing: Epoch, path: &Path, reason: String) -> Error {
+        if existing > self.epoch() && self.held().is_some() {
+            if let Err(lost) = self.check_lease() {
+                return lost;
+            }
+        }
+        Error::Conflict { path: path.to_string(), reason }
     }
 
     /// The location as given.
@@ -290,7 +368,7 @@ impl CheckpointStore {
         block_on_io(f)
     }
 
-    fn get(&self, path: &Path) -> Result<Option<Vec<u8>>> {
+    pub(crate) fn get(&self, path: &Path) -> Result<Option<Vec<u8>>> {
         let r = self.block_on(async { self.store.get(path).await?.bytes().await });
         match r {
             Ok(b) => Ok(Some(b.to_vec())),
@@ -299,13 +377,13 @@ impl CheckpointStore {
         }
     }
 
-    fn get_required(&self, path: &Path) -> Result<Vec<u8>> {
+    pub(crate) fn get_required(&self, path: &Path) -> Result<Vec<u8>> {
         self.get(path)?.ok_or_else(|| Error::corrupt(path, "object is missing"))
     }
 
     /// Writes with a few retries on errors that may be transient (cloud clients also retry
     /// HTTP errors on their own); a conflict or a permission/precondition problem is final.
-    fn put(&self, path: &Path, bytes: Vec<u8>, mode: PutMode) -> Result<Created> {
+    pub(crate) fn put(&self, path: &Path, bytes: Vec<u8>, mode: PutMode) -> Result<Created> {
         let payload = PutPayload::from(bytes);
         let mut attempt = 0;
         loop {
@@ -421,33 +499,47 @@ impl CheckpointStore {
 
     /// Logs a batch's plan with a conditional create. Re-logging the same plan (a replay) is
     /// accepted; a different plan for the same batch means another writer: a conflict.
+    /// The plan and every object the store writes carry the store's lease epoch; a plan left by a
+    /// fenced-off holder at or beyond this epoch's fence point is replaced.
     pub fn write_plan(&self, plan: &BatchPlan) -> Result<WriteStats> {
-        let path = self.paths.path(ObjectName::Plan(plan.batch_id));
+        let name = ObjectName::Plan(plan.batch_id);
+        let path = self.paths.path(name);
+        let plan = &BatchPlan { epoch: self.epoch(), ..plan.clone() };
         let bytes = codec::encode_json(ObjectKind::Plan, plan);
         let len = bytes.len() as u64;
-        match self.put(&path, bytes.clone(), PutMode::Create)? {
+        match self.commit_put(name, bytes.clone(), PutMode::Create)? {
             Created::New => {
                 self.ensure_whole(&path, bytes)?;
                 Ok(WriteStats { bytes: len, objects: 1 })
             }
             Created::Exists(old) => {
                 match codec::decode_json::<BatchPlan>(path.as_ref(), &old, ObjectKind::Plan) {
+                    Ok(existing) if self.is_stale(existing.epoch, existing.batch_id) => {
+                        tracing::warn!(
+                            "replacing the plan of batch {} left by fenced-off lease epoch {}",
+                            plan.batch_id,
+                            existing.epoch
+                        );
+                        self.commit_put(name, bytes, PutMode::Overwrite)?;
+                        Ok(WriteStats { bytes: len, objects: 1 })
+                    }
+                    // A replay, or a retried create whose first attempt landed (same content).
                     Ok(existing)
                         if existing.batch_id == plan.batch_id && existing.sources == plan.sources =>
                     {
                         Ok(WriteStats::default())
                     }
-                    Ok(_) => Err(Error::Conflict {
-                        path: path.to_string(),
-                        reason: format!(
-                            "batch {} was already planned with different input by another writer",
-                            plan.batch_id
+                    Ok(existing) => Err(self.newer_epoch_conflict(
+                        existing.epoch,
+                        &path,
+                        format!(
+                            "batch {} was already planned with different input by another writer (lease epoch {})",
+                            plan.batch_id, existing.epoch
                         ),
-                    }),
+                    )),
                     Err(e) => {
                         tracing::warn!("replacing a corrupt plan object ({e})");
-                        let bytes = codec::encode_json(ObjectKind::Plan, plan);
-                        self.put(&path, bytes, PutMode::Overwrite)?;
+                        self.commit_put(name, bytes, PutMode::Overwrite)?;
                         Ok(WriteStats { bytes: len, objects: 1 })
                     }
                 }
@@ -468,13 +560,24 @@ impl CheckpointStore {
     }
 
     /// Writes a batch's commit record; an existing one (from an earlier attempt) is kept.
+    /// A commit left by a fenced-off holder is replaced.
     pub fn write_commit(&self, c: &BatchCommit) -> Result<WriteStats> {
-        let path = self.paths.path(ObjectName::Commit(c.batch_id));
+        let name = ObjectName::Commit(c.batch_id);
+        let path = self.paths.path(name);
+        let c = &BatchCommit { epoch: self.epoch(), ..c.clone() };
         let bytes = codec::encode_json(ObjectKind::Commit, c);
         let len = bytes.len() as u64;
-        match self.put(&path, bytes, PutMode::Create)? {
+        match self.commit_put(name, bytes.clone(), PutMode::Create)? {
             Created::New => Ok(WriteStats { bytes: len, objects: 1 }),
-            Created::Exists(_) => Ok(WriteStats::default()),
+            Created::Exists(old) => {
+                let stale = codec::decode_json::<BatchCommit>(path.as_ref(), &old, ObjectKind::Commit)
+                    .is_ok_and(|e| self.is_stale(e.epoch, e.batch_id));
+                if stale {
+                    self.commit_put(name, bytes, PutMode::Overwrite)?;
+                    return Ok(WriteStats { bytes: len, objects: 1 });
+                }
+                Ok(WriteStats::default())
+            }
         }
     }
 
@@ -487,15 +590,21 @@ impl CheckpointStore {
             CheckpointKind::Delta { parent } => ObjectName::Delta { batch: ckpt.batch_id, parent },
         };
         let path = self.paths.path(name);
+        let ckpt = &StateCheckpoint { epoch: self.epoch(), ..ckpt.clone() };
         let bytes = codec::encode_state(ckpt);
         let len = bytes.len() as u64;
-        match self.put(&path, bytes.clone(), PutMode::Create)? {
+        match self.commit_put(name, bytes.clone(), PutMode::Create)? {
             Created::New => {
                 self.ensure_whole(&path, bytes)?;
                 Ok(WriteStats { bytes: len, objects: 1 })
             }
             Created::Exists(old) if old == bytes => Ok(WriteStats::default()),
             Created::Exists(old) => match codec::decode_state(path.as_ref(), &old) {
+                Ok(existing) if self.is_stale(existing.epoch, existing.batch_id) => {
+                    tracing::warn!("replacing {path}, left by fenced-off lease epoch {}", existing.epoch);
+                    self.commit_put(name, bytes, PutMode::Overwrite)?;
+                    Ok(WriteStats { bytes: len, objects: 1 })
+                }
                 Ok(existing) if existing.batch_id == ckpt.batch_id && existing.kind == ckpt.kind => {
                     Ok(WriteStats::default())
                 }
@@ -505,7 +614,7 @@ impl CheckpointStore {
                 }),
                 Err(e) => {
                     tracing::warn!("replacing a torn checkpoint object ({e})");
-                    self.put(&path, bytes, PutMode::Overwrite)?;
+                    self.commit_put(name, bytes, PutMode::Overwrite)?;
                     Ok(WriteStats { bytes: len, objects: 1 })
                 }
             },
@@ -624,6 +733,11 @@ impl CheckpointStore {
             .filter(|(n, e)| !(*n == ObjectName::MetadataCopy && e == "missing"))
             .map(|(n, e)| format!("{} is {e}; the other copy is used", self.paths.path(*n)))
             .collect();
+        let fences = self.read_fences()?;
+        // Only objects about a batch at or past some fence point can be fenced off.
+        let min_fence = fences.values().min().copied();
+        let mut fenced = Vec::new();
+        let mut seen: BTreeSet<ObjectName> = BTreeSet::new();
         let mut failures = Vec::new();
         let mut cache: HashMap<ObjectName, std::result::Result<StateCheckpoint, Unusable>> = HashMap::new();
         let mut damaged = BTreeSet::new();
@@ -658,6 +772,23 @@ impl CheckpointStore {
                         r
                     }
                 };
+                seen.insert(*name);
+                let entry = entry.and_then(|c| match protocol::fenced(&fences, c.epoch, c.batch_id) {
+                    Some(f) => {
+                        if !fenced.contains(name) {
+                            fenced.push(*name);
+                        }
+                        Err(Unusable {
+                            damaged: false,
+                            reason: format!(
+                                "{} was written by lease epoch {} after {f}",
+                                self.paths.path(*name),
+                                c.epoch
+                            ),
+                        })
+                    }
+                    None => Ok(c),
+                });
                 match entry {
                     Ok(c) => chain.push(c),
                     Err(e) => {
@@ -737,8 +868,33 @@ impl CheckpointStore {
                 warnings.push(w);
             }
         }
+        // State objects no attempt read but a fence may exclude (a stale holder's late write
+        // next to a usable snapshot): found now, so the holder can remove them.
+        if let Some(min) = min_fence {
+            for name in listing.names().filter(|n| !seen.contains(n)) {
+                let (ObjectName::Full(b) | ObjectName::Delta { batch: b, .. }) = name else { continue };
+                if b < min {
+                    continue;
+                }
+                if let (_, _, Ok(c)) = self.fetch_state(name) {
+                    if protocol::fenced(&fences, c.epoch, c.batch_id).is_some() {
+                        fenced.push(name);
+                    }
+                }
+            }
+        }
         let restore_ms = t0.elapsed().as_millis() as u64;
-        let commits: BTreeSet<BatchId> = listing.commits().into_iter().collect();
+        let mut commits: BTreeSet<BatchId> = listing.commits().into_iter().collect();
+        if let Some(min) = min_fence {
+            for b in listing.commits().into_iter().filter(|b| *b >= min) {
+                if let Ok(c) = self.read_commit(b) {
+                    if protocol::fenced(&fences, c.epoch, c.batch_id).is_some() {
+                        commits.remove(&b);
+                        fenced.push(ObjectName::Commit(b));
+                    }
+                }
+            }
+        }
         let read: Vec<std::result::Result<BatchPlan, String>> =
             replay_ids.iter().map(|id| self.read_plan(*id).map_err(|e| e.to_string())).collect();
         let resolved = protocol::resolve_plans(&replay_ids, read, &commits)
@@ -747,21 +903,38 @@ impl CheckpointStore {
             tracing::warn!("{w}");
         }
         warnings.extend(resolved.warnings);
-        let replay = resolved.plans;
+        let mut replay = resolved.plans;
+        let epochs: Vec<(BatchId, crate::Epoch)> = replay.iter().map(|p| (p.batch_id, p.epoch)).collect();
+        let protocol::ReplaySplit { accepted, rejected } = protocol::split_replay(&epochs, &fences)
+            .map_err(|e| Error::Unrecoverable { location: self.location.clone(), reason: e.to_string() })?;
+        for (b, f) in &rejected {
+            let w = format!("the plan of batch {b} is not accepted: its writer was fenced off ({f}); it will be planned again");
+            tracing::warn!("{w}");
+            warnings.push(w);
+            fenced.push(ObjectName::Plan(*b));
+        }
+        replay.truncate(accepted.len());
+        let rebuilt_plans = resolved.rebuilt.into_iter().filter(|b| accepted.contains(b)).collect();
         let next_batch = match (replay.last(), &state) {
             (Some(p), _) => BatchId(p.batch_id.0 + 1),
             (None, Some(s)) => BatchId(s.batch_id.0 + 1),
             (None, None) => BatchId(0),
         };
-        let committed =
-            replay.iter().map(|p| p.batch_id).filter(|b| protocol::is_committed(&listing, *b)).collect();
+        // Committedness is judged on the objects recovery accepted: a fenced writer's commit or
+        // plan proves nothing.
+        let accepted_listing = listing.without(&fenced);
+        let committed = replay
+            .iter()
+            .map(|p| p.batch_id)
+            .filter(|b| protocol::is_committed(&accepted_listing, *b))
+            .collect();
         // The next plan carries a copy of the newest one; without a replay it was not read yet.
         let last_plan = match replay.last() {
             Some(p) => Some(p.copy()),
             None => next_batch
                 .0
                 .checked_sub(1)
-                .filter(|b| listing.contains(ObjectName::Plan(BatchId(*b))))
+                .filter(|b| accepted_listing.contains(ObjectName::Plan(BatchId(*b))))
                 .and_then(|b| self.read_plan(BatchId(b)).ok())
                 .map(|p| p.copy()),
         };
@@ -770,13 +943,14 @@ impl CheckpointStore {
         Ok(Recovered {
             damaged_state,
             last_plan,
-            rebuilt_plans: resolved.rebuilt,
+            rebuilt_plans,
             metadata,
             state,
             replay,
             committed,
             next_batch,
             warnings,
+            fenced,
             restore_ms,
             bytes_read,
             objects_read,
@@ -795,11 +969,24 @@ impl CheckpointStore {
             reason: format!("cannot compact batch {batch}: its checkpoint chain is incomplete"),
         })?;
         let loaded = chain.iter().map(|n| self.read_state(*n)).collect::<Result<Vec<_>>>()?;
-        let merged = merge::merge_chain(loaded)?;
+        let fences = self.read_fences()?;
+        for (name, c) in chain.iter().zip(&loaded) {
+            if let Some(f) = protocol::fenced(&fences, c.epoch, c.batch_id) {
+                return Err(Error::Fenced {
+                    path: self.paths.path(*name).to_string(),
+                    epoch: c.epoch,
+                    reason: f.to_string(),
+                });
+            }
+        }
+        let mut merged = merge::merge_chain(loaded)?;
+        merged.epoch = self.epoch();
         let path = self.paths.path(ObjectName::Full(batch));
         let bytes = codec::encode_state(&merged);
         let len = bytes.len() as u64;
-        if let Created::Exists(_) = self.put(&path, bytes.clone(), PutMode::Create)? {
+        if let Created::Exists(_) =
+            self.commit_put(ObjectName::Full(batch), bytes.clone(), PutMode::Create)?
+        {
             return Ok(None);
         }
         // Read back before it counts: a snapshot that does not verify is removed, and the deltas
@@ -826,6 +1013,22 @@ impl CheckpointStore {
             tracing::info!("removed {} (left by a crashed writer)", f.display());
         }
         Ok(removed)
+    }
+
+    /// Removes objects recovery did not accept (see [`Recovered::fenced`]). Only the lease
+    /// holder calls it: it fenced their writer off, so nothing else wants them.
+    pub fn remove_fenced(&self, names: &[ObjectName]) -> Result<()> {
+        self.check_lease()?;
+        for name in names {
+            let path = self.paths.path(*name);
+            match self.block_on(self.store.delete(&path)) {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {
+                    tracing::info!("removed {path}, written by a fenced-off lease holder")
+                }
+                Err(e) => return Err(Error::storage(&path, e)),
+            }
+        }
+        Ok(())
     }
 
     /// Keeps the newest `keep` checkpoints and what they need; deletes the rest in an order that

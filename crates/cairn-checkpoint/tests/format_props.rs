@@ -57,6 +57,7 @@ fn arb_plan() -> impl Strategy<Value = BatchPlan> {
                 .collect(),
             previous_commit: None,
             previous_plan: None,
+            epoch: b % 7,
         })
 }
 
@@ -94,6 +95,7 @@ fn arb_checkpoint() -> impl Strategy<Value = StateCheckpoint> {
             created_ms,
             graph,
             tables: tables.iter().map(|(id, ops)| table(id, ops)).collect(),
+            epoch: b.rotate_left(17),
         })
 }
 
@@ -140,14 +142,14 @@ proptest! {
     #[test]
     fn commit_and_lease_and_metadata_roundtrip(b in any::<u64>(), t in any::<i64>(), n in any::<u64>(), name in ".{0,20}",
                                                graph in arb_graph(), byte in any::<usize>(), bit in any::<u8>(), cut in any::<usize>()) {
-        let c = BatchCommit { batch_id: BatchId(b), committed_at_ms: t, input_records: n, processing_ms: n / 3 };
+        let c = BatchCommit { batch_id: BatchId(b), committed_at_ms: t, input_records: n, processing_ms: n / 3, epoch: n / 5 };
         let bytes = encode_json(ObjectKind::Commit, &c);
         prop_assert_eq!(decode_json::<BatchCommit>("c", &bytes, ObjectKind::Commit).unwrap(), c);
         let ok = |x: &[u8]| decode_json::<BatchCommit>("c", x, ObjectKind::Commit).is_ok();
         all_flips_detected(&bytes, ok, byte, bit)?;
         truncations_detected(&bytes, ok, cut)?;
 
-        let l = LeaseRecord { owner: name.clone(), host: "h".into(), pid: n as u32, started_ms: t, heartbeat_ms: t, ttl_ms: n };
+        let l = LeaseRecord { owner: name.clone(), host: "h".into(), pid: n as u32, started_ms: t, heartbeat_ms: t, ttl_ms: n, epoch: b, released: n % 2 == 0, fence_from: None };
         let bytes = encode_json(ObjectKind::Lease, &l);
         prop_assert_eq!(decode_json::<LeaseRecord>("l", &bytes, ObjectKind::Lease).unwrap(), l);
 
@@ -188,7 +190,7 @@ proptest! {
             model.insert(k.clone(), v.clone().unwrap());
         }
         let mut chain = vec![StateCheckpoint { batch_id: BatchId(0), kind: CheckpointKind::Full, created_ms: 0,
-                                               graph: GraphDescription::default(), tables: vec![table("t", &base)] }];
+                                               graph: GraphDescription::default(), tables: vec![table("t", &base)], epoch: 0 }];
         for (i, ops) in deltas.iter().enumerate() {
             for (k, v) in ops {
                 match v {
@@ -197,7 +199,7 @@ proptest! {
                 }
             }
             chain.push(StateCheckpoint { batch_id: BatchId(i as u64 + 1), kind: CheckpointKind::Delta { parent: BatchId(i as u64) },
-                                         created_ms: 0, graph: GraphDescription::default(), tables: vec![table("t", ops)] });
+                                         created_ms: 0, graph: GraphDescription::default(), tables: vec![table("t", ops)], epoch: 0 });
         }
         let merged = merge_chain(chain).unwrap();
         prop_assert_eq!(merged.kind, CheckpointKind::Full);
@@ -215,6 +217,7 @@ fn a_chain_must_link_up() {
         created_ms: 0,
         graph: GraphDescription::default(),
         tables: vec![],
+        epoch: 0,
     };
     let delta = |b, p| StateCheckpoint { kind: CheckpointKind::Delta { parent: BatchId(p) }, ..full(b) };
     assert!(merge_chain(vec![full(0), delta(2, 1)]).is_err(), "a delta on a missing parent is refused");
@@ -227,7 +230,13 @@ fn a_chain_must_link_up() {
 fn newer_format_versions_are_refused_by_name() {
     let mut bytes = encode_json(
         ObjectKind::Commit,
-        &BatchCommit { batch_id: BatchId(1), committed_at_ms: 0, input_records: 0, processing_ms: 0 },
+        &BatchCommit {
+            batch_id: BatchId(1),
+            committed_at_ms: 0,
+            input_records: 0,
+            processing_ms: 0,
+            epoch: 0,
+        },
     );
     bytes[4] = 9; // version 9
     let body_end = bytes.len() - 4;

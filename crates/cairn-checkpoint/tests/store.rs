@@ -22,11 +22,12 @@ fn plan(b: u64) -> BatchPlan {
         previous_commit: None,
         // As the engine writes them: each plan carries a copy of its predecessor.
         previous_plan: b.checked_sub(1).map(|p| plan(p).copy()),
+        epoch: 0,
     }
 }
 
 fn commit(b: u64) -> BatchCommit {
-    BatchCommit { batch_id: BatchId(b), committed_at_ms: 0, input_records: 10, processing_ms: 1 }
+    BatchCommit { batch_id: BatchId(b), committed_at_ms: 0, input_records: 10, processing_ms: 1, epoch: 0 }
 }
 
 /// State after batch `b`: key `k` holds `b` for every k <= b; a delta only carries key b and
@@ -51,6 +52,7 @@ fn ckpt(b: u64, parent: Option<u64>) -> StateCheckpoint {
         created_ms: 0,
         graph: GraphDescription::default(),
         tables: vec![w.finish("op")],
+        epoch: 0,
     }
 }
 
@@ -272,38 +274,43 @@ fn lease_guards_the_location() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
     let lease = s.acquire_lease(Duration::from_secs(5)).unwrap();
+    assert_eq!(lease.epoch(), 1);
     let err = s.acquire_lease(Duration::from_secs(5)).err().expect("a second holder is refused");
     assert!(matches!(err, Error::Locked { .. }), "{err}");
     assert!(err.to_string().contains(&format!("pid {}", std::process::id())), "{err}");
     assert!(lease.lost().is_none());
     lease.release().unwrap();
-    assert!(!dir.path().join("_lease").exists());
+    assert!(s.read_lease().unwrap().unwrap().released, "a released epoch says so");
+    // Released: the next start takes the next epoch at once.
+    let again = s.acquire_lease(Duration::from_secs(5)).unwrap();
+    assert_eq!(again.epoch(), 2);
+    assert!(dir.path().join("lease/00000000000000000002.fence").exists());
+    again.release().unwrap();
 
     // A holder on this host whose process is gone is taken over at once.
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
-    let dead = LeaseRecord {
-        owner: "x".into(),
+    let claim = |epoch: u64, host: String, pid: u32| LeaseRecord {
+        owner: format!("x{epoch}"),
         host,
-        pid: u32::MAX - 1,
-        started_ms: 0,
+        pid,
+        started_ms: i64::MAX / 2,
         heartbeat_ms: i64::MAX / 2,
         ttl_ms: 60_000,
+        epoch,
+        released: false,
+        fence_from: None,
     };
-    s.write_raw(ObjectName::Lease, codec::encode_json(frame::ObjectKind::Lease, &dead)).unwrap();
-    s.acquire_lease(Duration::from_secs(5)).unwrap().release().unwrap();
+    let dead = claim(3, host, u32::MAX - 1);
+    s.write_raw(ObjectName::LeaseClaim(3), codec::encode_json(frame::ObjectKind::Lease, &dead)).unwrap();
+    let taken = s.acquire_lease(Duration::from_secs(5)).unwrap();
+    assert_eq!(taken.epoch(), 4, "the dead holder's epoch is followed, never reused");
+    taken.release().unwrap();
 
     // A live holder elsewhere (pid 1 on another host, fresh heartbeat) keeps it.
-    let other = LeaseRecord {
-        owner: "y".into(),
-        host: "elsewhere".into(),
-        pid: 1,
-        started_ms: 0,
-        heartbeat_ms: i64::MAX / 2,
-        ttl_ms: 60_000,
-    };
-    s.write_raw(ObjectName::Lease, codec::encode_json(frame::ObjectKind::Lease, &other)).unwrap();
+    let other = claim(5, "elsewhere".into(), 1);
+    s.write_raw(ObjectName::LeaseClaim(5), codec::encode_json(frame::ObjectKind::Lease, &other)).unwrap();
     let err = s.acquire_lease(Duration::from_secs(5)).err().expect("refused").to_string();
-    assert!(err.contains("host elsewhere"), "{err}");
+    assert!(err.contains("host elsewhere") && err.contains("epoch 5"), "{err}");
 }
 
 #[test]

@@ -31,6 +31,9 @@ pub struct FaultyStore {
     fail_period: AtomicU64,
     /// The next affected put stores only the first half of its bytes, then reports success.
     tear_next: AtomicBool,
+    /// The next this-many affected puts are stored, then reported as failed (a reply lost
+    /// after the write landed): the caller's retry finds its own object.
+    land_then_fail: AtomicU64,
     puts: AtomicU64,
     counts: [AtomicU64; 5],
 }
@@ -72,6 +75,7 @@ impl FaultyStore {
             fail_nth: AtomicU64::new(0),
             fail_period: AtomicU64::new(0),
             tear_next: AtomicBool::new(false),
+            land_then_fail: AtomicU64::new(0),
             puts: AtomicU64::new(0),
             counts: Default::default(),
         })
@@ -97,6 +101,11 @@ impl FaultyStore {
     /// without atomic puts could leave.
     pub fn tear_next_put(&self) {
         self.tear_next.store(true, Ordering::SeqCst);
+    }
+    /// The next `n` affected puts are stored and then reported as a transient error, as when a
+    /// write lands but its reply is lost.
+    pub fn land_then_fail_next(&self, n: u64) {
+        self.land_then_fail.store(n, Ordering::SeqCst);
     }
     /// Requests of every kind so far (affected or not).
     pub fn requests(&self) -> Requests {
@@ -169,6 +178,17 @@ impl ObjectStore for FaultyStore {
                 let bytes: Vec<u8> = payload.into_iter().flat_map(|b| b.to_vec()).collect();
                 let half = PutPayload::from(bytes[..bytes.len() / 2].to_vec());
                 return self.inner.put_opts(location, half, opts).await;
+            }
+            if self
+                .land_then_fail
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| t.checked_sub(1))
+                .is_ok()
+            {
+                self.inner.put_opts(location, payload, opts).await?;
+                return Err(storage_error(
+                    std::io::ErrorKind::TimedOut,
+                    "injected lost reply: the write landed, the client saw a timeout",
+                ));
             }
         }
         self.inner.put_opts(location, payload, opts).await

@@ -51,7 +51,8 @@ fn requests_per_batch_against_the_server(loc: &str) {
         per(r.list),
         per(r.delete)
     );
-    assert!(per(r.put) <= 2.3 && per(r.list) <= 2.1 && per(r.head) <= 1.1, "{r:?}");
+    // HEAD: the torn-write check of each plan and checkpoint; GET: mostly the fence's lease checks.
+    assert!(per(r.put) <= 2.3 && per(r.list) <= 2.1 && per(r.head) <= 2.1 && per(r.get) <= 6.0, "{r:?}");
     cairn_sim::check_sink_output(t.to_str().unwrap(), w.to_str().unwrap(), &p);
 }
 
@@ -92,6 +93,7 @@ fn plan(b: u64) -> BatchPlan {
         }],
         previous_commit: None,
         previous_plan: None,
+        epoch: 0,
     }
 }
 

@@ -64,7 +64,8 @@ fn graph_has_schemas(dirs: &FixtureDirs) -> bool {
     use cairn::checkpoint::schema::TypeIdentity;
     let store = CheckpointStore::open(&dirs.checkpoint()).unwrap();
     let graph = store.recover().unwrap().state.expect("a checkpoint").graph;
-    let ops: Vec<_> = graph.operators.iter().filter(|o| o.kind != cairn::checkpoint::OperatorKind::Source).collect();
+    let ops: Vec<_> =
+        graph.operators.iter().filter(|o| o.kind != cairn::checkpoint::OperatorKind::Source).collect();
     assert!(!ops.is_empty());
     ops.iter().all(|o| {
         matches!(o.key_identity(), TypeIdentity::Schema { .. })

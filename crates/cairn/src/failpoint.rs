@@ -15,7 +15,13 @@ pub const MID_CHECKPOINT: &str = "mid-checkpoint";
 /// After a checkpoint was written, before retention ran.
 pub const AFTER_CHECKPOINT: &str = "after-checkpoint";
 
-/// Every failpoint, for tests that iterate over them.
+/// Between the lease check and the write of batch `N`'s plan, the process stops itself with
+/// SIGSTOP (a paused process: GC pause, VM freeze, `kill -STOP`), so a test can let another
+/// process take the location over and then resume it with SIGCONT. Not in [`ALL`]: it does not
+/// crash the job.
+pub const FREEZE_BEFORE_PLAN: &str = "freeze-before-plan";
+
+/// Every crashing failpoint, for tests that iterate over them.
 pub const ALL: [&str; 5] = [AFTER_PLAN, MID_BATCH, AFTER_SINK, MID_CHECKPOINT, AFTER_CHECKPOINT];
 
 struct Armed {
@@ -37,6 +43,11 @@ fn armed() -> Option<&'static Armed> {
         .as_ref()
 }
 
+/// The armed failpoint's name, if any.
+pub(crate) fn armed_name() -> Option<&'static str> {
+    armed().map(|a| a.name.as_str())
+}
+
 /// True when the named failpoint is armed for this batch.
 pub(crate) fn is_armed(name: &str, batch: u64) -> bool {
     armed().is_some_and(|a| a.name == name && a.batch.is_none_or(|b| b == batch))
@@ -46,6 +57,20 @@ pub(crate) fn is_armed(name: &str, batch: u64) -> bool {
 pub(crate) fn hit(name: &str, batch: u64) {
     if is_armed(name, batch) {
         crash(name, batch);
+    }
+}
+
+/// Stops the whole process (every thread) with SIGSTOP if the named failpoint is armed for this
+/// batch; returns once something sends SIGCONT. Only the first hit stops: a write retried after
+/// the pause must go through.
+pub(crate) fn freeze(name: &str, batch: u64) {
+    static FROZEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if is_armed(name, batch) && !FROZEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        eprintln!("cairn: failpoint {name} hit at batch {batch}; stopping until SIGCONT");
+        if let Err(e) = signal_hook::low_level::raise(signal_hook::consts::SIGSTOP) {
+            eprintln!("cairn: failpoint {name}: cannot stop the process: {e}");
+        }
+        eprintln!("cairn: failpoint {name}: resumed");
     }
 }
 

@@ -169,6 +169,13 @@ pub(crate) fn prepare(inner: &Inner) -> Result<Prepared> {
         None => CheckpointStore::open(&location)?,
     };
     let lease = store.acquire_lease(cfg.lease_ttl)?;
+    if failpoint::armed_name() == Some(failpoint::FREEZE_BEFORE_PLAN) {
+        store.set_commit_hook(Some(Arc::new(|name| {
+            if let cairn_checkpoint::paths::ObjectName::Plan(b) = name {
+                failpoint::freeze(failpoint::FREEZE_BEFORE_PLAN, b.0);
+            }
+        })));
+    }
     // Whatever fails from here on, this process gives the location back: a caller that fixes
     // the problem and retries in the same process must not find its own stale lease.
     match restore(inner, &store, &location, positions, graph_desc, now, aligned_now) {
@@ -202,6 +209,9 @@ fn restore(
     for w in &recovered.warnings {
         tracing::warn!("recovery: {w}");
     }
+    // Objects a fenced-off holder left: this process holds the lease now, so they go before it
+    // writes anything (its own writes would replace most of them anyway).
+    store.remove_fenced(&recovered.fenced)?;
     let metadata = match recovered.metadata.clone() {
         Some(m) => {
             if m.batch_interval_ms != cfg.batch_interval.as_millis() as u64 {
@@ -473,6 +483,8 @@ impl Runner {
                 sources,
                 previous_commit: self.pending_commit.take(),
                 previous_plan: self.p.last_plan.take(),
+                // The store stamps it too; known here so that the next plan's copy carries it.
+                epoch: self.p.store.as_ref().map_or(0, |s| s.epoch()),
             };
             if let Some(store) = &self.p.store {
                 self.summary.log_objects += store.write_plan(&plan)?.objects;
@@ -561,6 +573,8 @@ impl Runner {
                     committed_at_ms: self.inner.cfg.clock.now_ms(),
                     input_records: ctx.records.load(Ordering::Relaxed),
                     processing_ms: processing_ms as u64,
+                    // The store stamps it too; known here so that the next plan's copy carries it.
+                    epoch: self.p.store.as_ref().map_or(0, |s| s.epoch()),
                 });
             }
         }
@@ -686,6 +700,7 @@ impl Runner {
             created_ms: self.inner.cfg.clock.now_ms(),
             graph: self.p.graph_desc.clone(),
             tables,
+            epoch: 0, // stamped by the store
         };
         let bytes = ckpt.tables.iter().map(|t| t.data.len() as u64).sum();
         let writer = self.writer.as_ref().expect("checked by caller");

@@ -163,6 +163,8 @@ fn write_loop(
             attempt += 1;
             match store.write_checkpoint(&ckpt) {
                 Ok(s) => break Ok(s),
+                // Another process holds the location: retrying cannot help, and must not.
+                Err(e @ cairn_checkpoint::Error::LeaseLost { .. }) => break Err(e),
                 Err(e) if attempt < ATTEMPTS => {
                     tracing::warn!(
                         "checkpoint after batch {batch}: write attempt {attempt} failed: {e}; retrying"

@@ -32,6 +32,11 @@ fn main() {
         } else {
             builder = builder.checkpoint(loc);
         }
+        // CRASH_JOB_LEASE_TTL_MS shortens the lease TTL, so fencing tests can pause a holder past
+        // it without waiting the default 10 s.
+        if let Some(ms) = std::env::var("CRASH_JOB_LEASE_TTL_MS").ok().and_then(|v| v.parse().ok()) {
+            builder = builder.lease_ttl(std::time::Duration::from_millis(ms));
+        }
         let ctx = builder
             .app_name("crash-job")
             .batch_interval(INTERVAL)
