@@ -549,8 +549,8 @@ impl Runner {
             parallelism: self.inner.graph.parallelism,
             start_time_ms: self.p.start_time_ms,
             records: Default::default(),
-            // Ownership epochs come with the fenced lease; until then the lease has none.
-            epoch: None,
+            // The lease epoch this process writes in: sinks that fence writers themselves use it.
+            epoch: self.p.store.as_ref().map(|s| s.epoch()),
         };
         let started_at_ms = self.inner.cfg.clock.now_ms();
         let started = BatchStarted { batch_id: info.batch_id, batch_time_ms: info.batch_time_ms, replayed };

@@ -18,6 +18,8 @@ struct Table {
     fail_commit_of: Mutex<Option<u64>>,
     max_concurrent: AtomicUsize,
     running: AtomicUsize,
+    /// The writer's ownership epoch of every commit, in order.
+    epochs: Mutex<Vec<Option<u64>>>,
 }
 
 impl Sink<u64> for Table {
@@ -49,6 +51,7 @@ impl Sink<u64> for Table {
         let previous = self.committed.lock().unwrap().insert(b.batch_id.0, all);
         assert!(previous.is_none(), "batch {} committed twice", b.batch_id);
         self.commits.fetch_add(1, Ordering::SeqCst);
+        self.epochs.lock().unwrap().push(b.epoch);
         Ok(())
     }
     fn abort(&self, _: &BatchContext) {
@@ -92,6 +95,8 @@ fn partitions_write_in_parallel_and_each_batch_commits_once_across_a_failed_comm
         assert_eq!(got, want, "batch {b}");
     }
     assert_eq!(table.commits.load(Ordering::SeqCst), 5);
+    // Each start holds the location in a new lease epoch, and the sink is told which.
+    assert_eq!(*table.epochs.lock().unwrap(), [Some(1), Some(1), Some(2), Some(2), Some(2)]);
 }
 
 #[test]
