@@ -16,6 +16,7 @@ pub mod merge;
 pub mod model;
 pub mod paths;
 pub mod protocol;
+pub mod retry;
 pub mod schema;
 pub mod store;
 pub mod table;

@@ -5,6 +5,7 @@
 use crate::frame::ObjectKind;
 use crate::paths::{ObjectName, Paths};
 use crate::protocol::{self, Listing};
+use crate::retry::{RetryPolicy, Retrying};
 use crate::{codec, merge};
 use crate::{
     BatchCommit, BatchId, BatchPlan, CheckpointKind, Epoch, Error, GraphDescription, JobMetadata, Result,
@@ -140,8 +141,22 @@ pub struct OpenedLocation {
     pub local_dir: Option<std::path::PathBuf>,
 }
 
-/// Like [`open_store`], also telling where a local location lives on disk.
+/// Like [`open_store`], also telling where a local location lives on disk. The store retries
+/// transient failures ([`Retrying`], the only retry budget: the cloud clients' own retries are
+/// off).
 pub fn open_location(location: &str) -> Result<OpenedLocation> {
+    let mut opened = open_unretried(location)?;
+    opened.store = Arc::new(Retrying::new(opened.store, RetryPolicy::default()));
+    Ok(opened)
+}
+
+/// The cloud clients' retries, switched off: [`Retrying`] retries every request instead, so one
+/// budget covers every backend and every retry is counted.
+fn client_retries_off() -> object_store::RetryConfig {
+    object_store::RetryConfig { max_retries: 0, ..Default::default() }
+}
+
+fn open_unretried(location: &str) -> Result<OpenedLocation> {
     let remote =
         |(store, root): (Arc<dyn ObjectStore>, Path)| OpenedLocation { store, root, local_dir: None };
     let invalid = |reason: String| Error::InvalidLocation { location: location.to_string(), reason };
@@ -155,20 +170,28 @@ pub fn open_location(location: &str) -> Result<OpenedLocation> {
             "s3" | "s3a" => {
                 // Credentials, region and endpoint come from the usual AWS_* variables
                 // (AWS_ENDPOINT and AWS_ALLOW_HTTP=true for a local S3-compatible server).
-                let store = object_store::aws::AmazonS3Builder::from_env().with_url(location).build();
+                let store = object_store::aws::AmazonS3Builder::from_env()
+                    .with_url(location)
+                    .with_retry(client_retries_off())
+                    .build();
                 return cloud(location, "S3", store).map(remote);
             }
             "az" | "abfs" | "abfss" | "azure" | "adl" => {
                 // Account, key or token from the usual AZURE_* variables (AZURE_STORAGE_USE_EMULATOR
                 // and AZURITE_BLOB_STORAGE_URL for a local Azurite).
-                let store = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(location).build();
+                let store = object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_url(location)
+                    .with_retry(client_retries_off())
+                    .build();
                 return cloud(location, "Azure Blob storage", store).map(remote);
             }
             "gs" => {
                 // Service account from GOOGLE_SERVICE_ACCOUNT (a key file path) or
                 // GOOGLE_SERVICE_ACCOUNT_KEY (its JSON), as object_store reads them.
-                let store =
-                    object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(location).build();
+                let store = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_url(location)
+                    .with_retry(client_retries_off())
+                    .build();
                 return cloud(location, "Google Cloud Storage", store).map(remote);
             }
             #[cfg(feature = "hdfs")]
@@ -261,9 +284,6 @@ impl std::fmt::Debug for CheckpointStore {
     }
 }
 
-/// Attempts per object write before the error is returned.
-const PUT_ATTEMPTS: u32 = 3;
-
 pub(crate) enum Created {
     New,
     Exists(Vec<u8>),
@@ -279,13 +299,19 @@ impl CheckpointStore {
     /// ```
     pub fn open(location: &str) -> Result<Self> {
         let opened = open_location(location)?;
-        let mut s = Self::with_store(opened.store, opened.root, location);
+        let mut s = Self::unwrapped(opened.store, opened.root, location);
         s.local_dir = opened.local_dir;
         Ok(s)
     }
 
     /// Uses an existing object store (e.g. wrapped to inject latency or faults) under `root`.
+    /// Every request goes through [`Retrying`] with the default [`RetryPolicy`].
     pub fn with_store(store: Arc<dyn ObjectStore>, root: Path, location: impl Into<String>) -> Self {
+        Self::unwrapped(Arc::new(Retrying::new(store, RetryPolicy::default())), root, location)
+    }
+
+    /// A store over `store` as given (it already retries).
+    fn unwrapped(store: Arc<dyn ObjectStore>, root: Path, location: impl Into<String>) -> Self {
         Self {
             store,
             paths: Paths::new(root),
@@ -381,34 +407,13 @@ impl CheckpointStore {
         self.get(path)?.ok_or_else(|| Error::corrupt(path, "object is missing"))
     }
 
-    /// Writes with a few retries on errors that may be transient (cloud clients also retry
-    /// HTTP errors on their own); a conflict or a permission/precondition problem is final.
+    /// Writes one object. Transient failures were already retried by [`crate::retry::Retrying`];
+    /// an existing object (conditional create) is returned for the caller to judge.
     pub(crate) fn put(&self, path: &Path, bytes: Vec<u8>, mode: PutMode) -> Result<Created> {
-        let payload = PutPayload::from(bytes);
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let r = self.block_on(self.store.put_opts(path, payload.clone(), PutOptions::from(mode.clone())));
-            match r {
-                Ok(_) => return Ok(Created::New),
-                Err(object_store::Error::AlreadyExists { .. }) => {
-                    return Ok(Created::Exists(self.get_required(path)?))
-                }
-                Err(
-                    e @ (object_store::Error::Precondition { .. }
-                    | object_store::Error::NotImplemented
-                    | object_store::Error::PermissionDenied { .. }
-                    | object_store::Error::Unauthenticated { .. }
-                    | object_store::Error::NotSupported { .. }),
-                ) => return Err(Error::storage(path, e)),
-                Err(e) if attempt >= PUT_ATTEMPTS => return Err(Error::storage(path, e)),
-                Err(e) => {
-                    tracing::warn!(
-                        "write of {path} failed (attempt {attempt} of {PUT_ATTEMPTS}), retrying: {e}"
-                    );
-                    std::thread::sleep(std::time::Duration::from_millis(50 << attempt));
-                }
-            }
+        match self.block_on(self.store.put_opts(path, PutPayload::from(bytes), PutOptions::from(mode))) {
+            Ok(_) => Ok(Created::New),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(Created::Exists(self.get_required(path)?)),
+            Err(e) => Err(Error::storage(path, e)),
         }
     }
 

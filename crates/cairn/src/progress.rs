@@ -70,7 +70,8 @@ pub struct CheckpointWritten {
     pub bytes: u64,
     pub write_ms: f64,
     pub full: bool,
-    /// Store attempts that failed before the one that succeeded (0 when the first one did).
+    /// Storage requests of this write that were retried after a transient failure (0 when every
+    /// request succeeded at once).
     pub retries: u32,
 }
 
@@ -79,7 +80,7 @@ pub struct CheckpointWritten {
 pub struct CheckpointFailed {
     pub batch_id: u64,
     pub error: String,
-    /// Store attempts that failed before the last one, which failed too.
+    /// Storage requests of this write that were retried before it failed for good.
     pub retries: u32,
 }
 

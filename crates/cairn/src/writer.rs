@@ -11,7 +11,7 @@ use cairn_checkpoint::{codec, BatchId, CheckpointKind, CheckpointStore, StateChe
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Figures about background checkpoint writes.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -44,10 +44,6 @@ pub(crate) struct CheckpointWriter {
     threads: Vec<JoinHandle<()>>,
     capacity: usize,
 }
-
-/// Store attempts per checkpoint before the job stops (nothing is lost: the batch log and the
-/// previous checkpoint still recover everything).
-const ATTEMPTS: u32 = 4;
 
 impl CheckpointWriter {
     pub fn start(
@@ -158,22 +154,11 @@ fn write_loop(
             failpoint::crash(failpoint::MID_CHECKPOINT, batch.0);
         }
         let t0 = Instant::now();
-        let mut attempt = 0;
-        let stats = loop {
-            attempt += 1;
-            match store.write_checkpoint(&ckpt) {
-                Ok(s) => break Ok(s),
-                // Another process holds the location: retrying cannot help, and must not.
-                Err(e @ cairn_checkpoint::Error::LeaseLost { .. }) => break Err(e),
-                Err(e) if attempt < ATTEMPTS => {
-                    tracing::warn!(
-                        "checkpoint after batch {batch}: write attempt {attempt} failed: {e}; retrying"
-                    );
-                    std::thread::sleep(Duration::from_millis(100 << attempt));
-                }
-                Err(e) => break Err(e),
-            }
-        };
+        // Transient failures are retried inside the store (one budget for every request); what
+        // comes back here is final, and so is a lost lease.
+        let retries_before = cairn_checkpoint::retry::retries_on_this_thread();
+        let stats = store.write_checkpoint(&ckpt);
+        let retries = (cairn_checkpoint::retry::retries_on_this_thread() - retries_before) as u32;
         let mut s = lock(shared);
         s.pending = s.pending.saturating_sub(1);
         match stats {
@@ -189,7 +174,7 @@ fn write_loop(
                     bytes: w.bytes,
                     write_ms,
                     full: ckpt.kind == CheckpointKind::Full,
-                    retries: attempt - 1,
+                    retries,
                 };
                 listeners.each(|l| l.on_checkpoint_written(&e));
             }
@@ -197,7 +182,7 @@ fn write_loop(
                 tracing::error!("checkpoint after batch {batch} could not be written: {e}");
                 s.error = Some(format!("checkpoint after batch {batch}: {e}"));
                 drop(s);
-                let e = CheckpointFailed { batch_id: batch.0, error: e.to_string(), retries: attempt - 1 };
+                let e = CheckpointFailed { batch_id: batch.0, error: e.to_string(), retries };
                 listeners.each(|l| l.on_checkpoint_failed(&e));
                 return; // dropping rx makes the next submit fail
             }
