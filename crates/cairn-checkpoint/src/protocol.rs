@@ -151,7 +151,7 @@ pub fn recovery_attempts(listing: &Listing) -> Vec<Attempt> {
 /// let l = Listing::new([Full(B(3)), Plan(B(4)), Plan(B(7))]);
 /// assert!(replay_batches(&l, Some(B(3))).is_err());
 /// ```
-pub fn replay_batches(listing: &Listing, after: Option<BatchId>) -> Result<Vec<BatchId>, String> {
+pub fn replay_batches(listing: &Listing, after: Option<BatchId>) -> Result<Vec<BatchId>, LogDamage> {
     let first = after.map_or(0, |b| b.0 + 1);
     let plans: BTreeSet<u64> = listing.plans().into_iter().map(|b| b.0).filter(|b| *b >= first).collect();
     let Some(&last) = plans.iter().next_back() else { return Ok(Vec::new()) };
@@ -160,17 +160,43 @@ pub fn replay_batches(listing: &Listing, after: Option<BatchId>) -> Result<Vec<B
         if !plans.contains(&b) && !plans.contains(&(b + 1)) {
             return Err(match after {
                 None if b == 0 => {
-                    format!("no state checkpoint, and the batch log starts at batch {} instead of 0", plans.iter().next().copied().unwrap_or(last))
+                    LogDamage::StartsLate { first: BatchId(plans.iter().next().copied().unwrap_or(last)) }
                 }
-                _ => format!(
-                    "batch log has a gap: the plans of batches {b} and {} are both missing but batch {last} was planned",
-                    b + 1
-                ),
+                _ => LogDamage::Gap { missing: BatchId(b), last: BatchId(last) },
             });
         }
         out.push(BatchId(b));
     }
     Ok(out)
+}
+
+/// Why the batch log cannot be replayed.
+#[derive(Debug, thiserror::Error)]
+pub enum LogDamage {
+    /// There is no checkpoint and the log does not start at batch 0 (retention removed the
+    /// beginning after a checkpoint that is now gone).
+    #[error("no state checkpoint, and the batch log starts at batch {first} instead of 0")]
+    StartsLate { first: BatchId },
+    /// Two plans in a row are missing: the second one's copy of the first is gone too.
+    #[error("batch log has a gap: the plans of batches {missing} and {} are both missing but batch {last} was planned", missing.0 + 1)]
+    Gap { missing: BatchId, last: BatchId },
+    /// A plan is unusable and its successor carries no copy of it.
+    #[error("the plan of batch {batch} is unusable ({cause}) and the plan of batch {} holds no copy of it", batch.0 + 1)]
+    NoCopy { batch: BatchId, cause: PlanUnusable },
+    /// The last plan is unusable although the batch committed: it cannot be planned again.
+    #[error("the plan of batch {batch} is unusable ({cause}), and the batch was committed, so it cannot be planned again")]
+    Committed { batch: BatchId, cause: PlanUnusable },
+}
+
+/// Why one plan object cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanUnusable {
+    /// It could not be read or did not verify (the store's error).
+    #[error(transparent)]
+    Unreadable(Box<crate::Error>),
+    /// It verifies but is the plan of another batch.
+    #[error("the object holds the plan of batch {0}")]
+    HoldsOther(BatchId),
 }
 
 /// The plans recovery replays, and what it had to work around to get them.
@@ -186,30 +212,37 @@ pub struct ResolvedPlans {
 }
 
 /// Decides which plans recovery replays from what it read for each of `ids` (from
-/// [`replay_batches`]; `Err` holds why an object is unreadable or missing): a plan that does not
+/// [`replay_batches`]; `Err` is the store's answer for an unreadable or missing one): a plan that does not
 /// verify is rebuilt from the copy its successor carries; a last plan that cannot be read and has
 /// no standalone commit record (`committed`) is dropped, and that batch is planned again. Anything
 /// else is an error naming the batch.
 pub fn resolve_plans(
     ids: &[BatchId],
-    read: Vec<Result<BatchPlan, String>>,
+    read: Vec<Result<BatchPlan, crate::Error>>,
     committed: &BTreeSet<BatchId>,
-) -> Result<ResolvedPlans, String> {
-    let read: Vec<Result<BatchPlan, String>> = ids
+) -> Result<ResolvedPlans, LogDamage> {
+    let mut read: Vec<Option<Result<BatchPlan, PlanUnusable>>> = ids
         .iter()
         .zip(read)
-        .map(|(id, r)| match r {
-            Ok(p) if p.batch_id != *id => Err(format!("the object holds the plan of batch {}", p.batch_id)),
-            other => other,
+        .map(|(id, r)| {
+            Some(match r {
+                Ok(p) if p.batch_id != *id => Err(PlanUnusable::HoldsOther(p.batch_id)),
+                Ok(p) => Ok(p),
+                Err(e) => Err(PlanUnusable::Unreadable(Box::new(e))),
+            })
         })
         .collect();
     let mut out = ResolvedPlans::default();
     for (i, id) in ids.iter().enumerate() {
-        match &read[i] {
-            Ok(p) => out.plans.push(p.clone()),
+        let this = read[i].take().unwrap_or(Err(PlanUnusable::HoldsOther(*id)));
+        match this {
+            Ok(p) => out.plans.push(p),
             Err(e) => {
-                let copy =
-                    read.get(i + 1).and_then(|n| n.as_ref().ok()).and_then(|n| n.previous_plan.clone());
+                let copy = read
+                    .get(i + 1)
+                    .and_then(|n| n.as_ref())
+                    .and_then(|n| n.as_ref().ok())
+                    .and_then(|n| n.previous_plan.clone());
                 match copy {
                     Some(copy) => {
                         out.warnings.push(format!(
@@ -220,20 +253,12 @@ pub fn resolve_plans(
                         out.rebuilt.push(*id);
                     }
                     None if i + 1 == ids.len() && !committed.contains(id) => {
-                        out.warnings
-                            .push(format!("the plan of the last batch {id} is unusable ({e}); it will be planned again"));
+                        out.warnings.push(format!(
+                            "the plan of the last batch {id} is unusable ({e}); it will be planned again"
+                        ));
                     }
-                    None if i + 1 < ids.len() => {
-                        return Err(format!(
-                            "the plan of batch {id} is unusable ({e}) and the plan of batch {} holds no copy of it",
-                            id.0 + 1
-                        ))
-                    }
-                    None => {
-                        return Err(format!(
-                            "the plan of batch {id} is unusable ({e}), and the batch was committed, so it cannot be planned again"
-                        ))
-                    }
+                    None if i + 1 < ids.len() => return Err(LogDamage::NoCopy { batch: *id, cause: e }),
+                    None => return Err(LogDamage::Committed { batch: *id, cause: e }),
                 }
             }
         }
@@ -669,5 +694,64 @@ mod fence_tests {
         for (r, now, alive, want) in cases {
             assert_eq!(takeover(&r, now, "me", 10, alive), want, "{r:?} at {now}");
         }
+    }
+}
+
+#[cfg(test)]
+mod resolve_tests {
+    use super::*;
+    use crate::BatchId as B;
+
+    fn plan(b: u64) -> BatchPlan {
+        BatchPlan {
+            batch_id: B(b),
+            batch_time_ms: b as i64 * 10,
+            planned_at_ms: 0,
+            sources: Vec::new(),
+            previous_commit: None,
+            previous_plan: b.checked_sub(1).map(|p| BatchPlan { epoch: 3, ..plan(p) }.copy()),
+            epoch: 3,
+        }
+    }
+
+    fn lost(b: u64) -> Result<BatchPlan, crate::Error> {
+        Err(crate::Error::Corrupt { path: format!("log/{b}.plan"), reason: "checksum mismatch".into() })
+    }
+
+    #[test]
+    fn resolve_plans_table() {
+        let ids: Vec<BatchId> = (4..=7).map(B).collect();
+        let none = BTreeSet::new();
+        // All readable: replayed as read.
+        let r = resolve_plans(&ids, (4..=7).map(|b| Ok(plan(b))).collect(), &none).unwrap();
+        assert_eq!(r.plans, (4..=7).map(plan).collect::<Vec<_>>());
+        assert!(r.rebuilt.is_empty() && r.warnings.is_empty());
+
+        // A damaged middle plan is rebuilt from its successor's copy, epoch included.
+        let read = vec![Ok(plan(4)), lost(5), Ok(plan(6)), Ok(plan(7))];
+        let r = resolve_plans(&ids, read, &none).unwrap();
+        assert_eq!(r.rebuilt, vec![B(5)]);
+        assert_eq!((r.plans[1].batch_id, r.plans[1].batch_time_ms, r.plans[1].epoch), (B(5), 50, 3));
+        assert!(r.warnings[0].contains("rebuilt from the copy in the plan of batch 6"), "{:?}", r.warnings);
+
+        // A plan naming another batch counts as unusable.
+        let read = vec![Ok(plan(4)), Ok(plan(9)), Ok(plan(6)), Ok(plan(7))];
+        assert_eq!(resolve_plans(&ids, read, &none).unwrap().rebuilt, vec![B(5)]);
+
+        // A damaged last plan without a commit is planned again; with one it is unrecoverable.
+        let read = vec![Ok(plan(4)), Ok(plan(5)), Ok(plan(6)), lost(7)];
+        let r = resolve_plans(&ids, read, &none).unwrap();
+        assert_eq!(r.plans.len(), 3);
+        assert!(r.warnings[0].contains("will be planned again"));
+        let read = vec![Ok(plan(4)), Ok(plan(5)), Ok(plan(6)), lost(7)];
+        let err = resolve_plans(&ids, read, &BTreeSet::from([B(7)])).unwrap_err();
+        assert!(matches!(err, LogDamage::Committed { batch: B(7), .. }), "{err}");
+
+        // A successor without a copy (written before copies existed) cannot rebuild.
+        let old = BatchPlan { previous_plan: None, ..plan(6) };
+        let read = vec![Ok(plan(4)), lost(5), Ok(old), Ok(plan(7))];
+        let err = resolve_plans(&ids, read, &none).unwrap_err();
+        assert!(matches!(err, LogDamage::NoCopy { batch: B(5), .. }), "{err}");
+        assert!(err.to_string().contains("checksum mismatch"), "the cause is kept: {err}");
     }
 }

@@ -809,7 +809,8 @@ impl CheckpointStore {
             let outcome = match failure {
                 Some(e) => Err(e),
                 None => merge::merge_chain(chain).map_err(|e| e.to_string()).and_then(|merged| {
-                    let replay = protocol::replay_batches(&listing, Some(attempt.batch))?;
+                    let replay =
+                        protocol::replay_batches(&listing, Some(attempt.batch)).map_err(|e| e.to_string())?;
                     Ok((merged, replay))
                 }),
             };
@@ -859,7 +860,9 @@ impl CheckpointStore {
                         })
                     }
                     Ok(replay) => (None, replay),
-                    Err(reason) => return Err(Error::Unrecoverable { location: self.location.clone(), reason }),
+                    Err(damage) => {
+                        return Err(Error::Unrecoverable { location: self.location.clone(), reason: damage.to_string() })
+                    }
                 }
             }
         };
@@ -900,10 +903,10 @@ impl CheckpointStore {
                 }
             }
         }
-        let read: Vec<std::result::Result<BatchPlan, String>> =
-            replay_ids.iter().map(|id| self.read_plan(*id).map_err(|e| e.to_string())).collect();
-        let resolved = protocol::resolve_plans(&replay_ids, read, &commits)
-            .map_err(|reason| Error::Unrecoverable { location: self.location.clone(), reason })?;
+        let read = replay_ids.iter().map(|id| self.read_plan(*id)).collect();
+        let resolved = protocol::resolve_plans(&replay_ids, read, &commits).map_err(|damage| {
+            Error::Unrecoverable { location: self.location.clone(), reason: damage.to_string() }
+        })?;
         for w in &resolved.warnings {
             tracing::warn!("{w}");
         }

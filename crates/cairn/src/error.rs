@@ -10,6 +10,11 @@ pub enum Error {
     /// A checkpoint could not be read, written or trusted.
     #[error(transparent)]
     Checkpoint(#[from] cairn_checkpoint::Error),
+    /// A state checkpoint could not be stored, after the store's retries; the job stopped.
+    /// Nothing is lost: the previous checkpoint and the batch log still recover everything.
+    /// `source` is the store's error as it was (a full disk, a refused credential, a lost lease).
+    #[error("checkpoint writer failed: checkpoint after batch {batch}: {source}")]
+    CheckpointWrite { batch: cairn_checkpoint::BatchId, source: std::sync::Arc<cairn_checkpoint::Error> },
     /// The code's graph is not compatible with the graph stored in the checkpoint.
     #[error("incompatible change to stateful operator {operator:?}: {difference}")]
     Incompatible { operator: String, difference: String },

@@ -29,7 +29,8 @@ pub struct WriterStats {
 #[derive(Default)]
 struct Shared {
     stats: WriterStats,
-    error: Option<String>,
+    /// The write that failed for good, with the store's error as it was.
+    error: Option<(BatchId, Arc<cairn_checkpoint::Error>)>,
     /// Checkpoints submitted and not yet written.
     pending: usize,
 }
@@ -106,14 +107,16 @@ impl CheckpointWriter {
     /// Fails if a background write failed for good.
     pub fn check(&self) -> Result<()> {
         match &lock(&self.shared).error {
-            Some(e) => Err(Error::Lifecycle(format!("checkpoint writer failed: {e}"))),
+            Some((batch, source)) => Err(Error::CheckpointWrite { batch: *batch, source: source.clone() }),
             None => Ok(()),
         }
     }
 
     fn failure(&self) -> Error {
-        let e = lock(&self.shared).error.clone().unwrap_or_else(|| "the writer thread stopped".into());
-        Error::Lifecycle(format!("checkpoint writer failed: {e}"))
+        match self.check() {
+            Err(e) => e,
+            Ok(()) => Error::Lifecycle("checkpoint writer failed: the writer thread stopped".into()),
+        }
     }
 
     pub fn stats(&self) -> WriterStats {
@@ -180,9 +183,10 @@ fn write_loop(
             }
             Err(e) => {
                 tracing::error!("checkpoint after batch {batch} could not be written: {e}");
-                s.error = Some(format!("checkpoint after batch {batch}: {e}"));
+                let error = e.to_string();
+                s.error = Some((batch, Arc::new(e)));
                 drop(s);
-                let e = CheckpointFailed { batch_id: batch.0, error: e.to_string(), retries };
+                let e = CheckpointFailed { batch_id: batch.0, error, retries };
                 listeners.each(|l| l.on_checkpoint_failed(&e));
                 return; // dropping rx makes the next submit fail
             }
