@@ -83,12 +83,18 @@ struct Connection {
     client: Client,
 }
 
+/// Why a connection could not be opened.
+enum OpenError {
+    /// The connection's runtime could not start (the process is out of threads or descriptors).
+    Runtime(std::io::Error),
+    /// The database refused or could not be reached.
+    Db(tokio_postgres::Error),
+}
+
 impl Connection {
-    fn open(conn: &str, setup: Option<&str>) -> Result<Self, tokio_postgres::Error> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a current-thread runtime needs no resources that can run out");
+    fn open(conn: &str, setup: Option<&str>) -> Result<Self, OpenError> {
+        let rt =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(OpenError::Runtime)?;
         let client = rt.block_on(async {
             let (client, connection) = tokio_postgres::connect(conn, NoTls).await?;
             tokio::spawn(async move {
@@ -101,8 +107,8 @@ impl Connection {
                 client.batch_execute(sql).await?;
             }
             Ok::<_, tokio_postgres::Error>(client)
-        })?;
-        Ok(Self { rt, client })
+        });
+        Ok(Self { rt, client: client.map_err(OpenError::Db)? })
     }
 }
 
@@ -159,14 +165,23 @@ impl<T: Data> PostgresSink<T> {
             if guard.as_ref().is_none_or(|c| c.client.is_closed()) {
                 match Connection::open(&self.conn, self.setup.as_deref()) {
                     Ok(c) => *guard = Some(c),
-                    Err(e) if is_schema_error(&e) => {
+                    // Not the database's fault, and not something a retry fixes.
+                    Err(OpenError::Runtime(e)) => {
+                        return Err(Error::Unavailable {
+                            sink: self.name.clone(),
+                            batch: info.batch_id,
+                            attempts: attempt,
+                            message: format!("cannot start the connection's runtime: {e}"),
+                        })
+                    }
+                    Err(OpenError::Db(e)) if is_schema_error(&e) => {
                         return Err(Error::Schema {
                             sink: self.name.clone(),
                             statement: self.setup.clone().unwrap_or_default(),
                             message: describe(&e),
                         })
                     }
-                    Err(e) => last = describe(&e),
+                    Err(OpenError::Db(e)) => last = describe(&e),
                 }
             }
             if let Some(c) = guard.as_mut() {
