@@ -78,7 +78,10 @@ fn apply(path: &Path, d: Damage) {
 }
 
 /// Sweeps every object of `base` with every damage; returns (cases, exact restarts).
-fn sweep(base: &Path, end: &JobParams) -> (usize, usize) {
+/// A case counts as detected when the restart reported a recovery warning; the others damaged
+/// an object that restart did not need (a plan or checkpoint older than the one it restored, a
+/// heartbeat byte outside what is compared).
+fn sweep(what: &str, base: &Path, end: &JobParams) -> (usize, usize) {
     let full = std::env::var("CAIRN_DAMAGE_SWEEP").is_ok_and(|v| v == "full");
     let flips: &[u64] = if full { &[0, 5, 10, 100, 500, 900, 999] } else { &[500] };
     let mut damages: Vec<Damage> = flips.iter().map(|f| Damage::Flip(*f)).collect();
@@ -86,14 +89,10 @@ fn sweep(base: &Path, end: &JobParams) -> (usize, usize) {
     let mut objects = Vec::new();
     files(&base.join("ckpt"), &mut objects);
     objects.sort();
-    let objects: Vec<PathBuf> = objects
-        .into_iter()
-        .map(|o| o.strip_prefix(base).unwrap().to_path_buf())
-        // The lease is not part of the job's data: a damaged one is ignored by design.
-        .filter(|o| !o.ends_with("_lease"))
-        .collect();
+    let objects: Vec<PathBuf> =
+        objects.into_iter().map(|o| o.strip_prefix(base).unwrap().to_path_buf()).collect();
     assert!(objects.len() >= 8, "a real location has metadata, plans and checkpoints: {objects:?}");
-    let (mut cases, mut exact) = (0, 0);
+    let (mut cases, mut exact, mut detected) = (0, 0, 0);
     let mut failures = Vec::new();
     for object in &objects {
         for d in &damages {
@@ -102,6 +101,9 @@ fn sweep(base: &Path, end: &JobParams) -> (usize, usize) {
             copy_dir(base, tmp.path());
             apply(&tmp.path().join(object), *d);
             let out = run(tmp.path(), end, None);
+            if String::from_utf8_lossy(&out.stderr).contains("recovery warning:") {
+                detected += 1;
+            }
             if !out.status.success() {
                 failures.push(format!(
                     "{} {d:?}: restart refused: {}",
@@ -121,7 +123,10 @@ fn sweep(base: &Path, end: &JobParams) -> (usize, usize) {
             }
         }
     }
-    eprintln!("damage sweep of {}: {cases} cases, {exact} restarted exactly", base.display());
+    eprintln!(
+        "damage sweep of the {what} location: {} objects, {cases} cases, {detected} detected (recovery warned), {exact} restarted exactly",
+        objects.len()
+    );
     assert!(
         failures.is_empty(),
         "{} of {cases} single-object damages lost the job:\n{}",
@@ -137,7 +142,7 @@ fn any_one_damaged_object_of_a_crashed_location_is_survived() {
     // Batch 9 is planned and its output written, then the process dies before its commit.
     let out = run(base.path(), &params(14), Some("after-sink@9"));
     assert!(!out.status.success(), "the failpoint must crash the job");
-    let (cases, exact) = sweep(base.path(), &params(14));
+    let (cases, exact) = sweep("crashed", base.path(), &params(14));
     assert_eq!(cases, exact);
 }
 
@@ -146,7 +151,7 @@ fn any_one_damaged_object_of_a_stopped_location_is_survived() {
     let base = tempfile::tempdir().unwrap();
     let out = run(base.path(), &params(10), None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let (cases, exact) = sweep(base.path(), &params(14));
+    let (cases, exact) = sweep("stopped", base.path(), &params(14));
     assert_eq!(cases, exact);
 }
 

@@ -58,7 +58,12 @@ fn main() {
     })
     .and_then(|ctx| ctx.run_available());
     match result {
-        Ok(s) => eprintln!("crash-job: done, next batch {}", s.next_batch),
+        Ok(s) => {
+            for w in &s.recovery_warnings {
+                eprintln!("crash-job: recovery warning: {w}");
+            }
+            eprintln!("crash-job: done, next batch {}", s.next_batch)
+        }
         Err(e) => {
             eprintln!("crash-job: error: {e}");
             std::process::exit(1);
