@@ -15,25 +15,35 @@ use serde::Serialize;
 /// One planned batch still in the log.
 #[derive(Debug, Clone, Serialize)]
 pub struct BatchRow {
+    /// The batch id.
     pub batch: u64,
+    /// The batch's time on the job's grid, in milliseconds since the Unix epoch; `None` when its
+    /// plan cannot be read.
     pub batch_time_ms: Option<i64>,
+    /// Whether the batch committed: it has a commit record, or the next batch was planned.
     pub committed: bool,
-    /// Source ranges planned.
+    /// Source ranges planned (0 when the plan cannot be read).
     pub ranges: usize,
-    /// Records read, when the commit record says.
+    /// Records read, when the commit record says (from the commit object, or the copy the next
+    /// plan carries); `None` when no readable commit record is found.
     pub records: Option<u64>,
 }
 
 /// One state checkpoint object.
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckpointRow {
+    /// The batch after which the state was taken.
     pub batch: u64,
     /// `full` or `delta`.
     pub kind: &'static str,
+    /// The batch of the checkpoint a delta builds on; `None` for a full snapshot.
     pub parent: Option<u64>,
+    /// The object's path in the location.
     pub path: String,
+    /// The object's size in bytes, as listed.
     pub bytes: u64,
-    /// Objects recovery reads to restore this checkpoint (its chain through full snapshots).
+    /// Objects recovery reads to restore this checkpoint (its chain through full snapshots);
+    /// `None` when a link of the chain is missing.
     pub chain_objects: Option<usize>,
     /// Whether retention with the given `keep` would keep it.
     pub retained: bool,
@@ -44,12 +54,20 @@ pub struct CheckpointRow {
 /// What `cairn checkpoint ls` prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct Overview {
+    /// The checkpoint location as given.
     pub location: String,
+    /// The job metadata; `None` when neither copy can be read.
     pub metadata: Option<JobMetadata>,
+    /// The holder of the newest lease epoch (released or not); `None` when no lease object can
+    /// be read.
     pub lease: Option<LeaseRecord>,
+    /// Every planned batch still in the log, ascending.
     pub batches: Vec<BatchRow>,
+    /// Every state object, by batch (a full snapshot before a delta of the same batch).
     pub checkpoints: Vec<CheckpointRow>,
+    /// Recognised objects in the location (lease objects included; foreign files are not).
     pub total_objects: usize,
+    /// Total size of those objects, in bytes.
     pub total_bytes: u64,
 }
 
@@ -146,29 +164,41 @@ pub fn list(store: &CheckpointStore, keep: usize) -> Result<Overview> {
 /// Size of one state table.
 #[derive(Debug, Clone, Serialize)]
 pub struct TableStat {
+    /// The table id (`<operator>`, `<operator>/<part>` or `$source/<source>`).
     pub id: String,
+    /// Entries in the merged table (live keys: a merged table has no tombstones).
     pub keys: u64,
+    /// Size of the table's encoded entries, in bytes (uncompressed).
     pub bytes: u64,
 }
 
 /// One stateful operator (or source) with the size of its state.
 #[derive(Debug, Clone, Serialize)]
 pub struct OperatorStat {
+    /// The operator's (or source's) stable name.
     pub name: String,
+    /// Its kind as stored (`map_with_state`, `window`, `source`, ...).
     pub kind: String,
+    /// The key type's identity as stored (empty for a source).
     pub key_type: String,
+    /// The state type's identity as stored (`offsets` for a source).
     pub state_type: String,
+    /// The user's state version (`OpName::with_version`).
     pub state_version: u32,
+    /// Its tables in the described checkpoint; empty when no checkpoint was loaded.
     pub tables: Vec<TableStat>,
 }
 
 /// What `cairn checkpoint show` prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct Details {
+    /// The job metadata; `None` on a location without it.
     pub metadata: Option<JobMetadata>,
     /// The checkpoint described (the newest restorable one unless a batch was asked for).
     pub checkpoint_batch: Option<u64>,
+    /// The graph of that checkpoint, else the metadata's; `None` when there is neither.
     pub graph: Option<GraphDescription>,
+    /// Every operator and source of `graph`, with its state sizes.
     pub operators: Vec<OperatorStat>,
     /// The plan of the requested batch, or of the newest planned batch.
     pub plan: Option<BatchPlan>,
@@ -231,14 +261,18 @@ pub fn show(store: &CheckpointStore, batch: Option<BatchId>) -> Result<Details> 
 /// An object that failed verification.
 #[derive(Debug, Clone, Serialize)]
 pub struct BadObject {
+    /// The object's path in the location.
     pub path: String,
+    /// The verification error.
     pub reason: String,
 }
 
 /// What `cairn checkpoint verify` found.
 #[derive(Debug, Clone, Serialize)]
 pub struct Verification {
+    /// Recognised objects read and verified.
     pub objects_checked: usize,
+    /// The objects that failed verification.
     pub bad: Vec<BadObject>,
     /// The checkpoint recovery would restore, if any.
     pub restorable_batch: Option<u64>,
@@ -246,7 +280,9 @@ pub struct Verification {
     pub newest_batch: Option<u64>,
     /// Batches a restart would replay.
     pub replay_batches: usize,
+    /// Why recovery fails, when it does.
     pub recovery_error: Option<String>,
+    /// What recovery would work around (empty when it fails).
     pub warnings: Vec<String>,
     /// True only when every object verifies and the newest checkpoint restores end to end.
     pub ok: bool,
@@ -314,8 +350,12 @@ pub fn verify(store: &CheckpointStore) -> Result<Verification> {
 /// What `cairn checkpoint gc` did (or, with `dry_run`, would do).
 #[derive(Debug, Clone, Serialize)]
 pub struct GcReport {
+    /// The checkpoints kept (batches after which they were taken), newest first.
     pub kept_checkpoints: Vec<u64>,
+    /// Paths deleted (or, in a dry run, that would be): objects, then crashed writers' staging
+    /// files (never listed by a dry run).
     pub deleted: Vec<String>,
+    /// Whether this was a dry run: nothing was deleted, `deleted` is what gc would delete.
     pub dry_run: bool,
 }
 
@@ -340,8 +380,11 @@ pub fn gc(store: &CheckpointStore, keep: usize, dry_run: bool) -> Result<GcRepor
 /// One entry of an operator's state, as stored (postcard-encoded key and value bytes).
 #[derive(Debug, Clone, Serialize)]
 pub struct StateRow {
+    /// The id of the table the entry is in.
     pub table: String,
+    /// The key's bytes as stored.
     pub key: Vec<u8>,
+    /// The value's bytes as stored.
     pub value: Vec<u8>,
 }
 
@@ -419,7 +462,9 @@ pub fn guess(bytes: &[u8]) -> Option<String> {
 /// else the metadata's), and whether it can start on it.
 #[derive(Debug, Clone, Serialize)]
 pub struct GraphDiff {
+    /// Every difference, removed and retyped operators first.
     pub changes: Vec<Change>,
+    /// Whether the new build can start on the checkpoint without dropping any state.
     pub compatible: bool,
 }
 

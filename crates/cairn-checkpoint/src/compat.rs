@@ -9,17 +9,40 @@ use crate::{GraphDescription, OperatorDescription};
 #[serde(tag = "change", rename_all = "snake_case")]
 pub enum Change {
     /// A new stateful operator or source: it starts empty. Compatible.
-    Added { operator: String, kind: OperatorKind },
+    Added {
+        /// The new operator's stable name.
+        operator: String,
+        /// What the new operator is.
+        kind: OperatorKind,
+    },
     /// A stateful operator whose state the checkpoint holds is gone. Incompatible unless its
     /// state is dropped explicitly.
-    Removed { operator: String, kind: OperatorKind },
+    Removed {
+        /// The removed operator's stable name.
+        operator: String,
+        /// What the operator was, as the checkpoint recorded it.
+        kind: OperatorKind,
+    },
     /// A removed source: its offsets are dropped. Compatible.
-    SourceRemoved { operator: String },
+    SourceRemoved {
+        /// The removed source's stable name.
+        operator: String,
+    },
     /// Kind, key type, state type (their [`StateSchema`](crate::schema::StateSchema) shape) or
     /// state version changed. Incompatible: the stored state cannot be read as the new type.
-    Retyped { operator: String, differences: Vec<String> },
+    Retyped {
+        /// The operator's stable name.
+        operator: String,
+        /// Each change, in words, naming the stored value and then the new one.
+        differences: Vec<String>,
+    },
     /// The number of partitions changed: state is redistributed by key. Compatible.
-    Parallelism { from: u32, to: u32 },
+    Parallelism {
+        /// The parallelism the checkpoint was written with.
+        from: u32,
+        /// The new graph's parallelism.
+        to: u32,
+    },
 }
 
 impl Change {
@@ -91,7 +114,7 @@ fn differences(old: &OperatorDescription, new: &OperatorDescription) -> Vec<Stri
 ///
 /// ```
 /// use cairn_checkpoint::compat::{diff, Change};
-/// use cairn_checkpoint::{GraphDescription, OperatorDescription};
+/// use cairn_checkpoint::{GraphDescription, OperatorDescription, OperatorKind};
 /// let op = |name: &str, state: &str| OperatorDescription {
 ///     name: name.into(), kind: OperatorKind::MapWithState, key_type: "u64".into(),
 ///     state_type: state.into(), state_version: 1 };

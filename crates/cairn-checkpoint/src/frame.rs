@@ -25,11 +25,18 @@ const FLAG_LZ4: u8 = 1;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum ObjectKind {
+    /// `metadata` and `metadata.copy` (JSON [`crate::JobMetadata`]).
     Metadata = 1,
+    /// `log/<batch>.plan` (JSON [`crate::BatchPlan`]).
     Plan = 2,
+    /// `log/<batch>.commit` (JSON [`crate::BatchCommit`]).
     Commit = 3,
+    /// `state/<batch>-<parent>.delta` (binary, LZ4-compressed state checkpoint).
     StateDelta = 4,
+    /// `state/<batch>.full` (binary, LZ4-compressed state checkpoint).
     StateFull = 5,
+    /// A lease claim or heartbeat, `lease/<epoch>.claim` or `.heartbeat` (JSON
+    /// [`crate::LeaseRecord`]).
     Lease = 6,
     /// A lease epoch's fence record (format version 2).
     Fence = 7,

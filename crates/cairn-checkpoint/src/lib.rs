@@ -1,3 +1,4 @@
+#![warn(missing_docs, unreachable_pub)]
 //! Checkpoint formats, the recovery and retention protocol, and checkpoint storage for cairn.
 //!
 //! Layering: [`model`] holds the records that live in a checkpoint location, [`frame`] and

@@ -26,21 +26,27 @@ impl std::fmt::Display for BatchId {
 /// Written once, when a job first starts on an empty location.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobMetadata {
+    /// The [`FORMAT_VERSION`] of the release that created the location. Informational: readers
+    /// go by the version in each object's header.
     pub format_version: u16,
+    /// The application's name as configured when the job was created.
     pub app_name: String,
     /// Random id given to this job at creation; appears in leases and logs.
     pub job_id: String,
+    /// Wall-clock time the location was initialised, in milliseconds since the Unix epoch.
     pub created_ms: i64,
     /// The batch interval is pinned: batch times of replays and windows depend on it.
     pub batch_interval_ms: u64,
     /// Batch time of batch 0; batch times are laid on the grid `start_time_ms + k * interval`.
     pub start_time_ms: i64,
+    /// The stateful graph when the job was created; later checkpoints carry their own.
     pub graph: GraphDescription,
 }
 
 /// The stateful part of a job's graph: what the checkpoint's state means.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GraphDescription {
+    /// Every stateful operator and every source, each once, by its stable name.
     pub operators: Vec<OperatorDescription>,
     /// Partitions of keyed state when written. Informational: state is redistributed on load.
     pub parallelism: u32,
@@ -176,24 +182,34 @@ impl OperatorDescription {
 /// partition is the file's name and the range its bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OffsetRange {
+    /// The source partition the range is of (for a file source, the file's name).
     pub partition: String,
+    /// First offset of the range (inclusive).
     pub start: u64,
+    /// One past the last offset of the range (exclusive); `start == end` is an empty range.
     pub end: u64,
 }
 
 /// What one source contributes to a batch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourcePlan {
+    /// The source's stable name, as in the graph description.
     pub source: String,
+    /// The offset ranges the batch reads, per partition (a large file may be split into several).
     pub ranges: Vec<OffsetRange>,
 }
 
 /// The planned input of a batch, logged durably before the batch runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchPlan {
+    /// The batch this plan is for; a replay reuses it.
     pub batch_id: BatchId,
+    /// The batch's time on the job's batch grid, in milliseconds since the Unix epoch; a replay
+    /// runs with this time, not the current one.
     pub batch_time_ms: i64,
+    /// Wall-clock time the plan was made, in milliseconds since the Unix epoch. Informational.
     pub planned_at_ms: i64,
+    /// The input of the batch, per source.
     pub sources: Vec<SourcePlan>,
     /// The commit record of the previous batch. A plan is only written once the previous batch's
     /// sinks have finished, so carrying that batch's commit here saves one object per batch; a
@@ -213,8 +229,11 @@ pub struct BatchPlan {
 /// What a plan carries of its predecessor: everything needed to re-run that batch exactly.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlanCopy {
+    /// The original plan's [`BatchPlan::batch_time_ms`].
     pub batch_time_ms: i64,
+    /// The original plan's [`BatchPlan::planned_at_ms`].
     pub planned_at_ms: i64,
+    /// The original plan's input, per source.
     pub sources: Vec<SourcePlan>,
     /// The epoch that wrote the original plan: a rebuilt plan is accepted or fenced off like the
     /// original would have been.
@@ -252,9 +271,13 @@ impl BatchPlan {
 /// Logged after every sink of a batch has finished.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchCommit {
+    /// The batch that committed.
     pub batch_id: BatchId,
+    /// Wall-clock time the batch's sinks finished, in milliseconds since the Unix epoch.
     pub committed_at_ms: i64,
+    /// Records the batch read from its sources.
     pub input_records: u64,
+    /// Time the batch took to run its outputs (computation and sinks), in whole milliseconds.
     pub processing_ms: u64,
     /// The lease epoch of the writer (stamped by the store; 0 in format version 1).
     #[serde(default)]
@@ -264,9 +287,11 @@ pub struct BatchCommit {
 /// Whether a state checkpoint holds everything, or only the keys changed since its parent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CheckpointKind {
+    /// Every live key of every table, without tombstones: restores on its own.
     Full,
     /// Changes since the checkpoint taken after batch `parent`.
     Delta {
+        /// The batch of the checkpoint this delta builds on; always older than the delta's own.
         parent: BatchId,
     },
 }
@@ -274,8 +299,12 @@ pub enum CheckpointKind {
 /// State as of the end of batch `batch_id`, for every stateful operator and source, in one object.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StateCheckpoint {
+    /// The batch after which the state was taken.
     pub batch_id: BatchId,
+    /// Full snapshot, or delta on an older checkpoint.
     pub kind: CheckpointKind,
+    /// Wall-clock time the state was cut, in milliseconds since the Unix epoch (a compacted
+    /// snapshot keeps the time of the newest checkpoint it merged).
     pub created_ms: i64,
     /// The graph that wrote it; compared with the code's graph at restart.
     pub graph: GraphDescription,
@@ -292,10 +321,18 @@ pub struct StateCheckpoint {
 pub struct LeaseRecord {
     /// Unique per acquisition: tells a retried claim that landed from another process's claim.
     pub owner: String,
+    /// Host name of the holder's machine; with `pid`, how a starter on the same host tells
+    /// whether the holder still runs.
     pub host: String,
+    /// Process id of the holder on `host`.
     pub pid: u32,
+    /// Wall-clock time the holder took the epoch, in milliseconds since the Unix epoch.
     pub started_ms: i64,
+    /// Wall-clock time of the holder's latest heartbeat, in milliseconds since the Unix epoch (in
+    /// a claim, the time of the claim).
     pub heartbeat_ms: i64,
+    /// How long after `heartbeat_ms` another process may take the location over, in
+    /// milliseconds.
     pub ttl_ms: u64,
     /// The epoch this record claims (0 in format version 1).
     #[serde(default)]
@@ -313,6 +350,7 @@ pub struct LeaseRecord {
 /// epochs about batch `from_batch` or later are not accepted (see [`crate::protocol::fenced`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FenceRecord {
+    /// The epoch whose holder wrote this fence: it excludes objects of older epochs only.
     pub epoch: Epoch,
     /// One past the newest batch any object of the location concerned when the holder listed it
     /// (after its claim existed).

@@ -21,7 +21,12 @@ pub enum ObjectName {
     Commit(BatchId),
     /// `state/<batch>-<parent>.delta`: state changed since the checkpoint of batch `parent`. The
     /// parent is in the name so recovery and retention can resolve chains from a listing alone.
-    Delta { batch: BatchId, parent: BatchId },
+    Delta {
+        /// The batch after which the delta's state was taken.
+        batch: BatchId,
+        /// The batch of the checkpoint the delta builds on (older than `batch`).
+        parent: BatchId,
+    },
     /// `state/<batch>.full`: all state as of the end of the batch.
     Full(BatchId),
     /// `lease/<epoch>.claim`: who took the location in this epoch (created once, never changed).

@@ -114,7 +114,9 @@ pub fn chain(listing: &Listing, batch: BatchId, prefer_full: bool) -> Option<Vec
 /// One way to restore state: the checkpoint's batch and the objects to load, oldest first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attempt {
+    /// The batch after which the checkpoint to restore was taken.
     pub batch: BatchId,
+    /// The state objects to read and merge, oldest first: a full snapshot, then its deltas.
     pub chain: Vec<ObjectName>,
 }
 
@@ -176,16 +178,34 @@ pub enum LogDamage {
     /// There is no checkpoint and the log does not start at batch 0 (retention removed the
     /// beginning after a checkpoint that is now gone).
     #[error("no state checkpoint, and the batch log starts at batch {first} instead of 0")]
-    StartsLate { first: BatchId },
+    StartsLate {
+        /// The oldest batch that still has a plan.
+        first: BatchId,
+    },
     /// Two plans in a row are missing: the second one's copy of the first is gone too.
     #[error("batch log has a gap: the plans of batches {missing} and {} are both missing but batch {last} was planned", missing.0 + 1)]
-    Gap { missing: BatchId, last: BatchId },
+    Gap {
+        /// The first of the two missing plans.
+        missing: BatchId,
+        /// The newest planned batch, which cannot be reached without them.
+        last: BatchId,
+    },
     /// A plan is unusable and its successor carries no copy of it.
     #[error("the plan of batch {batch} is unusable ({cause}) and the plan of batch {} holds no copy of it", batch.0 + 1)]
-    NoCopy { batch: BatchId, cause: PlanUnusable },
+    NoCopy {
+        /// The batch whose plan is unusable.
+        batch: BatchId,
+        /// Why the plan cannot be used.
+        cause: PlanUnusable,
+    },
     /// The last plan is unusable although the batch committed: it cannot be planned again.
     #[error("the plan of batch {batch} is unusable ({cause}), and the batch was committed, so it cannot be planned again")]
-    Committed { batch: BatchId, cause: PlanUnusable },
+    Committed {
+        /// The last planned batch, which has a commit record.
+        batch: BatchId,
+        /// Why its plan cannot be used.
+        cause: PlanUnusable,
+    },
 }
 
 /// Why one plan object cannot be used.
@@ -516,8 +536,11 @@ pub struct ReplaySplit {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the plan of batch {accepted} is accepted but the earlier plan of batch {fenced_batch} is fenced off ({by})")]
 pub struct ReplayAfterFenced {
+    /// The batch whose plan is accepted although an earlier one is not.
     pub accepted: BatchId,
+    /// The first batch whose plan was fenced off.
     pub fenced_batch: BatchId,
+    /// The fence that excludes the plan of `fenced_batch`.
     pub by: Fenced,
 }
 
@@ -552,7 +575,11 @@ pub enum Takeover {
     /// a little, then look again.
     WaitHere,
     /// A live holder: refuse, telling the user how long until its lease expires.
-    Held { wait_ms: u64 },
+    Held {
+        /// Milliseconds until the holder's latest heartbeat is older than its TTL, when the
+        /// location may be taken over unless it heartbeats again.
+        wait_ms: u64,
+    },
 }
 
 /// The takeover rule, without I/O: `holder` is the newest claim with its latest heartbeat,

@@ -20,7 +20,10 @@ use std::sync::{Arc, RwLock};
 /// Bytes and objects written by one call.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WriteStats {
+    /// Bytes stored, frame included; 0 when an existing object was kept.
     pub bytes: u64,
+    /// Objects stored; 0 when an existing object was kept (a replay, or a retried write that
+    /// had landed).
     pub objects: u64,
 }
 
@@ -40,7 +43,10 @@ pub struct RestoredState {
 /// What recovery found.
 #[derive(Debug, Clone)]
 pub struct Recovered {
+    /// The job metadata, from whichever copy verifies; `None` on a location never initialised.
     pub metadata: Option<JobMetadata>,
+    /// The restored state; `None` when there is no checkpoint, or when none restores and the
+    /// whole batch log is replayed from empty state.
     pub state: Option<RestoredState>,
     /// Batches planned after the restored checkpoint, in order, to be re-run with identical input.
     pub replay: Vec<BatchPlan>,
@@ -65,7 +71,9 @@ pub struct Recovered {
     pub fenced: Vec<ObjectName>,
     /// Time spent reading and merging state objects.
     pub restore_ms: u64,
+    /// Bytes of state objects read while restoring, including objects that failed verification.
     pub bytes_read: u64,
+    /// State objects read while restoring, including objects that failed verification.
     pub objects_read: u64,
 }
 
@@ -84,7 +92,9 @@ struct Unusable {
 /// What a retention pass did.
 #[derive(Debug, Clone, Default)]
 pub struct RetentionReport {
+    /// The checkpoints kept (batches after which they were taken), newest first.
     pub kept_checkpoints: Vec<BatchId>,
+    /// Objects deleted (or already gone), in the order they were deleted.
     pub deleted: Vec<ObjectName>,
     /// Staging files of crashed writers removed (local locations only).
     pub debris: Vec<std::path::PathBuf>,
@@ -136,8 +146,13 @@ pub fn open_store(location: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
 /// [`crate::debris`]).
 #[derive(Debug, Clone)]
 pub struct OpenedLocation {
+    /// The object store, wrapped in [`Retrying`].
     pub store: Arc<dyn ObjectStore>,
+    /// The prefix inside `store` under which the location's objects live (empty for a local
+    /// directory and for `memory://`).
     pub root: Path,
+    /// The location's directory, canonicalized, when it is on the local file system; `None` for
+    /// object stores.
     pub local_dir: Option<std::path::PathBuf>,
 }
 

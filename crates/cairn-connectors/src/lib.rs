@@ -1,3 +1,4 @@
+#![warn(missing_docs, unreachable_pub)]
 //! Connectors between cairn and external systems.
 //!
 //! - [`postgres::PostgresSink`]: rows and the batch id in one PostgreSQL transaction, so a batch

@@ -33,17 +33,36 @@ type ToRow<T> = Arc<dyn Fn(&BatchInfo, &T) -> Row + Send + Sync>;
 pub enum Error {
     /// The statement does not fit the table (a missing column, a wrong type...).
     #[error("PostgreSQL sink {sink:?}: the statement does not fit the database: {message} (statement: {statement})")]
-    Schema { sink: String, statement: String, message: String },
+    Schema {
+        /// The sink's name.
+        sink: String,
+        /// The SQL that failed: the sink's statement, or its setup SQL when that failed.
+        statement: String,
+        /// The server's error message.
+        message: String,
+    },
     /// The database could not be reached or kept failing; the batch was not committed.
     #[error("PostgreSQL sink {sink:?}: batch {batch} failed after {attempts} attempt(s): {message}")]
-    Unavailable { sink: String, batch: u64, attempts: u32, message: String },
+    Unavailable {
+        /// The sink's name.
+        sink: String,
+        /// The batch that was not written.
+        batch: u64,
+        /// Attempts made, each on a new connection when the previous one broke.
+        attempts: u32,
+        /// The last attempt's error (the server's message for a database error).
+        message: String,
+    },
 }
 
 /// What writing a batch did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// The batch's rows were written and its id recorded.
-    Written { rows: u64 },
+    Written {
+        /// Rows written: one statement per element of the batch.
+        rows: u64,
+    },
     /// An earlier attempt committed this batch; nothing was written.
     AlreadyCommitted,
 }

@@ -1,3 +1,4 @@
+#![warn(missing_docs, unreachable_pub)]
 //! The HTTP endpoint of a cairn job, kept out of the core crate so that jobs which do not want
 //! it build without axum or an HTTP server: Prometheus metrics at `/metrics`, a live web page
 //! with the batch timeline at `/`, and the data behind it at `/api/progress`.

@@ -14,8 +14,11 @@ use std::time::Duration;
 /// One record for the sink to write.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OutRecord {
+    /// The record's key; `None` writes it without one.
     pub key: Option<Vec<u8>>,
+    /// The record's value.
     pub value: Vec<u8>,
+    /// Headers to write with the record, in order.
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
@@ -23,7 +26,10 @@ pub struct OutRecord {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SinkOutcome {
     /// The batch's records were written in one committed transaction.
-    Written { records: u64 },
+    Written {
+        /// Records written in the transaction: one per element of the batch.
+        records: u64,
+    },
     /// An earlier attempt committed this batch; nothing was written.
     AlreadyCommitted,
 }

@@ -78,13 +78,19 @@ impl<S: AsRef<str>, const N: usize> From<[S; N]> for Topics {
 /// One Kafka record, with everything the broker keeps about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KafkaRecord {
+    /// The topic the record was read from.
     pub topic: String,
+    /// The partition of `topic` the record was read from.
     pub partition: i32,
+    /// The record's offset in its partition.
     pub offset: i64,
+    /// The record's key; `None` when it has none.
     pub key: Option<Vec<u8>>,
+    /// The record's value; `None` for a null value (a tombstone on a compacted topic).
     pub value: Option<Vec<u8>>,
     /// Milliseconds since the epoch, as the producer or the broker set it.
     pub timestamp_ms: Option<i64>,
+    /// The record's headers, in order; a header without a value reads as empty bytes.
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
