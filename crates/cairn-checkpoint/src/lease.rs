@@ -58,8 +58,6 @@ fn unique_owner() -> String {
     format!("{}-{}-{:x}-{n}", hostname(), std::process::id(), wall_ms())
 }
 
-/// Whether a process of this host is running: present in /proc and not a zombie (a process
-/// killed a moment ago stays a zombie until its parent reaps it).
 /// The owners of the leases this process holds now (every [`Lease`] not yet dropped).
 static HELD_HERE: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
 
@@ -67,6 +65,8 @@ fn held_here(owner: &str) -> bool {
     HELD_HERE.lock().unwrap_or_else(|e| e.into_inner()).contains(owner)
 }
 
+/// Whether a process of this host is running: present in /proc and not a zombie (a process
+/// killed a moment ago stays a zombie until its parent reaps it).
 fn pid_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the command name, which is in parentheses and may contain spaces.
@@ -260,7 +260,8 @@ impl CheckpointStore {
                                 continue;
                             }
                             Takeover::WaitHere => {
-                                return Err(self.locked(&cur, now, cur.ttl_ms));
+                                let left = cur.ttl_ms as i64 - (now - cur.heartbeat_ms);
+                                return Err(self.locked(&cur, now, left.max(0) as u64));
                             }
                             Takeover::Held { wait_ms } => return Err(self.locked(&cur, now, wait_ms)),
                         }
@@ -332,15 +333,27 @@ impl CheckpointStore {
         let stop = Arc::new(AtomicBool::new(false));
         let lost = Arc::new(Mutex::new(None));
         let heartbeat = {
-            let (store, stop, lost, mut record) = (self.clone(), stop.clone(), lost.clone(), record.clone());
-            std::thread::Builder::new()
+            let (store, stop, lost, mut beating) = (self.clone(), stop.clone(), lost.clone(), record.clone());
+            let spawned = std::thread::Builder::new()
                 .name("cairn-lease".into())
-                .spawn(move || heartbeat_loop(&store, &stop, &lost, &mut record))
-                .map_err(|e| Error::Locked {
-                    location: self.location().to_string(),
-                    holder: format!("(cannot start the lease heartbeat: {e})"),
-                    wait_s: 0,
-                })?
+                .spawn(move || heartbeat_loop(&store, &stop, &lost, &mut beating));
+            match spawned {
+                Ok(h) => h,
+                Err(e) => {
+                    // Give the epoch back at once: nobody will keep it alive.
+                    let released = LeaseRecord { released: true, ..record.clone() };
+                    if let Err(w) = self.write_heartbeat(&released) {
+                        tracing::warn!("could not release lease epoch {epoch}: {w}");
+                    }
+                    self.set_held(None);
+                    return Err(Error::Io {
+                        path: self.location().to_string(),
+                        source: std::io::Error::other(format!(
+                            "cannot start the lease heartbeat thread: {e}"
+                        )),
+                    });
+                }
+            }
         };
         HELD_HERE.lock().unwrap_or_else(|e| e.into_inner()).insert(record.owner.clone());
         Ok(Lease { store: self.clone(), record, stop, lost, heartbeat: Some(heartbeat) })

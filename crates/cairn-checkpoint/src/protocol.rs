@@ -172,6 +172,41 @@ pub fn replay_batches(listing: &Listing, after: Option<BatchId>) -> Result<Vec<B
     Ok(out)
 }
 
+/// How recovery goes on when no checkpoint could be restored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WithoutCheckpoint {
+    /// The location never had a checkpoint: the batch log (possibly empty) is replayed from 0.
+    Fresh(Vec<BatchId>),
+    /// Checkpoints exist but none restores; the batch log still starts at batch 0 (retention
+    /// keeps it whole until an independent checkpoint exists), so everything is replayed.
+    ReplayWholeLog(Vec<BatchId>),
+    /// Checkpoints exist, none restores, and the log no longer starts at batch 0: starting
+    /// empty would silently lose state, so recovery must refuse.
+    NoRestorePoint,
+}
+
+/// The decision when no checkpoint restores (none exists, or every one failed to load or has an
+/// incomplete chain).
+///
+/// ```
+/// use cairn_checkpoint::protocol::{restore_without_checkpoint as r, Listing, WithoutCheckpoint::*};
+/// use cairn_checkpoint::paths::ObjectName::*;
+/// use cairn_checkpoint::BatchId as B;
+/// assert_eq!(r(&Listing::new([])).unwrap(), Fresh(vec![]));
+/// assert_eq!(r(&Listing::new([Full(B(3)), Plan(B(0)), Plan(B(1))])).unwrap(), ReplayWholeLog(vec![B(0), B(1)]));
+/// // A checkpoint that does not restore and no log to replay: refused, never an empty start.
+/// assert_eq!(r(&Listing::new([Delta { batch: B(5), parent: B(3) }])).unwrap(), NoRestorePoint);
+/// ```
+pub fn restore_without_checkpoint(listing: &Listing) -> Result<WithoutCheckpoint, LogDamage> {
+    if listing.checkpoints().is_empty() {
+        return replay_batches(listing, None).map(WithoutCheckpoint::Fresh);
+    }
+    Ok(match replay_batches(listing, None) {
+        Ok(replay) if replay.first() == Some(&BatchId(0)) => WithoutCheckpoint::ReplayWholeLog(replay),
+        _ => WithoutCheckpoint::NoRestorePoint,
+    })
+}
+
 /// Why the batch log cannot be replayed.
 #[derive(Debug, thiserror::Error)]
 pub enum LogDamage {

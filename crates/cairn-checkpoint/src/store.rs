@@ -856,28 +856,28 @@ impl CheckpointStore {
                 // No checkpoint restores (or none exists): replaying the whole log from the
                 // start is the last restore point, kept by retention until an independent
                 // checkpoint exists.
-                let from_start = protocol::replay_batches(&listing, None);
-                match from_start {
-                    Ok(replay) if listing.checkpoints().is_empty() => (None, replay),
-                    Ok(replay) if replay.first() == Some(&BatchId(0)) => {
-                        let w = "no checkpoint could be restored; replaying the batch log from batch 0".to_string();
+                let unrecoverable =
+                    |reason: String| Error::Unrecoverable { location: self.location.clone(), reason };
+                match protocol::restore_without_checkpoint(&listing) {
+                    Ok(protocol::WithoutCheckpoint::Fresh(replay)) => (None, replay),
+                    Ok(protocol::WithoutCheckpoint::ReplayWholeLog(replay)) => {
+                        let w = "no checkpoint could be restored; replaying the batch log from batch 0"
+                            .to_string();
                         tracing::warn!("{w}");
                         warnings.push(w);
                         (None, replay)
                     }
-                    Ok(_) | Err(_) if !failures.is_empty() => {
-                        return Err(Error::Unrecoverable {
-                            location: self.location.clone(),
-                            reason: format!(
-                                "every checkpoint failed to load ({}), and the batch log no longer starts at batch 0; start from an older copy of the location, or from scratch on a new one",
-                                failures.join("; ")
-                            ),
-                        })
+                    Ok(protocol::WithoutCheckpoint::NoRestorePoint) => {
+                        let why = if failures.is_empty() {
+                            "no checkpoint has a complete chain of objects".to_string()
+                        } else {
+                            format!("every checkpoint failed to load ({})", failures.join("; "))
+                        };
+                        return Err(unrecoverable(format!(
+                            "{why}, and the batch log no longer starts at batch 0; start from an older copy of the location, or from scratch on a new one"
+                        )));
                     }
-                    Ok(replay) => (None, replay),
-                    Err(damage) => {
-                        return Err(Error::Unrecoverable { location: self.location.clone(), reason: damage.to_string() })
-                    }
+                    Err(damage) => return Err(unrecoverable(damage.to_string())),
                 }
             }
         };

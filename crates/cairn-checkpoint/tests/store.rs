@@ -324,3 +324,15 @@ fn locations() {
     s.write_plan(&plan(0)).unwrap();
     assert!(dir.path().join("nested/ckpt/log/00000000000000000000.plan").exists());
 }
+
+/// Checkpoints exist but none has a complete chain, and the batch log is gone too: starting with
+/// empty state at batch 0 would silently lose the job's state, so the restart is refused.
+#[test]
+fn checkpoints_without_a_complete_chain_and_no_log_are_refused_not_started_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    s.write_checkpoint(&ckpt(5, Some(3))).unwrap(); // a delta whose parent is not there
+    let err = s.recover().unwrap_err().to_string();
+    assert!(err.contains("no checkpoint has a complete chain"), "{err}");
+    assert!(err.contains("from scratch on a new one"), "says what the user can do: {err}");
+}

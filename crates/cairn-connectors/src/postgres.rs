@@ -224,7 +224,9 @@ impl<T: Data> PostgresSink<T> {
                 self.name,
                 info.batch_id
             );
-            std::thread::sleep(Duration::from_millis(100 << attempt.min(6)));
+            if attempt < self.attempts {
+                std::thread::sleep(Duration::from_millis(100 << attempt.min(6)));
+            }
         }
         Err(Error::Unavailable {
             sink: self.name.clone(),

@@ -99,7 +99,7 @@ impl Families {
         );
         r.register(
             "checkpoint_write_retries",
-            "Checkpoint writes that failed and were attempted again (single puts retried inside the store are not counted)",
+            "Storage requests of checkpoint writes retried after a transient failure (the store's one retry budget)",
             f.checkpoint_write_retries.clone(),
         );
         r.register(

@@ -72,7 +72,7 @@ pub(crate) fn plan_partition(
         );
         start = w.low;
     }
-    let end = w.high.min(start.saturating_add(max as i64));
+    let end = w.high.min(start.saturating_add(i64::try_from(max).unwrap_or(i64::MAX)));
     let range = (end > start || first_sight).then(|| OffsetRange {
         partition: key.to_string(),
         start: start as u64,
