@@ -25,43 +25,44 @@
 //! assert_eq!(last.iter().map(|(_, c)| c).sum::<u64>(), 5 * 1000);
 //! ```
 
+mod api;
 mod clock;
-mod context;
-mod dstream;
 mod error;
-pub mod failpoint;
 mod graph;
 mod io;
-mod keyed;
-mod progress;
-mod scheduler;
-mod sink;
-pub mod source;
-mod state;
-mod stateful;
+mod ops;
+mod runtime;
+mod sinks;
+mod sources;
 pub mod testing;
-mod window;
-mod writer;
 
+pub use runtime::failpoint;
+
+/// Sources: where batches come from. A source plans offset ranges before a batch runs (they are
+/// logged, so a replay reads exactly the same input) and reads a planned range on demand.
+pub mod source {
+    pub use crate::sources::{Generator, LineParser, Malformed, Positions, QueueHandle, Source, TextFiles};
+}
+
+pub use api::context::{StopHandle, StreamingContext, StreamingContextBuilder, Trigger};
+pub use api::dstream::{DStream, Data, UserError};
 pub use cairn_checkpoint as checkpoint;
 pub use cairn_checkpoint::schema::StateSchema;
 pub use cairn_checkpoint::OffsetRange;
 pub use clock::{Clock, SystemClock};
-pub use context::{StopHandle, StreamingContext, StreamingContextBuilder, Trigger};
-pub use dstream::{DStream, Data, UserError};
 pub use error::{Error, Result};
+pub use graph::state::StateData;
 pub use graph::{BatchInfo, Partitions};
-pub use keyed::Key;
-pub use progress::{
+pub use ops::keyed::Key;
+pub use ops::stateful::{OpName, State, StateSpec};
+pub use runtime::progress::{
     BatchProgress, BatchStarted, CheckpointFailed, CheckpointWritten, LeaseLost, OperatorProgress,
     RecoveryFinished, StreamingListener,
 };
-pub use scheduler::RunSummary;
-pub use sink::{read_text_output, BatchContext, BatchWrite, Sink, TaskId, TextFileSink};
-pub use source::{Generator, Malformed, QueueHandle, Source, TextFiles};
-pub use state::StateData;
-pub use stateful::{OpName, State, StateSpec};
-pub use writer::WriterStats;
+pub use runtime::scheduler::RunSummary;
+pub use runtime::writer::WriterStats;
+pub use sinks::{read_text_output, BatchContext, BatchWrite, Sink, TaskId, TextFileSink};
+pub use sources::{Generator, Malformed, QueueHandle, Source, TextFiles};
 
 /// The README's example is compiled as a doc test, so it cannot drift from the API.
 #[doc = include_str!("../../../README.md")]

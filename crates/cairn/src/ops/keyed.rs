@@ -1,6 +1,6 @@
 //! Operators on streams of `(key, value)` pairs: hash partitioning and per-batch aggregation.
 
-use crate::dstream::{DStream, Data};
+use crate::api::dstream::{DStream, Data};
 use crate::graph::Partitions;
 use rayon::prelude::*;
 use rustc_hash::{FxHashMap, FxHasher};

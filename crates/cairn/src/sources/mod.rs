@@ -1,7 +1,7 @@
 //! Sources: where batches come from. A source plans offset ranges before a batch runs (they are
 //! logged, so a replay reads exactly the same input) and reads a planned range on demand.
 
-use crate::dstream::{DStream, Data, UserError};
+use crate::api::dstream::{DStream, Data, UserError};
 use crate::error::{Error, Result};
 use crate::graph::{BatchCtx, Graph, Node, Partitions};
 use crate::io::{block_on, Location};

@@ -2,8 +2,8 @@
 //! stateful operators whose state is checkpointed, and the sources whose offsets are.
 
 use crate::error::{Error, Result};
-use crate::source::SourceDyn;
-use crate::state::StatefulOp;
+use crate::graph::state::StatefulOp;
+use crate::sources::SourceDyn;
 use cairn_checkpoint::{BatchPlan, OffsetRange};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,12 +1,12 @@
 //! `StreamingContext`: configuration, the graph's entry points (sources), and the job lifecycle.
 
+use crate::api::dstream::{DStream, Data};
 use crate::clock::{self, Clock};
-use crate::dstream::{DStream, Data};
 use crate::error::{Error, Result};
 use crate::graph::Graph;
-use crate::progress::{BatchProgress, Listeners, StreamingListener};
-use crate::scheduler::{self, Prepared, RunSummary};
-use crate::source::{self, Generator, QueueHandle, Source, TextFiles};
+use crate::runtime::progress::{BatchProgress, Listeners, StreamingListener};
+use crate::runtime::scheduler::{self, Prepared, RunSummary};
+use crate::sources::{self, Generator, QueueHandle, Source, TextFiles};
 use cairn_checkpoint::CheckpointStore;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -310,7 +310,7 @@ impl StreamingContext {
     /// Adds a source under a stable name (its offsets are checkpointed under that name).
     pub fn source<S: Source>(&self, name: &str, source: S) -> Result<DStream<S::Item>> {
         self.check_defining()?;
-        source::register(&self.inner.graph, name, source)
+        sources::register(&self.inner.graph, name, source)
     }
 
     /// A deterministic generator source: `rate` records per batch over `partitions`, record
@@ -327,7 +327,7 @@ impl StreamingContext {
 
     /// An in-memory queue of batches (tests and examples; not durable across restarts).
     pub fn queue_stream<T: Data>(&self, name: &str) -> Result<(QueueHandle<T>, DStream<T>)> {
-        let (handle, q) = source::queue();
+        let (handle, q) = sources::queue();
         Ok((handle, self.source(name, q)?))
     }
 
@@ -386,7 +386,7 @@ impl StreamingContext {
 
     /// Appends every batch's progress record to `path` as one JSON object per line.
     pub fn progress_json_lines(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
-        let l = crate::progress::JsonLines::create(path.as_ref())
+        let l = crate::runtime::progress::JsonLines::create(path.as_ref())
             .map_err(|e| Error::Config(format!("cannot open {}: {e}", path.as_ref().display())))?;
         self.add_listener(Arc::new(l));
         Ok(())

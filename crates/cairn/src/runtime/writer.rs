@@ -4,8 +4,8 @@
 //! blocks: backpressure the scheduler reports, instead of memory growing without bound.
 
 use crate::error::{Error, Result};
-use crate::failpoint;
-use crate::progress::{CheckpointFailed, CheckpointWritten, Listeners};
+use crate::runtime::failpoint;
+use crate::runtime::progress::{CheckpointFailed, CheckpointWritten, Listeners};
 use cairn_checkpoint::paths::ObjectName;
 use cairn_checkpoint::{codec, BatchId, CheckpointKind, CheckpointStore, StateCheckpoint};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};

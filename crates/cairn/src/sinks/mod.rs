@@ -3,7 +3,7 @@
 //! one object named after its batch id, written atomically, so a replayed batch replaces its own
 //! output instead of adding to it.
 
-use crate::dstream::{DStream, Data, UserError};
+use crate::api::dstream::{DStream, Data, UserError};
 use crate::error::{Error, Result};
 use crate::graph::BatchInfo;
 use crate::io::{block_on, Location};

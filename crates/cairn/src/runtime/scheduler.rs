@@ -1,14 +1,14 @@
 //! The batch loop: plan → log the plan → run → sinks → commit → (every interval) cut a state
 //! checkpoint and hand it to the background writer. Recovery happens in `prepare`.
 
-use crate::context::{Inner, Trigger};
+use crate::api::context::{Inner, Trigger};
 use crate::error::{Error, Result};
-use crate::failpoint;
+use crate::graph::state::{decode, encode_into, StatefulOp};
 use crate::graph::{BatchCtx, BatchInfo};
-use crate::progress::{BatchProgress, BatchStarted, OperatorProgress, RecoveryFinished};
-use crate::source::Positions;
-use crate::state::{decode, encode_into, StatefulOp};
-use crate::writer::{CheckpointWriter, WriterStats};
+use crate::runtime::failpoint;
+use crate::runtime::progress::{BatchProgress, BatchStarted, OperatorProgress, RecoveryFinished};
+use crate::runtime::writer::{CheckpointWriter, WriterStats};
+use crate::sources::Positions;
 use cairn_checkpoint::lease::Lease;
 use cairn_checkpoint::{
     BatchCommit, BatchId, BatchPlan, CheckpointKind, CheckpointStore, GraphDescription, JobMetadata,
@@ -514,7 +514,7 @@ impl Runner {
 
     fn check_health(&self) -> Result<()> {
         if let Some(holder) = self.p.lease.as_ref().and_then(|l| l.lost()) {
-            let lost = crate::progress::LeaseLost { holder: holder.clone() };
+            let lost = crate::runtime::progress::LeaseLost { holder: holder.clone() };
             self.inner.listeners.each(|l| l.on_lease_lost(&lost));
             return Err(Error::Checkpoint(cairn_checkpoint::Error::LeaseLost {
                 location: self.inner.cfg.checkpoint.clone().unwrap_or_default(),
@@ -673,7 +673,7 @@ impl Runner {
         }
         for (source, pos) in self.p.positions.iter_mut() {
             let mut w = TableWriter::new();
-            let err = crate::state::EncodeError::default();
+            let err = crate::graph::state::EncodeError::default();
             let keys: Vec<String> = if full {
                 pos.positions.keys().cloned().collect()
             } else {

@@ -5,7 +5,7 @@
 //! changed since the previous one, without scanning the whole map.
 
 use crate::error::{Error, Result};
-use crate::keyed::{partition_of, Key};
+use crate::ops::keyed::{partition_of, Key};
 use cairn_checkpoint::schema::StateSchema;
 use cairn_checkpoint::OperatorKind;
 use cairn_checkpoint::{OperatorDescription, TableData, TableWriter};
