@@ -25,6 +25,10 @@
 //! assert_eq!(last.iter().map(|(_, c)| c).sum::<u64>(), 5 * 1000);
 //! ```
 
+// Layers, each using only the ones after it: `api` and `ops` (what job code calls) → `runtime`
+// (recovery, the batch loop, checkpoint writing) → `sources` and `sinks` → `graph` (the operator
+// graph, element and key traits, state tables) → `io`, `error`, `clock`. `ops` extends `api`'s
+// `DStream` with more methods, and nothing in `api` uses `ops`. `scripts/module-deps.py` checks it.
 mod api;
 mod clock;
 mod error;
@@ -44,17 +48,17 @@ pub mod source {
     pub use crate::sources::{Generator, LineParser, Malformed, Positions, QueueHandle, Source, TextFiles};
 }
 
-pub use api::context::{StopHandle, StreamingContext, StreamingContextBuilder, Trigger};
-pub use api::dstream::{DStream, Data, UserError};
+pub use api::context::{StopHandle, StreamingContext, StreamingContextBuilder};
+pub use api::dstream::DStream;
 pub use cairn_checkpoint as checkpoint;
 pub use cairn_checkpoint::schema::StateSchema;
 pub use cairn_checkpoint::OffsetRange;
 pub use clock::{Clock, SystemClock};
 pub use error::{Error, Result};
 pub use graph::state::StateData;
-pub use graph::{BatchInfo, Partitions};
-pub use ops::keyed::Key;
+pub use graph::{BatchInfo, Data, Key, Partitions, UserError};
 pub use ops::stateful::{OpName, State, StateSpec};
+pub use runtime::job::Trigger;
 pub use runtime::progress::{
     BatchProgress, BatchStarted, CheckpointFailed, CheckpointWritten, LeaseLost, OperatorProgress,
     RecoveryFinished, StreamingListener,
@@ -62,7 +66,9 @@ pub use runtime::progress::{
 pub use runtime::scheduler::RunSummary;
 pub use runtime::writer::WriterStats;
 pub use sinks::{read_text_output, BatchContext, BatchWrite, Sink, TaskId, TextFileSink};
-pub use sources::{Generator, Malformed, QueueHandle, Source, TextFiles};
+// Listed once more at the top for short paths; documented under `source`.
+#[doc(no_inline)]
+pub use source::{Generator, Malformed, QueueHandle, Source, TextFiles};
 
 /// The README's example is compiled as a doc test, so it cannot drift from the API.
 #[doc = include_str!("../../../README.md")]

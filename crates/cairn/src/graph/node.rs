@@ -1,16 +1,12 @@
 //! The job graph: nodes that compute one batch's partitions, the outputs that pull them, the
 //! stateful operators whose state is checkpointed, and the sources whose offsets are.
 
+use super::data::Partitions;
 use crate::error::{Error, Result};
-use crate::graph::state::StatefulOp;
-use crate::sources::SourceDyn;
-use cairn_checkpoint::{BatchPlan, OffsetRange};
-use std::collections::BTreeSet;
+use cairn_checkpoint::{BatchPlan, OffsetRange, OperatorDescription, TableData};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-
-/// One batch's data, split into partitions that are processed in parallel.
-pub type Partitions<T> = Vec<Vec<T>>;
 
 /// Identity of a batch, handed to user functions and sinks.
 ///
@@ -107,6 +103,28 @@ impl<T: Clone + Send + Sync + 'static> Shared<T> {
             Ok(c.data.clone())
         }
     }
+}
+
+/// The next offset to read of every partition a source has planned so far.
+pub type Positions = BTreeMap<String, u64>;
+
+/// The scheduler's view of a source.
+pub(crate) trait SourceDyn: Send + Sync {
+    fn name(&self) -> &str;
+    fn plan(&self, positions: &Positions) -> Result<Vec<OffsetRange>>;
+}
+
+/// The scheduler's view of an operator with checkpointed state.
+pub(crate) trait StatefulOp: Send + Sync {
+    fn describe(&self) -> OperatorDescription;
+    /// Changes since the previous snapshot (`full == false`) or everything (`full == true`);
+    /// either way, change tracking restarts from here.
+    fn snapshot(&self, full: bool) -> Result<Vec<TableData>>;
+    /// Loads the tables this operator wrote (ids `name` or `name/...`), redistributing keys over
+    /// the current parallelism.
+    fn restore(&self, tables: &[&TableData]) -> Result<()>;
+    /// Number of live keys (for progress reports).
+    fn key_count(&self) -> usize;
 }
 
 /// An output operation: runs once per batch, pulling its stream.

@@ -1,10 +1,9 @@
 //! Stateful keyed operators: `update_state_by_key` and `map_with_state`.
 
-use crate::api::dstream::{DStream, Data};
+use crate::api::dstream::DStream;
 use crate::error::Result;
-use crate::graph::state::{describe, table, KeyedState, Slot, StateData, StatePart, StatefulOp};
-use crate::graph::Partitions;
-use crate::ops::keyed::{shuffle, Key};
+use crate::graph::state::{describe, table, KeyedState, Slot, StateData, StatePart};
+use crate::graph::{partition_of, shuffle, Data, Key, Partitions, StatefulOp};
 use crate::runtime::failpoint;
 use cairn_checkpoint::OperatorKind;
 use cairn_checkpoint::{OperatorDescription, TableData};
@@ -494,7 +493,7 @@ impl<K: Key + StateData, S: StateData> MapWithStateOp<K, S> {
         let Some(initial) = self.initial.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
         let n = self.inner.state.parallelism();
         for (k, s) in initial {
-            let i = crate::ops::keyed::partition_of(&k, n);
+            let i = partition_of(&k, n);
             let mut part = self.inner.state.part(i);
             if let Some(t) = self.timeout_ms {
                 part.timers.push_back((now + t, k.clone()));

@@ -1,21 +1,18 @@
-//! Sinks: the [`Sink`] trait every output implements (the file sink here, PostgreSQL and Kafka in
-//! `cairn-connectors`, `foreach_batch` as sugar), and the file sink: each batch's output becomes
-//! one object named after its batch id, written atomically, so a replayed batch replaces its own
-//! output instead of adding to it.
+//! Sinks: the [`Sink`] trait every output implements (the file sink and `foreach_batch` here,
+//! PostgreSQL and Kafka in `cairn-connectors`), what a sink is told about a batch, and the
+//! protocol that drives a sink through one batch.
 
-use crate::api::dstream::{DStream, Data, UserError};
+mod foreach_batch;
+mod text_file;
+
+pub(crate) use foreach_batch::ForeachBatch;
+pub use text_file::{read_text_output, TextFileSink};
+
 use crate::error::{Error, Result};
-use crate::graph::BatchInfo;
-use crate::io::{block_on, Location};
-use cairn_checkpoint::object_store::path::Path as ObjPath;
-use cairn_checkpoint::object_store::{ObjectStore, PutPayload};
-use cairn_checkpoint::paths::Paths;
+use crate::graph::{BatchCtx, BatchInfo, Partitions, UserError};
 use cairn_checkpoint::BatchId;
-use futures::TryStreamExt;
 use rayon::prelude::*;
-use std::fmt::Display;
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// A task of a job: the unit of work that a scaled-out job assigns to one process (one input
 /// partition number). A job running as one process is one task and carries none.
@@ -170,241 +167,38 @@ impl<T, S: Sink<T>> Sink<T> for Arc<S> {
     }
 }
 
-impl<T: Data> DStream<T> {
-    /// Writes every batch to `sink`: open, each partition, commit (see [`Sink`]). A sink error
-    /// fails the batch, which is not committed and replays with the same id after a restart.
-    pub fn write_to(&self, sink: impl Sink<T>) {
-        self.output(move |parts, ctx| {
-            let batch = BatchContext {
-                job_id: ctx.info.job_id.clone(),
-                batch_id: BatchId(ctx.info.batch_id),
-                batch_time_ms: ctx.info.batch_time_ms,
-                task: None,
-                epoch: ctx.epoch,
-            };
-            let fail = |e: UserError| Error::Sink {
-                sink: sink.name().to_string(),
-                batch: ctx.info.batch_id,
-                message: e.to_string(),
-            };
-            if sink.open(&batch).map_err(fail)? == BatchWrite::AlreadyCommitted {
-                return Ok(());
-            }
-            let written = if sink.parallel() {
-                parts.into_par_iter().enumerate().try_for_each(|(i, p)| sink.write_partition(&batch, i, p))
-            } else {
-                parts.into_iter().enumerate().try_for_each(|(i, p)| sink.write_partition(&batch, i, p))
-            };
-            match written.and_then(|()| sink.commit(&batch)) {
-                Ok(()) => Ok(()),
-                Err(e) => {
-                    sink.abort(&batch);
-                    Err(fail(e))
-                }
-            }
-        });
+/// Runs the sink protocol for one batch: open, every partition, then commit, or abort on any
+/// error. A sink error fails the batch, which is not committed and replays with the same id.
+pub(crate) fn write_batch<T: Send>(
+    sink: &impl Sink<T>,
+    parts: Partitions<T>,
+    ctx: &BatchCtx<'_>,
+) -> Result<()> {
+    let batch = BatchContext {
+        job_id: ctx.info.job_id.clone(),
+        batch_id: BatchId(ctx.info.batch_id),
+        batch_time_ms: ctx.info.batch_time_ms,
+        task: None,
+        epoch: ctx.epoch,
+    };
+    let fail = |e: UserError| Error::Sink {
+        sink: sink.name().to_string(),
+        batch: ctx.info.batch_id,
+        message: e.to_string(),
+    };
+    if sink.open(&batch).map_err(fail)? == BatchWrite::AlreadyCommitted {
+        return Ok(());
     }
-
-    /// Calls `f` with every batch's id, time and elements (in partition order). An error fails
-    /// the batch: it is not committed, and replays with the same id after a restart. Sugar for
-    /// [`write_to`](Self::write_to) with a sink that gathers the partitions and calls `f` at
-    /// commit.
-    pub fn foreach_batch(
-        &self,
-        f: impl FnMut(&BatchInfo, Vec<T>) -> std::result::Result<(), UserError> + Send + 'static,
-    ) {
-        let name = format!("foreach_batch#{}", self.output_count());
-        self.write_to(ForeachBatch { name, f: Mutex::new(f), parts: Mutex::new(Vec::new()) });
-    }
-}
-
-/// The sink behind [`DStream::foreach_batch`].
-struct ForeachBatch<T, F> {
-    name: String,
-    f: Mutex<F>,
-    parts: Mutex<Vec<(usize, Vec<T>)>>,
-}
-
-impl<T, F> ForeachBatch<T, F> {
-    fn take_parts(&self) -> Vec<(usize, Vec<T>)> {
-        std::mem::take(&mut *self.parts.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-}
-
-impl<T: Data, F> Sink<T> for ForeachBatch<T, F>
-where
-    F: FnMut(&BatchInfo, Vec<T>) -> std::result::Result<(), UserError> + Send + 'static,
-{
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn open(&self, _: &BatchContext) -> std::result::Result<BatchWrite, UserError> {
-        self.take_parts();
-        Ok(BatchWrite::Write)
-    }
-    fn write_partition(
-        &self,
-        _: &BatchContext,
-        i: usize,
-        data: Vec<T>,
-    ) -> std::result::Result<(), UserError> {
-        self.parts.lock().unwrap_or_else(|e| e.into_inner()).push((i, data));
-        Ok(())
-    }
-    fn commit(&self, batch: &BatchContext) -> std::result::Result<(), UserError> {
-        let mut parts = self.take_parts();
-        parts.sort_by_key(|(i, _)| *i);
-        let data: Vec<T> = parts.into_iter().flat_map(|(_, p)| p).collect();
-        let mut f = self.f.lock().unwrap_or_else(|e| e.into_inner());
-        f(&batch.info(), data)
-    }
-    fn abort(&self, _: &BatchContext) {
-        self.take_parts();
-    }
-}
-
-impl<T: Data + Display> DStream<T> {
-    /// Writes every batch as `part-<batch id>.txt` (one element per line, partition order) under
-    /// `location` (a local directory or object-store URL). Together with the batch log this is
-    /// exactly-once: a batch replayed after a crash rewrites the same object with the same lines.
-    /// Partitions are formatted in parallel. Read the output back with [`read_text_output`].
-    ///
-    /// ```
-    /// # use cairn::StreamingContext;
-    /// # let out = tempfile::tempdir().unwrap();
-    /// # let ctx = StreamingContext::builder().build().unwrap();
-    /// # let (q, s) = ctx.queue_stream::<u32>("in").unwrap();
-    /// s.map(|x| x * 10).save_as_text_files(out.path().to_str().unwrap()).unwrap();
-    /// # q.push(vec![1, 2]);
-    /// # ctx.run_available().unwrap();
-    /// let batches = cairn::read_text_output(out.path().to_str().unwrap()).unwrap();
-    /// assert_eq!(batches, vec![(0, vec!["10".to_string(), "20".to_string()])]);
-    /// ```
-    pub fn save_as_text_files(&self, location: &str) -> Result<()> {
-        self.write_to(TextFileSink::open(location)?);
-        Ok(())
-    }
-}
-
-/// A storage request of the file sink failed; the object store's error is kept as the source.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot {what} {path}: {source}")]
-struct StorageFailed {
-    what: &'static str,
-    path: String,
-    #[source]
-    source: cairn_checkpoint::object_store::Error,
-}
-
-/// The file sink: one `part-<batch>.txt` per batch under a location (see
-/// [`DStream::save_as_text_files`]).
-pub struct TextFileSink {
-    loc: Location,
-    paths: Paths,
-    /// The formatted partitions of the batch being written.
-    parts: Mutex<Vec<(usize, Vec<u8>)>>,
-}
-
-impl TextFileSink {
-    /// A file sink writing under `location`; staged writes a crashed earlier run left in a local
-    /// directory are removed first.
-    pub fn open(location: &str) -> Result<Self> {
-        let loc = Location::open(location)?;
-        let paths = Paths::new(loc.root.clone());
-        if let Some(dir) = &loc.local_dir {
-            #[allow(clippy::disallowed_methods)] // file ages are wall-clock facts
-            let now = std::time::SystemTime::now();
-            let removed = cairn_checkpoint::debris::sweep(dir, cairn_checkpoint::debris::DEBRIS_GRACE, now)
-                .map_err(|e| Error::Sink {
-                sink: location.to_string(),
-                batch: 0,
-                message: format!("cannot remove staging debris: {e}"),
-            })?;
-            for f in removed {
-                tracing::info!("removed {} (left by a crashed writer)", f.display());
-            }
+    let written = if sink.parallel() {
+        parts.into_par_iter().enumerate().try_for_each(|(i, p)| sink.write_partition(&batch, i, p))
+    } else {
+        parts.into_iter().enumerate().try_for_each(|(i, p)| sink.write_partition(&batch, i, p))
+    };
+    match written.and_then(|()| sink.commit(&batch)) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            sink.abort(&batch);
+            Err(fail(e))
         }
-        Ok(Self { loc, paths, parts: Mutex::new(Vec::new()) })
     }
-
-    fn take_parts(&self) -> Vec<(usize, Vec<u8>)> {
-        std::mem::take(&mut *self.parts.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-}
-
-impl<T: Data + Display> Sink<T> for TextFileSink {
-    fn name(&self) -> &str {
-        &self.loc.label
-    }
-    fn open(&self, _: &BatchContext) -> std::result::Result<BatchWrite, UserError> {
-        // Replays rewrite the same object with the same lines: never "already committed".
-        self.take_parts();
-        Ok(BatchWrite::Write)
-    }
-    fn write_partition(
-        &self,
-        _: &BatchContext,
-        i: usize,
-        data: Vec<T>,
-    ) -> std::result::Result<(), UserError> {
-        let mut buf = Vec::new();
-        for x in &data {
-            writeln!(buf, "{x}")?;
-        }
-        self.parts.lock().unwrap_or_else(|e| e.into_inner()).push((i, buf));
-        Ok(())
-    }
-    fn parallel(&self) -> bool {
-        true
-    }
-    fn commit(&self, batch: &BatchContext) -> std::result::Result<(), UserError> {
-        let mut parts = self.take_parts();
-        parts.sort_by_key(|(i, _)| *i);
-        let buf: Vec<u8> = parts.into_iter().flat_map(|(_, b)| b).collect();
-        let path = self.paths.sink_part(batch.batch_id);
-        // Object stores put atomically. A local directory gets a staging file next to the
-        // target from object_store, which a reader would take as data: write under `_staging/`
-        // and rename into place instead.
-        let put =
-            |to: &ObjPath| {
-                block_on(self.loc.store.put(to, PutPayload::from(buf.clone())))
-                    .map_err(|source| StorageFailed { what: "write", path: to.to_string(), source })
-            };
-        match self.loc.local_dir {
-            None => {
-                put(&path)?;
-            }
-            Some(_) => {
-                let staged = self.paths.sink_staging(batch.batch_id);
-                put(&staged)?;
-                block_on(self.loc.store.rename(&staged, &path)).map_err(|source| StorageFailed {
-                    what: "move into place",
-                    path: staged.to_string(),
-                    source,
-                })?;
-            }
-        };
-        Ok(())
-    }
-    fn abort(&self, _: &BatchContext) {
-        self.take_parts();
-    }
-}
-
-/// Reads a file sink's output: `(batch id, lines)` for every batch written, in batch order.
-pub fn read_text_output(location: &str) -> Result<Vec<(u64, Vec<String>)>> {
-    let loc = Location::open(location)?;
-    let paths = Paths::new(loc.root.clone());
-    let objects: Vec<_> = block_on(loc.store.list(Some(&loc.root)).try_collect::<Vec<_>>())
-        .map_err(|e| Error::Lifecycle(format!("cannot list {location}: {e}")))?;
-    let mut out = Vec::new();
-    for o in objects {
-        let Some(batch) = paths.parse_sink_part(&o.location) else { continue };
-        let bytes = block_on(async { loc.store.get(&o.location).await?.bytes().await })
-            .map_err(|e| Error::Lifecycle(format!("cannot read {}: {e}", o.location)))?;
-        let text = String::from_utf8_lossy(&bytes);
-        out.push((batch.0, text.lines().map(str::to_string).collect()));
-    }
-    out.sort_by_key(|(b, _)| *b);
-    Ok(out)
 }
