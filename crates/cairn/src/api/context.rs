@@ -201,7 +201,7 @@ impl StopHandle {
 ///     })
 ///     .unwrap();
 ///     let summary = ctx.run_available().unwrap();
-///     assert_eq!(summary.next_batch, 3);
+///     assert_eq!(summary.next_batch, cairn::BatchId(3));
 /// }
 /// ```
 #[derive(Clone)]

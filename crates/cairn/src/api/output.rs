@@ -64,7 +64,7 @@ impl<T: Data + Display> DStream<T> {
     /// # q.push(vec![1, 2]);
     /// # ctx.run_available().unwrap();
     /// let batches = cairn::read_text_output(out.path().to_str().unwrap()).unwrap();
-    /// assert_eq!(batches, vec![(0, vec!["10".to_string(), "20".to_string()])]);
+    /// assert_eq!(batches, vec![(cairn::BatchId(0), vec!["10".to_string(), "20".to_string()])]);
     /// ```
     pub fn save_as_text_files(&self, location: &str) -> Result<()> {
         self.write_to(TextFileSink::open(location)?);

@@ -3,7 +3,7 @@
 
 use super::data::Partitions;
 use crate::error::{Error, Result};
-use cairn_checkpoint::{BatchPlan, OffsetRange, OperatorDescription, TableData};
+use cairn_checkpoint::{BatchId, BatchPlan, OffsetRange, OperatorDescription, TableData};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,7 +20,7 @@ pub struct BatchInfo {
     /// without a checkpoint location, new at every start.
     pub job_id: Arc<str>,
     /// 0, 1, 2, ...; a replayed batch keeps its id, so sinks can deduplicate on it.
-    pub batch_id: u64,
+    pub batch_id: BatchId,
     /// The batch's logical time in milliseconds since the Unix epoch (on the batch-interval grid).
     pub batch_time_ms: i64,
 }
@@ -29,10 +29,10 @@ impl BatchInfo {
     /// A batch's identity, for calling a sink directly (tests, tools).
     ///
     /// ```
-    /// let b = cairn::BatchInfo::new("clicks-18c2", 7, 0);
-    /// assert_eq!((&*b.job_id, b.batch_id), ("clicks-18c2", 7));
+    /// let b = cairn::BatchInfo::new("clicks-18c2", cairn::BatchId(7), 0);
+    /// assert_eq!((&*b.job_id, b.batch_id.0), ("clicks-18c2", 7));
     /// ```
-    pub fn new(job_id: &str, batch_id: u64, batch_time_ms: i64) -> Self {
+    pub fn new(job_id: &str, batch_id: BatchId, batch_time_ms: i64) -> Self {
         Self { job_id: job_id.into(), batch_id, batch_time_ms }
     }
 }
@@ -62,7 +62,7 @@ pub(crate) trait Node<T>: Send + Sync {
 }
 
 struct Cached<T> {
-    batch: u64,
+    batch: BatchId,
     served: usize,
     data: Partitions<T>,
 }

@@ -342,7 +342,7 @@ impl<K: Key + StateData, V: Data> DStream<(K, V)> {
                     out
                 })
                 .collect();
-            failpoint::hit(failpoint::MID_BATCH, ctx.info.batch_id);
+            failpoint::hit(failpoint::MID_BATCH, ctx.info.batch_id.0);
             Ok(out)
         })
     }
@@ -404,7 +404,7 @@ impl<K: Key + StateData, V: Data> DStream<(K, V)> {
                     out
                 })
                 .collect();
-            failpoint::hit(failpoint::MID_BATCH, ctx.info.batch_id);
+            failpoint::hit(failpoint::MID_BATCH, ctx.info.batch_id.0);
             Ok(out)
         })
     }

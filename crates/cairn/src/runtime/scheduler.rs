@@ -27,7 +27,7 @@ pub struct RunSummary {
     /// New batches planned and run.
     pub new_batches: u64,
     /// The id the next batch will get.
-    pub next_batch: u64,
+    pub next_batch: BatchId,
     /// Problems recovery worked around (a corrupt checkpoint it skipped, a torn plan).
     pub recovery_warnings: Vec<String>,
     /// State checkpoints cut during this run.
@@ -75,11 +75,10 @@ pub(crate) fn run(job: Arc<Job>, p: Prepared, trigger: Trigger) -> Result<RunSum
         .checkpoint_interval
         .map(|ci| (ci.as_millis() / cfg.batch_interval.as_millis().max(1)).max(1) as u64)
         .unwrap_or(1);
-    let restored_batch = p.last_checkpoint.map(|b| b.0);
     let recovery = RecoveryFinished {
-        restored_batch,
+        restored_batch: p.last_checkpoint,
         replay_batches: p.replay.len() as u64,
-        next_batch: p.next_batch,
+        next_batch: BatchId(p.next_batch),
         warnings: p.warnings.clone(),
     };
     job.listeners.each(|l| l.on_recovery_finished(&recovery));
@@ -99,7 +98,7 @@ pub(crate) fn run(job: Arc<Job>, p: Prepared, trigger: Trigger) -> Result<RunSum
     let summary = RunSummary {
         replayed_batches: 0,
         new_batches: 0,
-        next_batch: p.next_batch,
+        next_batch: BatchId(p.next_batch),
         recovery_warnings: p.warnings.clone(),
         checkpoints: 0,
         checkpoint_bytes: 0,
@@ -257,7 +256,7 @@ impl Runner {
     fn run_batch(&mut self, plan: &BatchPlan, replayed: bool, committed: bool, plan_ms: f64) -> Result<()> {
         let info = BatchInfo {
             job_id: self.p.job_id.clone(),
-            batch_id: plan.batch_id.0,
+            batch_id: plan.batch_id,
             batch_time_ms: plan.batch_time_ms,
         };
         let ctx = BatchCtx {
@@ -282,7 +281,7 @@ impl Runner {
         let processing_ms = t0.elapsed().as_secs_f64() * 1e3;
         let t1 = Instant::now();
         if self.p.store.is_some() {
-            failpoint::hit(failpoint::AFTER_SINK, info.batch_id);
+            failpoint::hit(failpoint::AFTER_SINK, info.batch_id.0);
             if !committed {
                 // Durable with the next plan, or as its own object when the job stops.
                 self.pending_commit = Some(BatchCommit {
@@ -295,8 +294,8 @@ impl Runner {
                 });
             }
         }
-        self.p.next_batch = info.batch_id + 1;
-        self.summary.next_batch = self.p.next_batch;
+        self.p.next_batch = info.batch_id.0 + 1;
+        self.summary.next_batch = BatchId(self.p.next_batch);
         self.p.last_batch_time_ms = Some(info.batch_time_ms);
         self.batches_since_checkpoint += 1;
         let mut wait_ms = 0.0;

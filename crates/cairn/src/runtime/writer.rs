@@ -185,7 +185,7 @@ fn write_loop(
                 s.stats.objects += w.objects;
                 drop(s);
                 let e = CheckpointWritten {
-                    batch_id: batch.0,
+                    batch_id: batch,
                     bytes: w.bytes,
                     write_ms,
                     full: ckpt.kind == CheckpointKind::Full,
@@ -197,7 +197,7 @@ fn write_loop(
                 tracing::error!("checkpoint after batch {batch} could not be written: {e}");
                 s.error = Some(format!("checkpoint after batch {batch}: {e}"));
                 drop(s);
-                let e = CheckpointFailed { batch_id: batch.0, error: e.to_string(), retries: attempt - 1 };
+                let e = CheckpointFailed { batch_id: batch, error: e.to_string(), retries: attempt - 1 };
                 listeners.each(|l| l.on_checkpoint_failed(&e));
                 return; // dropping rx makes the next submit fail
             }

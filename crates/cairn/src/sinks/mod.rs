@@ -39,11 +39,7 @@ pub struct BatchContext {
 impl BatchContext {
     /// The batch's identity as operators and closures see it.
     pub fn info(&self) -> BatchInfo {
-        BatchInfo {
-            job_id: self.job_id.clone(),
-            batch_id: self.batch_id.0,
-            batch_time_ms: self.batch_time_ms,
-        }
+        BatchInfo { job_id: self.job_id.clone(), batch_id: self.batch_id, batch_time_ms: self.batch_time_ms }
     }
 
     /// A context for calling a sink directly (tests, tools): no task, no epoch.
@@ -176,7 +172,7 @@ pub(crate) fn write_batch<T: Send>(
 ) -> Result<()> {
     let batch = BatchContext {
         job_id: ctx.info.job_id.clone(),
-        batch_id: BatchId(ctx.info.batch_id),
+        batch_id: ctx.info.batch_id,
         batch_time_ms: ctx.info.batch_time_ms,
         task: None,
         epoch: ctx.epoch,

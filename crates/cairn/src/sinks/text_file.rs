@@ -8,6 +8,7 @@ use crate::io::{block_on, Location};
 use cairn_checkpoint::object_store::path::Path as ObjPath;
 use cairn_checkpoint::object_store::{ObjectStore, PutPayload};
 use cairn_checkpoint::paths::Paths;
+use cairn_checkpoint::BatchId;
 use futures::TryStreamExt;
 use std::fmt::Display;
 use std::io::Write;
@@ -44,7 +45,7 @@ impl TextFileSink {
             let removed = cairn_checkpoint::debris::sweep(dir, cairn_checkpoint::debris::DEBRIS_GRACE, now)
                 .map_err(|e| Error::Sink {
                 sink: location.to_string(),
-                batch: 0,
+                batch: BatchId(0),
                 message: format!("cannot remove staging debris: {e}"),
             })?;
             for f in removed {
@@ -119,7 +120,7 @@ impl<T: Data + Display> Sink<T> for TextFileSink {
 }
 
 /// Reads a file sink's output: `(batch id, lines)` for every batch written, in batch order.
-pub fn read_text_output(location: &str) -> Result<Vec<(u64, Vec<String>)>> {
+pub fn read_text_output(location: &str) -> Result<Vec<(BatchId, Vec<String>)>> {
     let loc = Location::open(location)?;
     let paths = Paths::new(loc.root.clone());
     let objects: Vec<_> = block_on(loc.store.list(Some(&loc.root)).try_collect::<Vec<_>>())
@@ -130,7 +131,7 @@ pub fn read_text_output(location: &str) -> Result<Vec<(u64, Vec<String>)>> {
         let bytes = block_on(async { loc.store.get(&o.location).await?.bytes().await })
             .map_err(|e| Error::Lifecycle(format!("cannot read {}: {e}", o.location)))?;
         let text = String::from_utf8_lossy(&bytes);
-        out.push((batch.0, text.lines().map(str::to_string).collect()));
+        out.push((batch, text.lines().map(str::to_string).collect()));
     }
     out.sort_by_key(|(b, _)| *b);
     Ok(out)
