@@ -74,6 +74,6 @@ fn sigterm_stops_gracefully_and_sigkill_resumes() {
     let status = wait(&mut third);
     assert!(status.success(), "{status}");
     let out = cairn::read_text_output(dir.path().join("out").to_str().unwrap()).unwrap();
-    assert_eq!(out.iter().map(|(b, _)| *b).collect::<Vec<_>>(), (0..20).collect::<Vec<_>>());
+    assert_eq!(out.iter().map(|(b, _)| b.0).collect::<Vec<_>>(), (0..20).collect::<Vec<_>>());
     assert!(out.iter().all(|(_, lines)| lines.len() == 2000), "every batch has one line per record");
 }

@@ -188,7 +188,7 @@ impl<T: Data> PostgresSink<T> {
                     Err(OpenError::Runtime(e)) => {
                         return Err(Error::Unavailable {
                             sink: self.name.clone(),
-                            batch: info.batch_id,
+                            batch: info.batch_id.0,
                             attempts: attempt,
                             message: format!("cannot start the connection's runtime: {e}"),
                         })
@@ -230,7 +230,7 @@ impl<T: Data> PostgresSink<T> {
         }
         Err(Error::Unavailable {
             sink: self.name.clone(),
-            batch: info.batch_id,
+            batch: info.batch_id.0,
             attempts: self.attempts,
             message: last,
         })
@@ -276,7 +276,7 @@ impl<T: Data> PostgresSink<T> {
             )
             .await?
             .get(0);
-        let batch = info.batch_id as i64;
+        let batch = info.batch_id.0 as i64;
         if done >= batch {
             tx.rollback().await?;
             tracing::info!("PostgreSQL sink {:?}: batch {batch} was already committed; skipping", self.name);

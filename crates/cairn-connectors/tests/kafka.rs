@@ -62,7 +62,7 @@ fn direct_stream_reads_every_record_exactly_once_across_restarts() {
     c1.run_available().unwrap();
     let (c2, o2) = job(loc, &broker.bootstrap, None);
     let s2 = c2.run_available().unwrap();
-    assert_eq!(s2.next_batch, 4, "resumes at the next offsets: {s2:?}");
+    assert_eq!(s2.next_batch.0, 4, "resumes at the next offsets: {s2:?}");
     let mut last: BTreeMap<String, u64> = BTreeMap::new();
     for batch in o1.lock().unwrap().iter().chain(o2.lock().unwrap().iter()) {
         assert!(batch.iter().map(|(_, c)| *c).max().unwrap_or(0) <= 300);
@@ -115,7 +115,7 @@ fn transactional_sink_writes_each_batch_exactly_once() {
     let sink = KafkaSink::new(&broker.bootstrap, "totals", "out", |b: &cairn::BatchInfo, v: &u32| {
         (None, format!("{}:{v}", b.batch_id).into_bytes())
     });
-    let info = |b| cairn::BatchInfo::new("test-job", b, 0);
+    let info = |b| cairn::BatchInfo::new("test-job", cairn::BatchId(b), 0);
     assert_eq!(sink.write_batch(&info(0), &[1, 2]).unwrap(), SinkOutcome::Written { records: 2 });
     assert_eq!(sink.write_batch(&info(1), &[3]).unwrap(), SinkOutcome::Written { records: 1 });
     // A replay of batch 1 (Kafka committed it, cairn did not): skipped.
@@ -127,7 +127,7 @@ fn transactional_sink_writes_each_batch_exactly_once() {
     assert_eq!(restarted.write_batch(&info(1), &[3]).unwrap(), SinkOutcome::AlreadyCommitted);
     assert_eq!(restarted.write_batch(&info(2), &[4, 5]).unwrap(), SinkOutcome::Written { records: 2 });
     // Another job (a new checkpoint location) numbers its batches from 0 again: written.
-    let other = cairn::BatchInfo::new("other-job", 0, 0);
+    let other = cairn::BatchInfo::new("other-job", cairn::BatchId(0), 0);
     assert_eq!(restarted.write_batch(&other, &[9]).unwrap(), SinkOutcome::Written { records: 1 });
     assert_eq!(
         read_topic(&broker.bootstrap, "out"),
@@ -157,7 +157,7 @@ fn aborted_batches_are_invisible_to_read_committed_consumers() {
     producer.abort_transaction(Duration::from_secs(30)).unwrap();
     let sink =
         KafkaSink::new(&brokers, "abort-check", &topic, |_, v: &u32| (None, v.to_string().into_bytes()));
-    sink.write_batch(&cairn::BatchInfo::new("test-job", 0, 0), &[7]).unwrap();
+    sink.write_batch(&cairn::BatchInfo::new("test-job", cairn::BatchId(0), 0), &[7]).unwrap();
     let c: rdkafka::consumer::BaseConsumer =
         cfg.set("group.id", "abort-check").set("isolation.level", "read_committed").create().unwrap();
     let mut tpl = rdkafka::TopicPartitionList::new();

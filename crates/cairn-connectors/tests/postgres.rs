@@ -41,14 +41,14 @@ fn job(dir: &str, conn: &str, fail_after_sink_at: Option<u64>) -> StreamingConte
         conn,
         "updates",
         "INSERT INTO updates (batch_id, key, total) VALUES ($1, $2, $3)",
-        |b, (k, t): &(i64, i64)| vec![Box::new(b.batch_id as i64), Box::new(*k), Box::new(*t)],
+        |b, (k, t): &(i64, i64)| vec![Box::new(b.batch_id.0 as i64), Box::new(*k), Box::new(*t)],
     )
     .attach(&totals);
     if let Some(at) = fail_after_sink_at {
         // A crash after PostgreSQL committed the batch but before cairn did.
         let failed = Arc::new(AtomicBool::new(false));
         totals.foreach_batch(move |b, _| {
-            if b.batch_id == at && !failed.swap(true, Ordering::SeqCst) {
+            if b.batch_id.0 == at && !failed.swap(true, Ordering::SeqCst) {
                 return Err("simulated crash after the sinks committed".into());
             }
             Ok(())
@@ -135,7 +135,7 @@ fn postgres_sink_is_exactly_once() {
     let ctx = job(dir.path().to_str().unwrap(), &conn, None);
     let killer = conn.clone();
     ctx.on_batch(move |b| {
-        if b.batch_id == 3 {
+        if b.batch_id.0 == 3 {
             let mut c = postgres::Client::connect(&killer, postgres::NoTls).unwrap();
             c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND datname = 'postgres'", &[])
                 .unwrap();
@@ -151,13 +151,16 @@ fn postgres_sink_is_exactly_once() {
         "INSERT INTO totals (key, nope) VALUES ($1, $2)",
         |_, (k, t): &(i64, i64)| vec![Box::new(*k), Box::new(*t)],
     );
-    let err = sink.write_batch(&cairn::BatchInfo::new("test-job", 0, 0), &[(1, 1)]).unwrap_err();
+    let err =
+        sink.write_batch(&cairn::BatchInfo::new("test-job", cairn::BatchId(0), 0), &[(1, 1)]).unwrap_err();
     assert!(matches!(err, Error::Schema { .. }), "{err}");
     assert!(err.to_string().contains("\"bad\"") && err.to_string().contains("nope"), "{err}");
     // Setup SQL that cannot run is a schema error too, with the server's message.
     let bad_setup = PostgresSink::new(&conn, "setup", "SELECT 1", |_, _: &(i64, i64)| vec![])
         .setup("CREATE TABLE IF NOT EXISTS broken (key NOSUCHTYPE)");
-    let err = bad_setup.write_batch(&cairn::BatchInfo::new("test-job", 0, 0), &[(1, 1)]).unwrap_err();
+    let err = bad_setup
+        .write_batch(&cairn::BatchInfo::new("test-job", cairn::BatchId(0), 0), &[(1, 1)])
+        .unwrap_err();
     assert!(matches!(err, Error::Schema { .. }) && err.to_string().contains("nosuchtype"), "{err}");
     // And an unreachable database is reported after the retries, not silently skipped.
     let dead = PostgresSink::new(
@@ -167,6 +170,7 @@ fn postgres_sink_is_exactly_once() {
         |_, _: &(i64, i64)| vec![],
     )
     .attempts(2);
-    let err = dead.write_batch(&cairn::BatchInfo::new("test-job", 0, 0), &[(1, 1)]).unwrap_err();
+    let err =
+        dead.write_batch(&cairn::BatchInfo::new("test-job", cairn::BatchId(0), 0), &[(1, 1)]).unwrap_err();
     assert!(matches!(err, Error::Unavailable { attempts: 2, .. }), "{err}");
 }

@@ -173,7 +173,7 @@ pub fn check_sink_output(out_totals: &str, out_windows: &str, p: &JobParams) {
     for (dir, expected) in [(out_totals, expected_totals(p)), (out_windows, expected_windows(p))] {
         check_no_visible_debris(dir);
         let got = cairn::read_text_output(dir).expect("read sink output");
-        let ids: Vec<u64> = got.iter().map(|(b, _)| *b).collect();
+        let ids: Vec<u64> = got.iter().map(|(b, _)| b.0).collect();
         assert_eq!(ids, (0..p.batches).collect::<Vec<_>>(), "{dir}: every batch exactly once");
         for ((b, mut lines), want) in got.into_iter().zip(expected) {
             lines.sort();

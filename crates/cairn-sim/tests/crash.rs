@@ -82,7 +82,7 @@ fn sink_batches(dir: &str) -> Vec<(u64, Vec<String>)> {
     if !Path::new(dir).exists() {
         return Vec::new();
     }
-    cairn::read_text_output(dir).expect("read sink output")
+    cairn::read_text_output(dir).expect("read sink output").into_iter().map(|(b, l)| (b.0, l)).collect()
 }
 
 fn check_output(d: &Dirs, p: &JobParams) {

@@ -182,7 +182,7 @@ fn frozen_holder_resumes_after_a_takeover(job: &Job) {
     assert_eq!(stale_plan.epoch, 1);
     assert!(fenced(&store.read_fences().unwrap(), stale_plan.epoch, BatchId(AT)).is_some());
     assert!(
-        cairn::read_text_output(&job.totals).unwrap().iter().all(|(b, _)| *b < AT),
+        cairn::read_text_output(&job.totals).unwrap().iter().all(|(b, _)| b.0 < AT),
         "no sink ran past the fence"
     );
     // Recovery (read-only here) does not accept the stale plan: it is reported, not replayed.

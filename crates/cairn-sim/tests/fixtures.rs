@@ -30,7 +30,7 @@ fn copy_dir(from: &Path, to: &Path) {
 fn outputs(dirs: &FixtureDirs) -> BTreeMap<(String, u64), Vec<String>> {
     let mut out = BTreeMap::new();
     for sink in FIXTURE_SINKS {
-        for (batch, mut lines) in cairn::read_text_output(&dirs.out(sink)).unwrap() {
+        for (cairn::BatchId(batch), mut lines) in cairn::read_text_output(&dirs.out(sink)).unwrap() {
             if batch >= FIRST_COMPARED {
                 lines.sort();
                 out.insert((sink.to_string(), batch), lines);
@@ -126,7 +126,7 @@ fn every_fixture_restores_to_the_output_and_state_of_a_fresh_run() {
             "{}: restored, it is written with schema identities",
             fixture.display()
         );
-        assert_eq!(summary.next_batch, END, "{}", fixture.display());
+        assert_eq!(summary.next_batch.0, END, "{}", fixture.display());
         // It continued from the fixture's checkpoint (batch 5) rather than starting over, and
         // re-ran the crashed fixture's planned batch 6 with its logged input.
         let crashed = fixture.ends_with("killed");

@@ -66,7 +66,7 @@ fn full_disk_stops_with_a_clear_error_and_loses_nothing() {
     let ctx = context(&s, &p);
     let faulty = s.faulty.clone();
     ctx.on_batch(move |b| {
-        if b.batch_id == 7 {
+        if b.batch_id.0 == 7 {
             faulty.set_failing(true);
         }
     });
@@ -78,7 +78,7 @@ fn full_disk_stops_with_a_clear_error_and_loses_nothing() {
 
     s.faulty.set_failing(false);
     let summary = context(&s, &p).run_available().expect("restart on a healthy disk");
-    assert_eq!(summary.next_batch, p.batches, "the restarted job finishes the batches");
+    assert_eq!(summary.next_batch.0, p.batches, "the restarted job finishes the batches");
     check_exact(&s, &p);
 }
 
@@ -113,7 +113,7 @@ fn transient_errors_and_a_failed_write_are_retried_without_loss() {
     let ctx = context(&s, &p);
     let faulty = s.faulty.clone();
     ctx.on_batch(move |b| {
-        if b.batch_id == 4 {
+        if b.batch_id.0 == 4 {
             faulty.fail_next(2); // two transient errors in a row
         }
     });
@@ -128,7 +128,7 @@ fn a_torn_checkpoint_write_is_caught_and_rewritten() {
     let ctx = context(&s, &p);
     let faulty = s.faulty.clone();
     ctx.on_batch(move |b| {
-        if b.batch_id == 5 {
+        if b.batch_id.0 == 5 {
             faulty.tear_next_put();
         }
     });
@@ -146,7 +146,7 @@ fn a_torn_plan_write_is_caught_and_rewritten() {
     let ctx = context(&s, &p);
     let faulty = s.faulty.clone();
     ctx.on_batch(move |b| {
-        if b.batch_id == 5 {
+        if b.batch_id.0 == 5 {
             faulty.tear_next_put();
         }
     });

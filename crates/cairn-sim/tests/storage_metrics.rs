@@ -101,7 +101,7 @@ fn transient_errors_count_as_retries_and_a_dead_disk_as_a_failure() {
     let j = job(&JobParams { batches: 12, rate: 100, keys: 11 }, 0);
     let faulty = j.faulty.clone();
     j.ctx.on_batch(move |b| {
-        if b.batch_id == 4 {
+        if b.batch_id.0 == 4 {
             // Four transient errors in a row on the next checkpoint's put: the store's one retry
             // budget absorbs them.
             faulty.fail_next(4);
@@ -116,7 +116,7 @@ fn transient_errors_count_as_retries_and_a_dead_disk_as_a_failure() {
     let j = job(&JobParams { batches: 12, rate: 100, keys: 11 }, 0);
     let faulty = j.faulty.clone();
     j.ctx.on_batch(move |b| {
-        if b.batch_id == 3 {
+        if b.batch_id.0 == 3 {
             faulty.set_failing(true);
         }
     });

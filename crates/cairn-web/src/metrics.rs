@@ -281,7 +281,7 @@ impl StreamingListener for Metrics {
             f.checkpoint_deferrals.inc();
         }
         f.checkpoint_backpressure_seconds.inc_by(p.checkpoint_wait_ms / 1e3);
-        f.last_batch_id.set(i64::try_from(p.batch_id).unwrap_or(i64::MAX));
+        f.last_batch_id.set(i64::try_from(p.batch_id.0).unwrap_or(i64::MAX));
         f.scheduling_delay_seconds.set(p.scheduling_delay_ms / 1e3);
         f.checkpoint_queue_depth.set(i64::try_from(p.checkpoint_queue_depth).unwrap_or(i64::MAX));
         f.input_rows_per_second.set(p.input_rows_per_s);
@@ -327,7 +327,7 @@ mod tests {
 
     fn batch(id: u64) -> BatchProgress {
         BatchProgress {
-            batch_id: id,
+            batch_id: cairn::BatchId(id),
             batch_time_ms: 0,
             started_at_ms: 0,
             records: 10,
@@ -355,18 +355,22 @@ mod tests {
         m.on_batch_completed(&BatchProgress { checkpoint_deferred: true, ..batch(0) });
         m.on_batch_completed(&BatchProgress { checkpoint_wait_ms: 1500.0, replayed: true, ..batch(1) });
         m.on_checkpoint_written(&CheckpointWritten {
-            batch_id: 1,
+            batch_id: cairn::BatchId(1),
             bytes: 64,
             write_ms: 2.0,
             full: true,
             retries: 2,
         });
-        m.on_checkpoint_failed(&CheckpointFailed { batch_id: 2, error: "disk".into(), retries: 3 });
+        m.on_checkpoint_failed(&CheckpointFailed {
+            batch_id: cairn::BatchId(2),
+            error: "disk".into(),
+            retries: 3,
+        });
         m.on_lease_lost(&LeaseLost { holder: "pid 7".into() });
         m.on_recovery_finished(&RecoveryFinished {
-            restored_batch: Some(0),
+            restored_batch: Some(cairn::BatchId(0)),
             replay_batches: 1,
-            next_batch: 1,
+            next_batch: cairn::BatchId(1),
             warnings: vec!["a".into(), "b".into()],
         });
         assert_eq!(f.batches.get(), 2);

@@ -23,7 +23,7 @@ pub enum Error {
     Source { source_name: String, message: String },
     /// A sink failed; the batch was not committed and will be replayed on restart.
     #[error("sink {sink:?} failed in batch {batch}: {message}")]
-    Sink { sink: String, batch: u64, message: String },
+    Sink { sink: String, batch: cairn_checkpoint::BatchId, message: String },
     /// State could not be encoded or decoded.
     #[error("state of operator {operator:?}: {message}")]
     State { operator: String, message: String },

@@ -1,6 +1,7 @@
 //! Helpers for tests and examples.
 
-use crate::dstream::{DStream, Data};
+use crate::api::dstream::DStream;
+use crate::graph::Data;
 use std::sync::{Arc, Mutex};
 
 /// Collects every batch of a stream (one `Vec` per batch, partitions concatenated).

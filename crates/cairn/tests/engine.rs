@@ -97,7 +97,7 @@ fn foreach_batch_sees_ids_and_times_on_the_grid_and_errors_fail_the_batch() {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s2 = seen.clone();
     s.foreach_batch(move |info, _| {
-        s2.lock().unwrap().push((info.batch_id, info.batch_time_ms));
+        s2.lock().unwrap().push((info.batch_id.0, info.batch_time_ms));
         Ok(())
     });
     s.print(1);
@@ -111,9 +111,15 @@ fn foreach_batch_sees_ids_and_times_on_the_grid_and_errors_fail_the_batch() {
     let (q, s) = ctx.queue_stream::<u8>("in").unwrap();
     q.push(vec![1]);
     q.push(vec![2]);
-    s.foreach_batch(|info, _| if info.batch_id == 1 { Err("downstream refused".into()) } else { Ok(()) });
+    s.foreach_batch(|info, _| {
+        if info.batch_id == cairn::BatchId(1) {
+            Err("downstream refused".into())
+        } else {
+            Ok(())
+        }
+    });
     let err = ctx.run_available().unwrap_err();
-    assert!(matches!(&err, Error::Sink { batch: 1, .. }), "{err}");
+    assert!(matches!(&err, Error::Sink { batch: cairn::BatchId(1), .. }), "{err}");
     assert!(err.to_string().contains("downstream refused"));
 }
 
@@ -404,7 +410,7 @@ fn a_second_context_on_a_running_location_is_refused_and_the_first_is_unaffected
     let first = StreamingContext::get_or_create(&loc, make).unwrap();
     let progressed = Arc::new(Mutex::new(0u64));
     let p = progressed.clone();
-    first.on_batch(move |b| *p.lock().unwrap() = b.batch_id);
+    first.on_batch(move |b| *p.lock().unwrap() = b.batch_id.0);
     first.start().unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let err = StreamingContext::get_or_create(&loc, make).err().expect("the second is refused");

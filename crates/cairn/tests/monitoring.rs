@@ -13,7 +13,7 @@ struct Recorder {
 
 impl StreamingListener for Recorder {
     fn on_recovery_finished(&self, e: &RecoveryFinished) {
-        self.events.lock().unwrap().push(format!("recovered {:?}", e.restored_batch));
+        self.events.lock().unwrap().push(format!("recovered {:?}", e.restored_batch.map(|b| b.0)));
     }
     fn on_batch_started(&self, e: &cairn::BatchStarted) {
         self.events.lock().unwrap().push(format!("start {}", e.batch_id));

@@ -54,7 +54,7 @@ proptest! {
         let infos = Arc::new(Mutex::new(Vec::new()));
         let i2 = infos.clone();
         let transformed = cairn::testing::collect(&s.transform(move |info, parts| {
-            i2.lock().unwrap().push(info.batch_id);
+            i2.lock().unwrap().push(info.batch_id.0);
             // One partition per source range: record the shape, then reverse the elements.
             let shape = parts.len();
             let mut all: Vec<i32> = parts.into_iter().flatten().collect();
@@ -268,7 +268,7 @@ fn foreach_batch_gets_consecutive_ids_and_times_on_the_interval_grid() {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s2 = seen.clone();
     s.foreach_batch(move |info, data| {
-        s2.lock().unwrap().push((info.batch_id, info.batch_time_ms, data));
+        s2.lock().unwrap().push((info.batch_id.0, info.batch_time_ms, data));
         Ok(())
     });
     let tinfo = Arc::new(Mutex::new(Vec::new()));
@@ -283,7 +283,7 @@ fn foreach_batch_gets_consecutive_ids_and_times_on_the_interval_grid() {
     }
     let summary = ctx.run_available().unwrap();
     assert_eq!(summary.new_batches, 5);
-    assert_eq!(summary.next_batch, 5);
+    assert_eq!(summary.next_batch, cairn::BatchId(5));
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
     let t0 = seen[0].1;
@@ -294,7 +294,7 @@ fn foreach_batch_gets_consecutive_ids_and_times_on_the_interval_grid() {
     }
     let tinfo = tinfo.lock().unwrap().clone();
     assert_eq!(
-        tinfo.iter().map(|i| (i.batch_id, i.batch_time_ms)).collect::<Vec<_>>(),
+        tinfo.iter().map(|i| (i.batch_id.0, i.batch_time_ms)).collect::<Vec<_>>(),
         seen.iter().map(|s| (s.0, s.1)).collect::<Vec<_>>(),
         "transform sees the same batch identity as the sink"
     );
@@ -319,7 +319,7 @@ fn a_failing_foreach_batch_fails_the_run_naming_the_batch() {
     let err = ctx.run_available().unwrap_err();
     match &err {
         Error::Sink { sink, batch, message } => {
-            assert_eq!(*batch, 2);
+            assert_eq!(*batch, cairn::BatchId(2));
             assert!(message.contains("unlucky record in batch 2"), "{message}");
             assert!(!sink.is_empty());
         }

@@ -153,7 +153,7 @@ impl<T: cairn::Data> KafkaSink<T> {
             c.done = Some(self.read_marker(&c.marker)?);
         }
         let done = c.done.unwrap_or(0);
-        if done > info.batch_id as i64 {
+        if done > info.batch_id.0 as i64 {
             tracing::info!(
                 "Kafka sink {:?}: batch {} was already committed; skipping",
                 self.name,
@@ -196,7 +196,7 @@ impl<T: cairn::Data> KafkaSink<T> {
             }
             producer.flush(self.timeout)?;
             let mut marker_tpl = TopicPartitionList::new();
-            marker_tpl.add_partition_offset(&self.topic, 0, Offset::Offset(info.batch_id as i64 + 1))?;
+            marker_tpl.add_partition_offset(&self.topic, 0, Offset::Offset(info.batch_id.0 as i64 + 1))?;
             let cgm = marker.group_metadata().ok_or(rdkafka::error::KafkaError::ClientCreation(
                 "no consumer group metadata for the sink".into(),
             ))?;
@@ -205,7 +205,7 @@ impl<T: cairn::Data> KafkaSink<T> {
         })();
         match result {
             Ok(()) => {
-                c.done = Some(info.batch_id as i64 + 1);
+                c.done = Some(info.batch_id.0 as i64 + 1);
                 Ok(SinkOutcome::Written { records: rows.len() as u64 })
             }
             Err(e) => {

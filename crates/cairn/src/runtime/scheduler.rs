@@ -1,20 +1,20 @@
 //! The batch loop: plan → log the plan → run → sinks → commit → (every interval) cut a state
-//! checkpoint and hand it to the background writer. Recovery happens in `prepare`.
+//! checkpoint and hand it to the background writer. Recovery happens before, in
+//! [`recovery::prepare`](super::recovery::prepare).
 
-use crate::context::{Inner, Trigger};
+use super::failpoint;
+use super::job::{Job, Trigger};
+use super::progress::{BatchProgress, BatchStarted, LeaseLost, OperatorProgress, RecoveryFinished};
+use super::recovery::Prepared;
+use super::writer::{CheckpointWriter, WriterStats};
 use crate::error::{Error, Result};
-use crate::failpoint;
-use crate::graph::{BatchCtx, BatchInfo};
-use crate::progress::{BatchProgress, BatchStarted, OperatorProgress, RecoveryFinished};
-use crate::source::Positions;
-use crate::state::{decode, encode_into, StatefulOp};
-use crate::writer::{CheckpointWriter, WriterStats};
-use cairn_checkpoint::lease::Lease;
+use crate::graph::state::{encode_into, EncodeError};
+use crate::graph::{BatchCtx, BatchInfo, StatefulOp};
+use cairn_checkpoint::paths::source_table as source_table_id;
 use cairn_checkpoint::{
-    BatchCommit, BatchId, BatchPlan, CheckpointKind, CheckpointStore, GraphDescription, JobMetadata,
-    OperatorDescription, PlanCopy, SourcePlan, StateCheckpoint, TableData, TableWriter, FORMAT_VERSION,
+    BatchCommit, BatchId, BatchPlan, CheckpointKind, SourcePlan, StateCheckpoint, TableWriter,
 };
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,7 +27,7 @@ pub struct RunSummary {
     /// New batches planned and run.
     pub new_batches: u64,
     /// The id the next batch will get.
-    pub next_batch: u64,
+    pub next_batch: BatchId,
     /// Problems recovery worked around (a corrupt checkpoint it skipped, a torn plan).
     pub recovery_warnings: Vec<String>,
     /// State checkpoints cut during this run.
@@ -37,289 +37,6 @@ pub struct RunSummary {
     pub checkpoint_objects: u64,
     /// Batch log objects (plans and commits) written by this run.
     pub log_objects: u64,
-}
-
-/// Source positions with change tracking (checkpointed as `$source/<name>` tables).
-#[derive(Default)]
-struct SourcePositions {
-    positions: Positions,
-    changed: BTreeSet<String>,
-}
-
-/// Everything `prepare` established, handed to the run loop.
-pub(crate) struct Prepared {
-    store: Option<CheckpointStore>,
-    lease: Option<Lease>,
-    positions: BTreeMap<String, SourcePositions>,
-    replay: Vec<BatchPlan>,
-    committed: BTreeSet<BatchId>,
-    next_batch: u64,
-    last_checkpoint: Option<BatchId>,
-    start_time_ms: i64,
-    last_batch_time_ms: Option<i64>,
-    warnings: Vec<String>,
-    graph_desc: GraphDescription,
-    /// Handed to sinks with every batch (see `BatchInfo::job_id`).
-    job_id: Arc<str>,
-    /// The restored state holds tables no current operator took (dropped or removed state): the
-    /// next checkpoint is a full one, so those tables leave the chain instead of coming back.
-    force_full: bool,
-    /// A copy of the newest plan in the log, for the next plan to carry.
-    last_plan: Option<PlanCopy>,
-}
-
-use cairn_checkpoint::paths::{source_table as source_table_id, table_of_operator};
-
-pub(crate) fn describe_graph(inner: &Inner) -> GraphDescription {
-    let g = inner.graph.lock();
-    let mut operators: Vec<OperatorDescription> = g.stateful.iter().map(|op| op.describe()).collect();
-    for s in &g.sources {
-        operators.push(OperatorDescription {
-            name: s.name().to_string(),
-            kind: cairn_checkpoint::OperatorKind::Source,
-            key_type: String::new(),
-            state_type: "offsets".into(),
-            state_version: 1,
-        });
-    }
-    GraphDescription { operators, parallelism: inner.graph.parallelism as u32 }
-}
-
-/// Compares the stored graph with the code's. Removing or retyping a stateful operator would
-/// silently drop or misread its state, so it is refused (unless the user drops that state).
-/// Returns the operators whose stored state is dropped (removed or retyped, and named in
-/// `drop_state`); their tables are not restored.
-fn check_compatible(
-    stored: &GraphDescription,
-    current: &GraphDescription,
-    drop: &[String],
-) -> Result<Vec<String>> {
-    let mut dropped = Vec::new();
-    for change in cairn_checkpoint::compat::diff(stored, current) {
-        if !change.is_compatible(&[]) && change.is_compatible(drop) {
-            dropped.extend(change.operator().map(str::to_string));
-        }
-        if !change.is_compatible(drop) {
-            return Err(Error::Incompatible {
-                operator: change.operator().unwrap_or_default().to_string(),
-                difference: change.to_string(),
-            });
-        }
-        match change.operator() {
-            Some(op) if drop.iter().any(|d| d == op) => {
-                tracing::warn!("dropping the state of operator {op:?} as configured ({change})")
-            }
-            _ => tracing::info!("{change}"),
-        }
-    }
-    Ok(dropped)
-}
-
-pub(crate) fn prepare(inner: &Inner) -> Result<Prepared> {
-    let cfg = &inner.cfg;
-    let (errors, stateful_names, sources) = {
-        let g = inner.graph.lock();
-        (
-            g.errors.clone(),
-            g.stateful.iter().map(|o| o.describe().name).collect::<Vec<_>>(),
-            g.sources.iter().map(|s| s.name().to_string()).collect::<Vec<_>>(),
-        )
-    };
-    if !errors.is_empty() {
-        return Err(Error::Config(errors.join("; ")));
-    }
-    if inner.graph.lock().outputs.is_empty() {
-        return Err(Error::Config(
-            "the job has no output operation (foreach_batch, print, save_as_text_files): nothing would run"
-                .into(),
-        ));
-    }
-    let graph_desc = describe_graph(inner);
-    let positions: BTreeMap<String, SourcePositions> =
-        sources.iter().map(|s| (s.clone(), SourcePositions::default())).collect();
-    let now = cfg.clock.now_ms();
-    let interval = cfg.batch_interval.as_millis() as i64;
-    let aligned_now = now - now.rem_euclid(interval);
-
-    let Some(location) = cfg.checkpoint.clone() else {
-        if !stateful_names.is_empty() {
-            return Err(Error::Config(format!(
-                "stateful operators {stateful_names:?} need a checkpoint location to be exactly-once across restarts; set one with .checkpoint(\"dir\")"
-            )));
-        }
-        return Ok(Prepared {
-            store: None,
-            lease: None,
-            positions,
-            replay: Vec::new(),
-            committed: BTreeSet::new(),
-            next_batch: 0,
-            last_checkpoint: None,
-            start_time_ms: aligned_now,
-            last_batch_time_ms: None,
-            warnings: Vec::new(),
-            graph_desc,
-            job_id: format!("{}-{now:x}", cfg.app_name).into(),
-            force_full: false,
-            last_plan: None,
-        });
-    };
-    let store = match &cfg.store {
-        Some(s) => s.clone(),
-        None => CheckpointStore::open(&location)?,
-    };
-    let lease = store.acquire_lease(cfg.lease_ttl)?;
-    if failpoint::armed_name() == Some(failpoint::FREEZE_BEFORE_PLAN) {
-        store.set_commit_hook(Some(Arc::new(|name| {
-            if let cairn_checkpoint::paths::ObjectName::Plan(b) = name {
-                failpoint::freeze(failpoint::FREEZE_BEFORE_PLAN, b.0);
-            }
-        })));
-    }
-    // Whatever fails from here on, this process gives the location back: a caller that fixes
-    // the problem and retries in the same process must not find its own stale lease.
-    match restore(inner, &store, &location, positions, graph_desc, now, aligned_now) {
-        Ok(mut p) => {
-            p.store = Some(store);
-            p.lease = Some(lease);
-            Ok(p)
-        }
-        Err(e) => {
-            if let Err(le) = lease.release() {
-                tracing::warn!("could not release the checkpoint lease: {le}");
-            }
-            Err(e)
-        }
-    }
-}
-
-/// Recovery proper: metadata, compatibility check, state, replay list.
-fn restore(
-    inner: &Inner,
-    store: &CheckpointStore,
-    location: &str,
-    mut positions: BTreeMap<String, SourcePositions>,
-    graph_desc: GraphDescription,
-    now: i64,
-    aligned_now: i64,
-) -> Result<Prepared> {
-    let cfg = &inner.cfg;
-    let interval = cfg.batch_interval.as_millis() as i64;
-    let recovered = store.recover()?;
-    for w in &recovered.warnings {
-        tracing::warn!("recovery: {w}");
-    }
-    // Objects a fenced-off holder left: this process holds the lease now, so they go before it
-    // writes anything (its own writes would replace most of them anyway).
-    store.remove_fenced(&recovered.fenced)?;
-    let metadata = match recovered.metadata.clone() {
-        Some(m) => {
-            if m.batch_interval_ms != cfg.batch_interval.as_millis() as u64 {
-                return Err(Error::Config(format!(
-                    "the checkpoint at {location} was written with a batch interval of {} ms, the code says {} ms; batch times and windows depend on it, so restore the old interval or use a new checkpoint location",
-                    m.batch_interval_ms,
-                    cfg.batch_interval.as_millis()
-                )));
-            }
-            for r in store.repair_metadata()? {
-                tracing::info!("recovery: {r}");
-            }
-            m
-        }
-        None => {
-            if recovered.state.is_some() || !recovered.replay.is_empty() {
-                return Err(Error::Checkpoint(cairn_checkpoint::Error::Unrecoverable {
-                    location: location.to_string(),
-                    reason: "the metadata object is missing but batches were logged".into(),
-                }));
-            }
-            let m = JobMetadata {
-                format_version: FORMAT_VERSION,
-                app_name: cfg.app_name.clone(),
-                job_id: format!("{}-{:x}", cfg.app_name, now),
-                created_ms: now,
-                batch_interval_ms: cfg.batch_interval.as_millis() as u64,
-                start_time_ms: aligned_now,
-                graph: graph_desc.clone(),
-            };
-            store.create_metadata(&m)?;
-            m
-        }
-    };
-    // Staging files of crashed writers that nobody touched for a while go now (retention
-    // sweeps them too).
-    store.sweep_debris()?;
-    // A plan rebuilt from its successor's copy is stored again, so the log is whole before
-    // anything else can be damaged.
-    for p in recovered.replay.iter().filter(|p| recovered.rebuilt_plans.contains(&p.batch_id)) {
-        store.write_plan(p)?;
-    }
-    let stored_graph = recovered.state.as_ref().map(|s| &s.graph).unwrap_or(&metadata.graph);
-    let dropped = check_compatible(stored_graph, &graph_desc, &cfg.drop_state)?;
-
-    let mut last_checkpoint = None;
-    let mut force_full = false;
-    // Damaged state objects recovery worked around are removed, and the next checkpoint is a full
-    // one: new checkpoints must not chain onto them, nor retention count them as a restore point.
-    for name in &recovered.damaged_state {
-        store.delete_object(*name)?;
-        tracing::warn!("recovery: removed the damaged object {}", store.paths().path(*name));
-        force_full = true;
-    }
-    if let Some(state) = &recovered.state {
-        let mut taken = std::collections::HashSet::new();
-        let t0 = Instant::now();
-        let ops: Vec<Arc<dyn StatefulOp>> = inner.graph.lock().stateful.clone();
-        for op in &ops {
-            let name = op.describe().name;
-            if dropped.contains(&name) {
-                continue; // its stored state has another type: start empty, as the user asked
-            }
-            let tables: Vec<&TableData> =
-                state.tables.iter().filter(|t| table_of_operator(&t.id, &name)).collect();
-            taken.extend(tables.iter().map(|t| t.id.clone()));
-            op.restore(&tables)?;
-        }
-        for (source, pos) in positions.iter_mut() {
-            let Some(t) = state.tables.iter().find(|t| t.id == source_table_id(source)) else { continue };
-            taken.insert(t.id.clone());
-            for entry in t.reader() {
-                let (k, v) = entry.map_err(Error::Checkpoint)?;
-                if let Some(v) = v {
-                    let partition: String = decode(source, k)?;
-                    pos.positions.insert(partition, decode(source, v)?);
-                }
-            }
-        }
-        last_checkpoint = Some(state.batch_id);
-        force_full |= state.tables.iter().any(|t| !taken.contains(&t.id));
-        tracing::info!(
-            "restored state after batch {} from {} object(s) in {:.0} ms (+{} ms reading)",
-            state.batch_id,
-            state.chain.len(),
-            t0.elapsed().as_secs_f64() * 1e3,
-            recovered.restore_ms
-        );
-    }
-    let last_batch_time_ms = recovered.replay.last().map(|p| p.batch_time_ms);
-    let last_batch_time_ms = last_batch_time_ms
-        .or_else(|| last_checkpoint.map(|b: BatchId| metadata.start_time_ms + b.0 as i64 * interval));
-    Ok(Prepared {
-        store: None,
-        lease: None,
-        positions,
-        replay: recovered.replay,
-        committed: recovered.committed,
-        next_batch: recovered.next_batch.0,
-        last_checkpoint,
-        start_time_ms: metadata.start_time_ms,
-        last_batch_time_ms,
-        warnings: recovered.warnings,
-        graph_desc,
-        job_id: metadata.job_id.as_str().into(),
-        force_full,
-        last_plan: recovered.last_plan,
-    })
 }
 
 pub(crate) fn install_signal_handlers(stop: &Arc<AtomicBool>) -> Result<()> {
@@ -334,7 +51,7 @@ pub(crate) fn install_signal_handlers(stop: &Arc<AtomicBool>) -> Result<()> {
 }
 
 struct Runner {
-    inner: Arc<Inner>,
+    job: Arc<Job>,
     p: Prepared,
     writer: Option<CheckpointWriter>,
     ops: Vec<Arc<dyn StatefulOp>>,
@@ -352,23 +69,22 @@ struct Runner {
     summary: RunSummary,
 }
 
-pub(crate) fn run(inner: Arc<Inner>, p: Prepared, trigger: Trigger) -> Result<RunSummary> {
-    let cfg = &inner.cfg;
+pub(crate) fn run(job: Arc<Job>, p: Prepared, trigger: Trigger) -> Result<RunSummary> {
+    let cfg = &job.cfg;
     let checkpoint_every = cfg
         .checkpoint_interval
         .map(|ci| (ci.as_millis() / cfg.batch_interval.as_millis().max(1)).max(1) as u64)
         .unwrap_or(1);
-    let restored_batch = p.last_checkpoint.map(|b| b.0);
     let recovery = RecoveryFinished {
-        restored_batch,
+        restored_batch: p.last_checkpoint,
         replay_batches: p.replay.len() as u64,
-        next_batch: p.next_batch,
+        next_batch: BatchId(p.next_batch),
         warnings: p.warnings.clone(),
     };
-    inner.listeners.each(|l| l.on_recovery_finished(&recovery));
+    job.listeners.each(|l| l.on_recovery_finished(&recovery));
     let writer = p.store.as_ref().map(|s| {
         CheckpointWriter::start(
-            inner.listeners.clone(),
+            job.listeners.clone(),
             s.clone(),
             cfg.max_pending_checkpoints,
             cfg.full_snapshot_every,
@@ -378,11 +94,11 @@ pub(crate) fn run(inner: Arc<Inner>, p: Prepared, trigger: Trigger) -> Result<Ru
     // Without its writer the job cannot checkpoint: it stops here (the lease is given back as
     // `p` drops).
     let writer = writer.transpose()?;
-    let ops = inner.graph.lock().stateful.clone();
+    let ops = job.graph.lock().stateful.clone();
     let summary = RunSummary {
         replayed_batches: 0,
         new_batches: 0,
-        next_batch: p.next_batch,
+        next_batch: BatchId(p.next_batch),
         recovery_warnings: p.warnings.clone(),
         checkpoints: 0,
         checkpoint_bytes: 0,
@@ -393,7 +109,7 @@ pub(crate) fn run(inner: Arc<Inner>, p: Prepared, trigger: Trigger) -> Result<Ru
     let minute = (60_000 / cfg.batch_interval.as_millis().max(1)) as u64;
     let max_deferral = cfg.max_checkpoint_deferral.unwrap_or((checkpoint_every * 10).max(minute));
     let mut r = Runner {
-        inner: inner.clone(),
+        job: job.clone(),
         p,
         writer,
         ops,
@@ -414,7 +130,7 @@ pub(crate) fn run(inner: Arc<Inner>, p: Prepared, trigger: Trigger) -> Result<Ru
 
 impl Runner {
     fn stop_requested(&self) -> bool {
-        self.inner.stop.load(Ordering::SeqCst)
+        self.job.stop.load(Ordering::SeqCst)
     }
 
     fn run_loop(&mut self, trigger: Trigger) -> Result<()> {
@@ -434,7 +150,7 @@ impl Runner {
             self.p.last_plan = Some(plan.copy());
             self.summary.replayed_batches += 1;
         }
-        let interval = self.inner.cfg.batch_interval.as_millis() as i64;
+        let interval = self.job.cfg.batch_interval.as_millis() as i64;
         loop {
             self.check_health()?;
             if self.stop_requested() {
@@ -444,7 +160,7 @@ impl Runner {
                 );
                 return Ok(());
             }
-            if let Some(n) = self.inner.cfg.stop_after_batches {
+            if let Some(n) = self.job.cfg.stop_after_batches {
                 if self.p.next_batch >= n {
                     return Ok(());
                 }
@@ -453,7 +169,7 @@ impl Runner {
                 (_, None) => self.p.start_time_ms,
                 (Trigger::AvailableNow, Some(t)) => t + interval,
                 (Trigger::ProcessingTime, Some(t)) => {
-                    let now = self.inner.cfg.clock.now_ms();
+                    let now = self.job.cfg.clock.now_ms();
                     // After downtime, resume on the current grid point instead of running every
                     // missed batch time back to back.
                     (t + interval).max(now - (now - self.p.start_time_ms).rem_euclid(interval))
@@ -464,7 +180,7 @@ impl Runner {
             }
             let t0 = Instant::now();
             let mut sources = Vec::new();
-            let all_sources = self.inner.graph.lock().sources.clone();
+            let all_sources = self.job.graph.lock().sources.clone();
             for s in &all_sources {
                 let pos = self.p.positions.entry(s.name().to_string()).or_default();
                 let ranges = s.plan(&pos.positions)?;
@@ -479,7 +195,7 @@ impl Runner {
             let plan = BatchPlan {
                 batch_id: BatchId(self.p.next_batch),
                 batch_time_ms: batch_time,
-                planned_at_ms: self.inner.cfg.clock.now_ms(),
+                planned_at_ms: self.job.cfg.clock.now_ms(),
                 sources,
                 previous_commit: self.pending_commit.take(),
                 previous_plan: self.p.last_plan.take(),
@@ -504,7 +220,7 @@ impl Runner {
             if self.stop_requested() {
                 return false;
             }
-            let now = self.inner.cfg.clock.now_ms();
+            let now = self.job.cfg.clock.now_ms();
             if now >= t {
                 return true;
             }
@@ -514,10 +230,10 @@ impl Runner {
 
     fn check_health(&self) -> Result<()> {
         if let Some(holder) = self.p.lease.as_ref().and_then(|l| l.lost()) {
-            let lost = crate::progress::LeaseLost { holder: holder.clone() };
-            self.inner.listeners.each(|l| l.on_lease_lost(&lost));
+            let lost = LeaseLost { holder: holder.clone() };
+            self.job.listeners.each(|l| l.on_lease_lost(&lost));
             return Err(Error::Checkpoint(cairn_checkpoint::Error::LeaseLost {
-                location: self.inner.cfg.checkpoint.clone().unwrap_or_default(),
+                location: self.job.cfg.checkpoint.clone().unwrap_or_default(),
                 holder,
             }));
         }
@@ -540,24 +256,24 @@ impl Runner {
     fn run_batch(&mut self, plan: &BatchPlan, replayed: bool, committed: bool, plan_ms: f64) -> Result<()> {
         let info = BatchInfo {
             job_id: self.p.job_id.clone(),
-            batch_id: plan.batch_id.0,
+            batch_id: plan.batch_id,
             batch_time_ms: plan.batch_time_ms,
         };
         let ctx = BatchCtx {
             info: info.clone(),
             plan,
-            parallelism: self.inner.graph.parallelism,
+            parallelism: self.job.graph.parallelism,
             start_time_ms: self.p.start_time_ms,
             records: Default::default(),
             // The lease epoch this process writes in: sinks that fence writers themselves use it.
             epoch: self.p.store.as_ref().map(|s| s.epoch()),
         };
-        let started_at_ms = self.inner.cfg.clock.now_ms();
+        let started_at_ms = self.job.cfg.clock.now_ms();
         let started = BatchStarted { batch_id: info.batch_id, batch_time_ms: info.batch_time_ms, replayed };
-        self.inner.listeners.each(|l| l.on_batch_started(&started));
+        self.job.listeners.each(|l| l.on_batch_started(&started));
         let t0 = Instant::now();
         {
-            let g = self.inner.graph.lock();
+            let g = self.job.graph.lock();
             for out in &g.outputs {
                 out.run(&ctx)?;
             }
@@ -565,12 +281,12 @@ impl Runner {
         let processing_ms = t0.elapsed().as_secs_f64() * 1e3;
         let t1 = Instant::now();
         if self.p.store.is_some() {
-            failpoint::hit(failpoint::AFTER_SINK, info.batch_id);
+            failpoint::hit(failpoint::AFTER_SINK, info.batch_id.0);
             if !committed {
                 // Durable with the next plan, or as its own object when the job stops.
                 self.pending_commit = Some(BatchCommit {
                     batch_id: plan.batch_id,
-                    committed_at_ms: self.inner.cfg.clock.now_ms(),
+                    committed_at_ms: self.job.cfg.clock.now_ms(),
                     input_records: ctx.records.load(Ordering::Relaxed),
                     processing_ms: processing_ms as u64,
                     // The store stamps it too; known here so that the next plan's copy carries it.
@@ -578,8 +294,8 @@ impl Runner {
                 });
             }
         }
-        self.p.next_batch = info.batch_id + 1;
-        self.summary.next_batch = self.p.next_batch;
+        self.p.next_batch = info.batch_id.0 + 1;
+        self.summary.next_batch = BatchId(self.p.next_batch);
         self.p.last_batch_time_ms = Some(info.batch_time_ms);
         self.batches_since_checkpoint += 1;
         let mut wait_ms = 0.0;
@@ -657,7 +373,7 @@ impl Runner {
                 tracing::info!(target: "cairn::progress", "{json}");
             }
         }
-        self.inner.listeners.each(|l| l.on_batch_completed(&progress));
+        self.job.listeners.each(|l| l.on_batch_completed(&progress));
         Ok(())
     }
 
@@ -673,7 +389,7 @@ impl Runner {
         }
         for (source, pos) in self.p.positions.iter_mut() {
             let mut w = TableWriter::new();
-            let err = crate::state::EncodeError::default();
+            let err = EncodeError::default();
             let keys: Vec<String> = if full {
                 pos.positions.keys().cloned().collect()
             } else {
@@ -697,7 +413,7 @@ impl Runner {
         let ckpt = StateCheckpoint {
             batch_id: batch,
             kind,
-            created_ms: self.inner.cfg.clock.now_ms(),
+            created_ms: self.job.cfg.clock.now_ms(),
             graph: self.p.graph_desc.clone(),
             tables,
             epoch: 0, // stamped by the store

@@ -1,16 +1,12 @@
 //! The job graph: nodes that compute one batch's partitions, the outputs that pull them, the
 //! stateful operators whose state is checkpointed, and the sources whose offsets are.
 
+use super::data::Partitions;
 use crate::error::{Error, Result};
-use crate::source::SourceDyn;
-use crate::state::StatefulOp;
-use cairn_checkpoint::{BatchPlan, OffsetRange};
-use std::collections::BTreeSet;
+use cairn_checkpoint::{BatchId, BatchPlan, OffsetRange, OperatorDescription, TableData};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-
-/// One batch's data, split into partitions that are processed in parallel.
-pub type Partitions<T> = Vec<Vec<T>>;
 
 /// Identity of a batch, handed to user functions and sinks.
 ///
@@ -24,7 +20,7 @@ pub struct BatchInfo {
     /// without a checkpoint location, new at every start.
     pub job_id: Arc<str>,
     /// 0, 1, 2, ...; a replayed batch keeps its id, so sinks can deduplicate on it.
-    pub batch_id: u64,
+    pub batch_id: BatchId,
     /// The batch's logical time in milliseconds since the Unix epoch (on the batch-interval grid).
     pub batch_time_ms: i64,
 }
@@ -33,10 +29,10 @@ impl BatchInfo {
     /// A batch's identity, for calling a sink directly (tests, tools).
     ///
     /// ```
-    /// let b = cairn::BatchInfo::new("clicks-18c2", 7, 0);
-    /// assert_eq!((&*b.job_id, b.batch_id), ("clicks-18c2", 7));
+    /// let b = cairn::BatchInfo::new("clicks-18c2", cairn::BatchId(7), 0);
+    /// assert_eq!((&*b.job_id, b.batch_id.0), ("clicks-18c2", 7));
     /// ```
-    pub fn new(job_id: &str, batch_id: u64, batch_time_ms: i64) -> Self {
+    pub fn new(job_id: &str, batch_id: BatchId, batch_time_ms: i64) -> Self {
         Self { job_id: job_id.into(), batch_id, batch_time_ms }
     }
 }
@@ -66,7 +62,7 @@ pub(crate) trait Node<T>: Send + Sync {
 }
 
 struct Cached<T> {
-    batch: u64,
+    batch: BatchId,
     served: usize,
     data: Partitions<T>,
 }
@@ -107,6 +103,28 @@ impl<T: Clone + Send + Sync + 'static> Shared<T> {
             Ok(c.data.clone())
         }
     }
+}
+
+/// The next offset to read of every partition a source has planned so far.
+pub type Positions = BTreeMap<String, u64>;
+
+/// The scheduler's view of a source.
+pub(crate) trait SourceDyn: Send + Sync {
+    fn name(&self) -> &str;
+    fn plan(&self, positions: &Positions) -> Result<Vec<OffsetRange>>;
+}
+
+/// The scheduler's view of an operator with checkpointed state.
+pub(crate) trait StatefulOp: Send + Sync {
+    fn describe(&self) -> OperatorDescription;
+    /// Changes since the previous snapshot (`full == false`) or everything (`full == true`);
+    /// either way, change tracking restarts from here.
+    fn snapshot(&self, full: bool) -> Result<Vec<TableData>>;
+    /// Loads the tables this operator wrote (ids `name` or `name/...`), redistributing keys over
+    /// the current parallelism.
+    fn restore(&self, tables: &[&TableData]) -> Result<()>;
+    /// Number of live keys (for progress reports).
+    fn key_count(&self) -> usize;
 }
 
 /// An output operation: runs once per batch, pulling its stream.

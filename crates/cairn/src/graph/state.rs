@@ -4,8 +4,8 @@
 //! interval (a flag in the slot plus one pushed key), so a checkpoint serializes only the keys
 //! changed since the previous one, without scanning the whole map.
 
+use super::data::{partition_of, Key};
 use crate::error::{Error, Result};
-use crate::keyed::{partition_of, Key};
 use cairn_checkpoint::schema::StateSchema;
 use cairn_checkpoint::OperatorKind;
 use cairn_checkpoint::{OperatorDescription, TableData, TableWriter};
@@ -18,19 +18,6 @@ use std::sync::{Mutex, MutexGuard};
 /// What checkpointed state values (and keys) must be: serializable with serde.
 pub trait StateData: Serialize + DeserializeOwned + Send + Sync + 'static {}
 impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> StateData for T {}
-
-/// The scheduler's view of an operator with checkpointed state.
-pub(crate) trait StatefulOp: Send + Sync {
-    fn describe(&self) -> OperatorDescription;
-    /// Changes since the previous snapshot (`full == false`) or everything (`full == true`);
-    /// either way, change tracking restarts from here.
-    fn snapshot(&self, full: bool) -> Result<Vec<TableData>>;
-    /// Loads the tables this operator wrote (ids `name` or `name/...`), redistributing keys over
-    /// the current parallelism.
-    fn restore(&self, tables: &[&TableData]) -> Result<()>;
-    /// Number of live keys (for progress reports).
-    fn key_count(&self) -> usize;
-}
 
 /// The first encoding error of a snapshot; a `Cell` so the key and value closures of one entry
 /// can both record into it.

@@ -1,11 +1,10 @@
 //! Stateful keyed operators: `update_state_by_key` and `map_with_state`.
 
-use crate::dstream::{DStream, Data};
+use crate::api::dstream::DStream;
 use crate::error::Result;
-use crate::failpoint;
-use crate::graph::Partitions;
-use crate::keyed::{shuffle, Key};
-use crate::state::{describe, table, KeyedState, Slot, StateData, StatePart, StatefulOp};
+use crate::graph::state::{describe, table, KeyedState, Slot, StateData, StatePart};
+use crate::graph::{partition_of, shuffle, Data, Key, Partitions, StatefulOp};
+use crate::runtime::failpoint;
 use cairn_checkpoint::OperatorKind;
 use cairn_checkpoint::{OperatorDescription, TableData};
 use rayon::prelude::*;
@@ -343,7 +342,7 @@ impl<K: Key + StateData, V: Data> DStream<(K, V)> {
                     out
                 })
                 .collect();
-            failpoint::hit(failpoint::MID_BATCH, ctx.info.batch_id);
+            failpoint::hit(failpoint::MID_BATCH, ctx.info.batch_id.0);
             Ok(out)
         })
     }
@@ -405,7 +404,7 @@ impl<K: Key + StateData, V: Data> DStream<(K, V)> {
                     out
                 })
                 .collect();
-            failpoint::hit(failpoint::MID_BATCH, ctx.info.batch_id);
+            failpoint::hit(failpoint::MID_BATCH, ctx.info.batch_id.0);
             Ok(out)
         })
     }
@@ -494,7 +493,7 @@ impl<K: Key + StateData, S: StateData> MapWithStateOp<K, S> {
         let Some(initial) = self.initial.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
         let n = self.inner.state.parallelism();
         for (k, s) in initial {
-            let i = crate::keyed::partition_of(&k, n);
+            let i = partition_of(&k, n);
             let mut part = self.inner.state.part(i);
             if let Some(t) = self.timeout_ms {
                 part.timers.push_back((now + t, k.clone()));

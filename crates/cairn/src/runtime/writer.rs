@@ -4,8 +4,8 @@
 //! blocks: backpressure the scheduler reports, instead of memory growing without bound.
 
 use crate::error::{Error, Result};
-use crate::failpoint;
-use crate::progress::{CheckpointFailed, CheckpointWritten, Listeners};
+use crate::runtime::failpoint;
+use crate::runtime::progress::{CheckpointFailed, CheckpointWritten, Listeners};
 use cairn_checkpoint::paths::ObjectName;
 use cairn_checkpoint::{codec, BatchId, CheckpointKind, CheckpointStore, StateCheckpoint};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
@@ -173,7 +173,7 @@ fn write_loop(
                 s.stats.objects += w.objects;
                 drop(s);
                 let e = CheckpointWritten {
-                    batch_id: batch.0,
+                    batch_id: batch,
                     bytes: w.bytes,
                     write_ms,
                     full: ckpt.kind == CheckpointKind::Full,
@@ -186,7 +186,7 @@ fn write_loop(
                 let error = e.to_string();
                 s.error = Some((batch, Arc::new(e)));
                 drop(s);
-                let e = CheckpointFailed { batch_id: batch.0, error, retries };
+                let e = CheckpointFailed { batch_id: batch, error, retries };
                 listeners.each(|l| l.on_checkpoint_failed(&e));
                 return; // dropping rx makes the next submit fail
             }

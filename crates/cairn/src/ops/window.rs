@@ -2,12 +2,13 @@
 //! batches are checkpointed (as slices keyed by batch time) and restored, unlike Spark where a
 //! restart recomputes them from lineage that may no longer exist.
 
-use crate::dstream::{DStream, Data};
-use crate::error::Result;
-use crate::graph::{BatchCtx, Partitions};
-use crate::keyed::{partition_of, shuffle, Key};
-use crate::state::{decode, describe, encode_into, table, KeyedState, StateData, StatePart, StatefulOp};
-use crate::stateful::OpName;
+use super::stateful::OpName;
+use crate::api::dstream::DStream;
+use crate::error::{Error, Result};
+use crate::graph::state::{
+    decode, describe, encode_into, table, EncodeError, KeyedState, StateData, StatePart,
+};
+use crate::graph::{partition_of, shuffle, BatchCtx, Data, Key, Partitions, StatefulOp};
 use cairn_checkpoint::paths::operator_table;
 use cairn_checkpoint::OperatorKind;
 use cairn_checkpoint::{OperatorDescription, TableData, TableWriter};
@@ -77,7 +78,7 @@ impl<T: StateData + Data> Slices<T> {
     fn snapshot(&self, id: String, full: bool) -> Result<TableData> {
         let mut s = self.lock();
         let mut w = TableWriter::new();
-        let err = crate::state::EncodeError::default();
+        let err = EncodeError::default();
         let times: Vec<i64> = if full { s.by_time.keys().copied().collect() } else { s.added.clone() };
         if full {
             s.stored.clear(); // a full snapshot starts the chain afresh
@@ -98,7 +99,7 @@ impl<T: StateData + Data> Slices<T> {
         s.added.clear();
         s.evicted.clear();
         match err.take() {
-            Some(e) => Err(crate::Error::state(&self.name, format!("cannot encode window: {e}"))),
+            Some(e) => Err(Error::state(&self.name, format!("cannot encode window: {e}"))),
             None => Ok(w.finish(id)),
         }
     }

@@ -1,5 +1,6 @@
 //! Progress events: what a running job reports to listeners, logs, metrics and the web page.
 
+use cairn_checkpoint::BatchId;
 use serde::Serialize;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -17,7 +18,7 @@ pub struct OperatorProgress {
 /// One structured record per batch (in the spirit of Spark's StreamingQueryProgress).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BatchProgress {
-    pub batch_id: u64,
+    pub batch_id: BatchId,
     pub batch_time_ms: i64,
     /// Wall-clock time the batch started.
     pub started_at_ms: i64,
@@ -58,7 +59,7 @@ pub struct BatchProgress {
 /// A batch is about to run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BatchStarted {
-    pub batch_id: u64,
+    pub batch_id: BatchId,
     pub batch_time_ms: i64,
     pub replayed: bool,
 }
@@ -66,7 +67,7 @@ pub struct BatchStarted {
 /// A state checkpoint was stored.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CheckpointWritten {
-    pub batch_id: u64,
+    pub batch_id: BatchId,
     pub bytes: u64,
     pub write_ms: f64,
     pub full: bool,
@@ -78,7 +79,7 @@ pub struct CheckpointWritten {
 /// A state checkpoint could not be stored (after retries); the job stops.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CheckpointFailed {
-    pub batch_id: u64,
+    pub batch_id: BatchId,
     pub error: String,
     /// Storage requests of this write that were retried before it failed for good.
     pub retries: u32,
@@ -96,10 +97,11 @@ pub struct LeaseLost {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RecoveryFinished {
     /// The checkpoint restored, if any.
-    pub restored_batch: Option<u64>,
+    pub restored_batch: Option<BatchId>,
     /// Batches that will be replayed with their logged input.
     pub replay_batches: u64,
-    pub next_batch: u64,
+    /// The id the next batch will get (a replayed one first, if any).
+    pub next_batch: BatchId,
     pub warnings: Vec<String>,
 }
 

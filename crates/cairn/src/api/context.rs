@@ -1,47 +1,20 @@
 //! `StreamingContext`: configuration, the graph's entry points (sources), and the job lifecycle.
+//! The runtime sees the job through [`Job`]; where the job is in its lifecycle stays here.
 
+use crate::api::dstream::DStream;
 use crate::clock::{self, Clock};
-use crate::dstream::{DStream, Data};
 use crate::error::{Error, Result};
-use crate::graph::Graph;
-use crate::progress::{BatchProgress, Listeners, StreamingListener};
-use crate::scheduler::{self, Prepared, RunSummary};
-use crate::source::{self, Generator, QueueHandle, Source, TextFiles};
+use crate::graph::{Data, Graph};
+use crate::runtime::job::{Config, Job, Trigger};
+use crate::runtime::progress::{BatchProgress, JsonLines, Listeners, StreamingListener};
+use crate::runtime::recovery::{self, Prepared};
+use crate::runtime::scheduler::{self, RunSummary};
+use crate::sources::{self, Generator, QueueHandle, Source, TextFiles};
 use cairn_checkpoint::CheckpointStore;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
-
-/// When batches run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trigger {
-    /// One batch every batch interval, forever (until stopped).
-    ProcessingTime,
-    /// Process what the sources have now, batch after batch without waiting, then stop. For
-    /// backfills, tests and benchmarks.
-    AvailableNow,
-}
-
-#[derive(Clone)]
-pub(crate) struct Config {
-    pub app_name: String,
-    pub batch_interval: Duration,
-    pub checkpoint: Option<String>,
-    pub store: Option<CheckpointStore>,
-    pub checkpoint_interval: Option<Duration>,
-    pub parallelism: usize,
-    pub trigger: Trigger,
-    pub keep_checkpoints: usize,
-    pub full_snapshot_every: usize,
-    pub max_pending_checkpoints: usize,
-    pub max_checkpoint_deferral: Option<u64>,
-    pub stop_after_batches: Option<u64>,
-    pub drop_state: Vec<String>,
-    pub stop_on_signals: bool,
-    pub lease_ttl: Duration,
-    pub clock: Arc<dyn Clock>,
-}
 
 /// Builds a [`StreamingContext`].
 ///
@@ -179,13 +152,13 @@ impl StreamingContextBuilder {
         }
         let graph = Graph::new(cfg.parallelism, cfg.batch_interval.as_millis() as u64);
         Ok(StreamingContext {
-            inner: Arc::new(Inner {
+            job: Arc::new(Job {
                 cfg,
                 graph,
                 stop: Arc::new(AtomicBool::new(false)),
                 listeners: Listeners::default(),
-                phase: Mutex::new(Phase::Defining),
             }),
+            phase: Arc::new(Mutex::new(Phase::Defining)),
         })
     }
 }
@@ -195,14 +168,6 @@ enum Phase {
     Prepared(Box<Prepared>),
     Running(JoinHandle<Result<RunSummary>>),
     Finished,
-}
-
-pub(crate) struct Inner {
-    pub cfg: Config,
-    pub graph: Arc<Graph>,
-    pub stop: Arc<AtomicBool>,
-    pub listeners: Listeners,
-    phase: Mutex<Phase>,
 }
 
 /// Stops a running context from another thread: the running batch finishes, a final checkpoint
@@ -236,12 +201,13 @@ impl StopHandle {
 ///     })
 ///     .unwrap();
 ///     let summary = ctx.run_available().unwrap();
-///     assert_eq!(summary.next_batch, 3);
+///     assert_eq!(summary.next_batch, cairn::BatchId(3));
 /// }
 /// ```
 #[derive(Clone)]
 pub struct StreamingContext {
-    inner: Arc<Inner>,
+    job: Arc<Job>,
+    phase: Arc<Mutex<Phase>>,
 }
 
 impl StreamingContext {
@@ -279,7 +245,7 @@ impl StreamingContext {
         setup: impl FnOnce(&str) -> Result<StreamingContext>,
     ) -> Result<StreamingContext> {
         let ctx = setup(location)?;
-        match ctx.inner.cfg.checkpoint.as_deref() {
+        match ctx.job.cfg.checkpoint.as_deref() {
             Some(l) if l == location => {}
             other => {
                 return Err(Error::Config(format!(
@@ -293,7 +259,7 @@ impl StreamingContext {
 
     /// The configured app name (see [`StreamingContextBuilder::app_name`]).
     pub fn app_name(&self) -> &str {
-        &self.inner.cfg.app_name
+        &self.job.cfg.app_name
     }
 
     /// Whether [`start`](Self::start) (or a `run` method) was called: listeners added after that
@@ -304,13 +270,14 @@ impl StreamingContext {
 
     /// The configured parallelism.
     pub fn parallelism(&self) -> usize {
-        self.inner.cfg.parallelism
+        self.job.cfg.parallelism
     }
 
     /// Adds a source under a stable name (its offsets are checkpointed under that name).
     pub fn source<S: Source>(&self, name: &str, source: S) -> Result<DStream<S::Item>> {
         self.check_defining()?;
-        source::register(&self.inner.graph, name, source)
+        let node = sources::register(&self.job.graph, name, source)?;
+        Ok(DStream::from_node(self.job.graph.clone(), node))
     }
 
     /// A deterministic generator source: `rate` records per batch over `partitions`, record
@@ -327,7 +294,7 @@ impl StreamingContext {
 
     /// An in-memory queue of batches (tests and examples; not durable across restarts).
     pub fn queue_stream<T: Data>(&self, name: &str) -> Result<(QueueHandle<T>, DStream<T>)> {
-        let (handle, q) = source::queue();
+        let (handle, q) = sources::queue();
         Ok((handle, self.source(name, q)?))
     }
 
@@ -365,7 +332,7 @@ impl StreamingContext {
     /// assert_eq!(g.operators[1].kind, cairn::checkpoint::OperatorKind::Source);
     /// ```
     pub fn graph_description(&self) -> cairn_checkpoint::GraphDescription {
-        scheduler::describe_graph(&self.inner)
+        recovery::describe_graph(&self.job)
     }
 
     /// Calls `f` after every batch with its progress.
@@ -381,12 +348,12 @@ impl StreamingContext {
 
     /// Registers a listener for batch, checkpoint and recovery events.
     pub fn add_listener(&self, l: Arc<dyn StreamingListener>) {
-        self.inner.listeners.add(l);
+        self.job.listeners.add(l);
     }
 
     /// Appends every batch's progress record to `path` as one JSON object per line.
     pub fn progress_json_lines(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
-        let l = crate::progress::JsonLines::create(path.as_ref())
+        let l = JsonLines::create(path.as_ref())
             .map_err(|e| Error::Config(format!("cannot open {}: {e}", path.as_ref().display())))?;
         self.add_listener(Arc::new(l));
         Ok(())
@@ -394,11 +361,11 @@ impl StreamingContext {
 
     /// A handle that stops the job gracefully from another thread.
     pub fn stop_handle(&self) -> StopHandle {
-        StopHandle(self.inner.stop.clone())
+        StopHandle(self.job.stop.clone())
     }
 
     fn phase(&self) -> std::sync::MutexGuard<'_, Phase> {
-        self.inner.phase.lock().unwrap_or_else(|e| e.into_inner())
+        self.phase.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn check_defining(&self) -> Result<()> {
@@ -414,7 +381,7 @@ impl StreamingContext {
     fn prepare(&self) -> Result<()> {
         let mut phase = self.phase();
         if let Phase::Defining = *phase {
-            let prepared = scheduler::prepare(&self.inner)?;
+            let prepared = recovery::prepare(&self.job)?;
             *phase = Phase::Prepared(Box::new(prepared));
         }
         Ok(())
@@ -423,7 +390,7 @@ impl StreamingContext {
     /// Starts processing on a background thread: replays the batches a crash left uncommitted,
     /// then takes new input.
     pub fn start(&self) -> Result<()> {
-        self.start_with(self.inner.cfg.trigger)
+        self.start_with(self.job.cfg.trigger)
     }
 
     fn start_with(&self, trigger: Trigger) -> Result<()> {
@@ -436,13 +403,13 @@ impl StreamingContext {
                 return Err(Error::Lifecycle("the context was already started".into()));
             }
         };
-        if self.inner.cfg.stop_on_signals {
-            scheduler::install_signal_handlers(&self.inner.stop)?;
+        if self.job.cfg.stop_on_signals {
+            scheduler::install_signal_handlers(&self.job.stop)?;
         }
-        let inner = self.inner.clone();
+        let job = self.job.clone();
         let handle = std::thread::Builder::new()
             .name("cairn-scheduler".into())
-            .spawn(move || scheduler::run(inner, *prepared, trigger))
+            .spawn(move || scheduler::run(job, *prepared, trigger))
             .map_err(|e| Error::Lifecycle(format!("cannot start the scheduler thread: {e}")))?;
         *phase = Phase::Running(handle);
         Ok(())

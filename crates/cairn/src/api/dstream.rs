@@ -1,18 +1,11 @@
-//! `DStream<T>`: a stream of batches, and its element-wise and whole-batch operators.
+//! `DStream<T>`: a stream of batches, and its element-wise and whole-batch operators (output
+//! operations are in `output`, keyed and stateful ones in `ops`).
 
 use crate::error::{Error, Result};
-use crate::graph::{BatchCtx, BatchInfo, Graph, Node, Output, Partitions, Shared};
+use crate::graph::{BatchCtx, BatchInfo, Data, Graph, Node, Output, Partitions, Shared, UserError};
 use rayon::prelude::*;
-use std::fmt::Debug;
 use std::marker::PhantomData;
 use std::sync::Arc;
-
-/// What stream elements must be: cheap to move between threads. Blanket-implemented.
-pub trait Data: Clone + Send + Sync + 'static {}
-impl<T: Clone + Send + Sync + 'static> Data for T {}
-
-/// Errors returned by user functions (`foreach_batch`, parsers): anything printable.
-pub type UserError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A discretized stream: a sequence of batches of `T`, each split into partitions.
 ///
@@ -91,12 +84,12 @@ impl<T: Data> DStream<T> {
         DStream::from_node(self.graph.clone(), FnNode { parent: self.node.clone(), f, _types: PhantomData })
     }
 
-    /// Registers an output pulling this stream.
     /// How many outputs the graph has so far (names unnamed sinks).
     pub(crate) fn output_count(&self) -> usize {
         self.graph.lock().outputs.len()
     }
 
+    /// Registers an output pulling this stream.
     pub(crate) fn output(
         &self,
         run: impl Fn(Partitions<T>, &BatchCtx<'_>) -> Result<()> + Send + Sync + 'static,
@@ -235,27 +228,5 @@ impl<T: Data> DStream<T> {
             let partials: Vec<T> = parts.into_par_iter().filter_map(|p| p.into_iter().reduce(&f)).collect();
             Ok(vec![partials.into_iter().reduce(&f).into_iter().collect()])
         })
-    }
-
-    /// Prints the first `n` elements of every batch to stdout.
-    pub fn print(&self, n: usize)
-    where
-        T: Debug,
-    {
-        self.output(move |parts, ctx| {
-            use std::io::Write;
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "-------------------------------------------");
-            let _ = writeln!(out, "Batch {} (time {} ms)", ctx.info.batch_id, ctx.info.batch_time_ms);
-            let _ = writeln!(out, "-------------------------------------------");
-            let total: usize = parts.iter().map(Vec::len).sum();
-            for x in parts.iter().flatten().take(n) {
-                let _ = writeln!(out, "{x:?}");
-            }
-            if total > n {
-                let _ = writeln!(out, "... ({} more)", total - n);
-            }
-            Ok(())
-        });
     }
 }

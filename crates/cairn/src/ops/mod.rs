@@ -1,0 +1,5 @@
+//! Operators that extend [`DStream`](crate::DStream): keyed aggregation, keyed state, windows.
+
+pub(crate) mod keyed;
+pub(crate) mod stateful;
+pub(crate) mod window;

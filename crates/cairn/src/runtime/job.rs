@@ -1,0 +1,49 @@
+//! A defined job as the runtime sees it: its configuration, its graph, and the flags and
+//! listeners shared between the context and the threads that run it.
+
+use crate::clock::Clock;
+use crate::graph::Graph;
+use crate::runtime::progress::Listeners;
+use cairn_checkpoint::CheckpointStore;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// When batches run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// One batch every batch interval, forever (until stopped).
+    ProcessingTime,
+    /// Process what the sources have now, batch after batch without waiting, then stop. For
+    /// backfills, tests and benchmarks.
+    AvailableNow,
+}
+
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub app_name: String,
+    pub batch_interval: Duration,
+    pub checkpoint: Option<String>,
+    pub store: Option<CheckpointStore>,
+    pub checkpoint_interval: Option<Duration>,
+    pub parallelism: usize,
+    pub trigger: Trigger,
+    pub keep_checkpoints: usize,
+    pub full_snapshot_every: usize,
+    pub max_pending_checkpoints: usize,
+    pub max_checkpoint_deferral: Option<u64>,
+    pub stop_after_batches: Option<u64>,
+    pub drop_state: Vec<String>,
+    pub stop_on_signals: bool,
+    pub lease_ttl: Duration,
+    pub clock: Arc<dyn Clock>,
+}
+
+/// What the context hands the runtime: everything about a job except where it is in its
+/// lifecycle, which stays with the context.
+pub(crate) struct Job {
+    pub cfg: Config,
+    pub graph: Arc<Graph>,
+    pub stop: Arc<AtomicBool>,
+    pub listeners: Listeners,
+}

@@ -1,0 +1,299 @@
+//! Recovery: before the first batch runs, `prepare` checks the graph, takes the checkpoint
+//! location, restores state and source positions from the newest usable checkpoint, and lists
+//! the logged batches to replay.
+
+use super::failpoint;
+use super::job::Job;
+use crate::error::{Error, Result};
+use crate::graph::state::decode;
+use crate::graph::{Positions, StatefulOp};
+use cairn_checkpoint::lease::Lease;
+use cairn_checkpoint::paths::{source_table as source_table_id, table_of_operator};
+use cairn_checkpoint::{
+    BatchId, BatchPlan, CheckpointStore, GraphDescription, JobMetadata, OperatorDescription, PlanCopy,
+    TableData, FORMAT_VERSION,
+};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Source positions with change tracking (checkpointed as `$source/<name>` tables).
+#[derive(Default)]
+pub(crate) struct SourcePositions {
+    pub positions: Positions,
+    pub changed: BTreeSet<String>,
+}
+
+/// Everything `prepare` established, handed to the run loop.
+pub(crate) struct Prepared {
+    pub store: Option<CheckpointStore>,
+    pub lease: Option<Lease>,
+    pub positions: BTreeMap<String, SourcePositions>,
+    pub replay: Vec<BatchPlan>,
+    pub committed: BTreeSet<BatchId>,
+    pub next_batch: u64,
+    pub last_checkpoint: Option<BatchId>,
+    pub start_time_ms: i64,
+    pub last_batch_time_ms: Option<i64>,
+    pub warnings: Vec<String>,
+    pub graph_desc: GraphDescription,
+    /// Handed to sinks with every batch (see `BatchInfo::job_id`).
+    pub job_id: Arc<str>,
+    /// The restored state holds tables no current operator took (dropped or removed state): the
+    /// next checkpoint is a full one, so those tables leave the chain instead of coming back.
+    pub force_full: bool,
+    /// A copy of the newest plan in the log, for the next plan to carry.
+    pub last_plan: Option<PlanCopy>,
+}
+
+pub(crate) fn describe_graph(job: &Job) -> GraphDescription {
+    let g = job.graph.lock();
+    let mut operators: Vec<OperatorDescription> = g.stateful.iter().map(|op| op.describe()).collect();
+    for s in &g.sources {
+        operators.push(OperatorDescription {
+            name: s.name().to_string(),
+            kind: cairn_checkpoint::OperatorKind::Source,
+            key_type: String::new(),
+            state_type: "offsets".into(),
+            state_version: 1,
+        });
+    }
+    GraphDescription { operators, parallelism: job.graph.parallelism as u32 }
+}
+
+/// Compares the stored graph with the code's. Removing or retyping a stateful operator would
+/// silently drop or misread its state, so it is refused (unless the user drops that state).
+/// Returns the operators whose stored state is dropped (removed or retyped, and named in
+/// `drop_state`); their tables are not restored.
+fn check_compatible(
+    stored: &GraphDescription,
+    current: &GraphDescription,
+    drop: &[String],
+) -> Result<Vec<String>> {
+    let mut dropped = Vec::new();
+    for change in cairn_checkpoint::compat::diff(stored, current) {
+        if !change.is_compatible(&[]) && change.is_compatible(drop) {
+            dropped.extend(change.operator().map(str::to_string));
+        }
+        if !change.is_compatible(drop) {
+            return Err(Error::Incompatible {
+                operator: change.operator().unwrap_or_default().to_string(),
+                difference: change.to_string(),
+            });
+        }
+        match change.operator() {
+            Some(op) if drop.iter().any(|d| d == op) => {
+                tracing::warn!("dropping the state of operator {op:?} as configured ({change})")
+            }
+            _ => tracing::info!("{change}"),
+        }
+    }
+    Ok(dropped)
+}
+
+pub(crate) fn prepare(job: &Job) -> Result<Prepared> {
+    let cfg = &job.cfg;
+    let (errors, stateful_names, sources) = {
+        let g = job.graph.lock();
+        (
+            g.errors.clone(),
+            g.stateful.iter().map(|o| o.describe().name).collect::<Vec<_>>(),
+            g.sources.iter().map(|s| s.name().to_string()).collect::<Vec<_>>(),
+        )
+    };
+    if !errors.is_empty() {
+        return Err(Error::Config(errors.join("; ")));
+    }
+    if job.graph.lock().outputs.is_empty() {
+        return Err(Error::Config(
+            "the job has no output operation (foreach_batch, print, save_as_text_files): nothing would run"
+                .into(),
+        ));
+    }
+    let graph_desc = describe_graph(job);
+    let positions: BTreeMap<String, SourcePositions> =
+        sources.iter().map(|s| (s.clone(), SourcePositions::default())).collect();
+    let now = cfg.clock.now_ms();
+    let interval = cfg.batch_interval.as_millis() as i64;
+    let aligned_now = now - now.rem_euclid(interval);
+
+    let Some(location) = cfg.checkpoint.clone() else {
+        if !stateful_names.is_empty() {
+            return Err(Error::Config(format!(
+                "stateful operators {stateful_names:?} need a checkpoint location to be exactly-once across restarts; set one with .checkpoint(\"dir\")"
+            )));
+        }
+        return Ok(Prepared {
+            store: None,
+            lease: None,
+            positions,
+            replay: Vec::new(),
+            committed: BTreeSet::new(),
+            next_batch: 0,
+            last_checkpoint: None,
+            start_time_ms: aligned_now,
+            last_batch_time_ms: None,
+            warnings: Vec::new(),
+            graph_desc,
+            job_id: format!("{}-{now:x}", cfg.app_name).into(),
+            force_full: false,
+            last_plan: None,
+        });
+    };
+    let store = match &cfg.store {
+        Some(s) => s.clone(),
+        None => CheckpointStore::open(&location)?,
+    };
+    let lease = store.acquire_lease(cfg.lease_ttl)?;
+    if failpoint::armed_name() == Some(failpoint::FREEZE_BEFORE_PLAN) {
+        store.set_commit_hook(Some(Arc::new(|name| {
+            if let cairn_checkpoint::paths::ObjectName::Plan(b) = name {
+                failpoint::freeze(failpoint::FREEZE_BEFORE_PLAN, b.0);
+            }
+        })));
+    }
+    // Whatever fails from here on, this process gives the location back: a caller that fixes
+    // the problem and retries in the same process must not find its own stale lease.
+    match restore(job, &store, &location, positions, graph_desc, now, aligned_now) {
+        Ok(mut p) => {
+            p.store = Some(store);
+            p.lease = Some(lease);
+            Ok(p)
+        }
+        Err(e) => {
+            if let Err(le) = lease.release() {
+                tracing::warn!("could not release the checkpoint lease: {le}");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Recovery proper: metadata, compatibility check, state, replay list.
+fn restore(
+    job: &Job,
+    store: &CheckpointStore,
+    location: &str,
+    mut positions: BTreeMap<String, SourcePositions>,
+    graph_desc: GraphDescription,
+    now: i64,
+    aligned_now: i64,
+) -> Result<Prepared> {
+    let cfg = &job.cfg;
+    let interval = cfg.batch_interval.as_millis() as i64;
+    let recovered = store.recover()?;
+    for w in &recovered.warnings {
+        tracing::warn!("recovery: {w}");
+    }
+    // Objects a fenced-off holder left: this process holds the lease now, so they go before it
+    // writes anything (its own writes would replace most of them anyway).
+    store.remove_fenced(&recovered.fenced)?;
+    let metadata = match recovered.metadata.clone() {
+        Some(m) => {
+            if m.batch_interval_ms != cfg.batch_interval.as_millis() as u64 {
+                return Err(Error::Config(format!(
+                    "the checkpoint at {location} was written with a batch interval of {} ms, the code says {} ms; batch times and windows depend on it, so restore the old interval or use a new checkpoint location",
+                    m.batch_interval_ms,
+                    cfg.batch_interval.as_millis()
+                )));
+            }
+            for r in store.repair_metadata()? {
+                tracing::info!("recovery: {r}");
+            }
+            m
+        }
+        None => {
+            if recovered.state.is_some() || !recovered.replay.is_empty() {
+                return Err(Error::Checkpoint(cairn_checkpoint::Error::Unrecoverable {
+                    location: location.to_string(),
+                    reason: "the metadata object is missing but batches were logged".into(),
+                }));
+            }
+            let m = JobMetadata {
+                format_version: FORMAT_VERSION,
+                app_name: cfg.app_name.clone(),
+                job_id: format!("{}-{:x}", cfg.app_name, now),
+                created_ms: now,
+                batch_interval_ms: cfg.batch_interval.as_millis() as u64,
+                start_time_ms: aligned_now,
+                graph: graph_desc.clone(),
+            };
+            store.create_metadata(&m)?;
+            m
+        }
+    };
+    // Staging files of crashed writers that nobody touched for a while go now (retention
+    // sweeps them too).
+    store.sweep_debris()?;
+    // A plan rebuilt from its successor's copy is stored again, so the log is whole before
+    // anything else can be damaged.
+    for p in recovered.replay.iter().filter(|p| recovered.rebuilt_plans.contains(&p.batch_id)) {
+        store.write_plan(p)?;
+    }
+    let stored_graph = recovered.state.as_ref().map(|s| &s.graph).unwrap_or(&metadata.graph);
+    let dropped = check_compatible(stored_graph, &graph_desc, &cfg.drop_state)?;
+
+    let mut last_checkpoint = None;
+    let mut force_full = false;
+    // Damaged state objects recovery worked around are removed, and the next checkpoint is a full
+    // one: new checkpoints must not chain onto them, nor retention count them as a restore point.
+    for name in &recovered.damaged_state {
+        store.delete_object(*name)?;
+        tracing::warn!("recovery: removed the damaged object {}", store.paths().path(*name));
+        force_full = true;
+    }
+    if let Some(state) = &recovered.state {
+        let mut taken = std::collections::HashSet::new();
+        let t0 = Instant::now();
+        let ops: Vec<Arc<dyn StatefulOp>> = job.graph.lock().stateful.clone();
+        for op in &ops {
+            let name = op.describe().name;
+            if dropped.contains(&name) {
+                continue; // its stored state has another type: start empty, as the user asked
+            }
+            let tables: Vec<&TableData> =
+                state.tables.iter().filter(|t| table_of_operator(&t.id, &name)).collect();
+            taken.extend(tables.iter().map(|t| t.id.clone()));
+            op.restore(&tables)?;
+        }
+        for (source, pos) in positions.iter_mut() {
+            let Some(t) = state.tables.iter().find(|t| t.id == source_table_id(source)) else { continue };
+            taken.insert(t.id.clone());
+            for entry in t.reader() {
+                let (k, v) = entry.map_err(Error::Checkpoint)?;
+                if let Some(v) = v {
+                    let partition: String = decode(source, k)?;
+                    pos.positions.insert(partition, decode(source, v)?);
+                }
+            }
+        }
+        last_checkpoint = Some(state.batch_id);
+        force_full |= state.tables.iter().any(|t| !taken.contains(&t.id));
+        tracing::info!(
+            "restored state after batch {} from {} object(s) in {:.0} ms (+{} ms reading)",
+            state.batch_id,
+            state.chain.len(),
+            t0.elapsed().as_secs_f64() * 1e3,
+            recovered.restore_ms
+        );
+    }
+    let last_batch_time_ms = recovered.replay.last().map(|p| p.batch_time_ms);
+    let last_batch_time_ms = last_batch_time_ms
+        .or_else(|| last_checkpoint.map(|b: BatchId| metadata.start_time_ms + b.0 as i64 * interval));
+    Ok(Prepared {
+        store: None,
+        lease: None,
+        positions,
+        replay: recovered.replay,
+        committed: recovered.committed,
+        next_batch: recovered.next_batch.0,
+        last_checkpoint,
+        start_time_ms: metadata.start_time_ms,
+        last_batch_time_ms,
+        warnings: recovered.warnings,
+        graph_desc,
+        job_id: metadata.job_id.as_str().into(),
+        force_full,
+        last_plan: recovered.last_plan,
+    })
+}

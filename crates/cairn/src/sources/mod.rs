@@ -1,0 +1,100 @@
+//! Sources: where batches come from. A source plans offset ranges before a batch runs (they are
+//! logged, so a replay reads exactly the same input) and reads a planned range on demand. The
+//! built-in ones: a deterministic generator, new text files of a directory, an in-memory queue.
+
+mod generator;
+mod queue;
+mod text_files;
+
+pub use crate::graph::Positions;
+pub use generator::Generator;
+pub(crate) use queue::queue;
+pub use queue::QueueHandle;
+pub use text_files::{LineParser, Malformed, TextFiles};
+
+use crate::error::{Error, Result};
+use crate::graph::{BatchCtx, Data, Graph, Node, Partitions, SourceDyn, UserError};
+use cairn_checkpoint::OffsetRange;
+use rayon::prelude::*;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// A replayable input. `plan` proposes the next ranges given the current positions; `read` must
+/// return the same records every time it is given the same range (that is what makes replays
+/// exact). Per-partition offset ranges fit a Kafka direct stream as well as files.
+///
+/// ```
+/// use cairn::source::{Positions, Source};
+/// use cairn::{OffsetRange, UserError};
+/// /// Ten numbers per batch, forever.
+/// struct Counter;
+/// impl Source for Counter {
+///     type Item = u64;
+///     fn plan(&self, pos: &Positions) -> Result<Vec<OffsetRange>, UserError> {
+///         let start = pos.get("0").copied().unwrap_or(0);
+///         Ok(vec![OffsetRange { partition: "0".into(), start, end: start + 10 }])
+///     }
+///     fn read(&self, r: &OffsetRange) -> Result<Vec<u64>, UserError> {
+///         Ok((r.start..r.end).collect())
+///     }
+/// }
+/// let ctx = cairn::StreamingContext::builder().build().unwrap();
+/// let s = ctx.source("counter", Counter).unwrap();
+/// ```
+pub trait Source: Send + Sync + 'static {
+    /// The records this source produces.
+    type Item: Data;
+    /// Ranges to read in the next batch (empty: nothing new).
+    fn plan(&self, positions: &Positions) -> std::result::Result<Vec<OffsetRange>, UserError>;
+    /// The records of one planned range.
+    fn read(&self, range: &OffsetRange) -> std::result::Result<Vec<Self::Item>, UserError>;
+}
+
+struct SourceNode<S> {
+    name: String,
+    source: Arc<S>,
+}
+
+impl<S: Source> SourceDyn for SourceNode<S> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn plan(&self, positions: &Positions) -> Result<Vec<OffsetRange>> {
+        let ranges = self.source.plan(positions).map_err(|e| Error::source(&self.name, e))?;
+        for r in &ranges {
+            if r.end < r.start {
+                return Err(Error::source(&self.name, format!("planned an inverted range {r:?}")));
+            }
+        }
+        Ok(ranges)
+    }
+}
+
+impl<S: Source> Node<S::Item> for SourceNode<S> {
+    fn compute(&self, ctx: &BatchCtx<'_>) -> Result<Partitions<S::Item>> {
+        let parts: Result<Partitions<S::Item>> = ctx
+            .ranges(&self.name)
+            .par_iter()
+            .map(|r| {
+                self.source.read(r).map_err(|e| {
+                    Error::source(
+                        &self.name,
+                        format!("reading {} [{}, {}): {e}", r.partition, r.start, r.end),
+                    )
+                })
+            })
+            .collect();
+        let parts = parts?;
+        ctx.records.fetch_add(parts.iter().map(|p| p.len() as u64).sum(), Ordering::Relaxed);
+        Ok(parts)
+    }
+}
+
+/// Adds a source to the graph under `name` (unique: its offsets are checkpointed under it) and
+/// returns the node that reads its planned ranges, for the caller to make a stream of.
+pub(crate) fn register<S: Source>(graph: &Graph, name: &str, source: S) -> Result<impl Node<S::Item>> {
+    graph.claim_name(name)?;
+    let source = Arc::new(source);
+    graph.lock().sources.push(Arc::new(SourceNode { name: name.to_string(), source: source.clone() }));
+    Ok(SourceNode { name: name.to_string(), source })
+}
