@@ -14,19 +14,46 @@ pub enum Error {
     /// Nothing is lost: the previous checkpoint and the batch log still recover everything.
     /// `source` is the store's error as it was (a full disk, a refused credential, a lost lease).
     #[error("checkpoint writer failed: checkpoint after batch {batch}: {source}")]
-    CheckpointWrite { batch: cairn_checkpoint::BatchId, source: std::sync::Arc<cairn_checkpoint::Error> },
+    CheckpointWrite {
+        /// The batch after which the checkpoint was cut.
+        batch: cairn_checkpoint::BatchId,
+        /// The store's error.
+        source: std::sync::Arc<cairn_checkpoint::Error>,
+    },
     /// The code's graph is not compatible with the graph stored in the checkpoint.
     #[error("incompatible change to stateful operator {operator:?}: {difference}")]
-    Incompatible { operator: String, difference: String },
+    Incompatible {
+        /// The operator's stable name.
+        operator: String,
+        /// What changed, and what the user can do about it.
+        difference: String,
+    },
     /// A source failed to plan or read its input.
     #[error("source {source_name:?}: {message}")]
-    Source { source_name: String, message: String },
+    Source {
+        /// The source's name in the job.
+        source_name: String,
+        /// What failed.
+        message: String,
+    },
     /// A sink failed; the batch was not committed and will be replayed on restart.
     #[error("sink {sink:?} failed in batch {batch}: {message}")]
-    Sink { sink: String, batch: cairn_checkpoint::BatchId, message: String },
+    Sink {
+        /// The sink's name.
+        sink: String,
+        /// The batch that was not committed.
+        batch: cairn_checkpoint::BatchId,
+        /// What the sink reported.
+        message: String,
+    },
     /// State could not be encoded or decoded.
     #[error("state of operator {operator:?}: {message}")]
-    State { operator: String, message: String },
+    State {
+        /// The operator's stable name.
+        operator: String,
+        /// What failed.
+        message: String,
+    },
     /// The context was used in a way its lifecycle does not allow.
     #[error("{0}")]
     Lifecycle(String),

@@ -23,7 +23,7 @@ pub(crate) struct Location {
 }
 
 impl Location {
-    pub fn open(location: &str) -> crate::Result<Self> {
+    pub(crate) fn open(location: &str) -> crate::Result<Self> {
         let o = cairn_checkpoint::store::open_location(location)?;
         Ok(Self { label: location.to_string(), store: o.store, root: o.root, local_dir: o.local_dir })
     }

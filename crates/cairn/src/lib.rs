@@ -1,3 +1,4 @@
+#![warn(missing_docs, unreachable_pub)]
 //! cairn: micro-batch stream processing whose checkpoints never lose a record and never count
 //! one twice.
 //!

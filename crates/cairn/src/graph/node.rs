@@ -51,7 +51,7 @@ pub(crate) struct BatchCtx<'a> {
 }
 
 impl BatchCtx<'_> {
-    pub fn ranges(&self, source: &str) -> &[OffsetRange] {
+    pub(crate) fn ranges(&self, source: &str) -> &[OffsetRange] {
         self.plan.sources.iter().find(|s| s.source == source).map(|s| s.ranges.as_slice()).unwrap_or(&[])
     }
 }
@@ -76,15 +76,15 @@ pub(crate) struct Shared<T> {
 }
 
 impl<T: Clone + Send + Sync + 'static> Shared<T> {
-    pub fn new(node: impl Node<T> + 'static) -> Arc<Self> {
+    pub(crate) fn new(node: impl Node<T> + 'static) -> Arc<Self> {
         Arc::new(Self { node: Box::new(node), consumers: AtomicUsize::new(0), cache: Mutex::new(None) })
     }
 
-    pub fn add_consumer(&self) {
+    pub(crate) fn add_consumer(&self) {
         self.consumers.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn compute(&self, ctx: &BatchCtx<'_>) -> Result<Partitions<T>> {
+    pub(crate) fn compute(&self, ctx: &BatchCtx<'_>) -> Result<Partitions<T>> {
         let consumers = self.consumers.load(Ordering::Relaxed);
         if consumers <= 1 {
             return self.node.compute(ctx);
@@ -150,29 +150,29 @@ pub(crate) struct Graph {
 }
 
 impl Graph {
-    pub fn new(parallelism: usize, batch_interval_ms: u64) -> Arc<Self> {
+    pub(crate) fn new(parallelism: usize, batch_interval_ms: u64) -> Arc<Self> {
         Arc::new(Self { parallelism, batch_interval_ms, inner: Mutex::new(GraphInner::default()) })
     }
 
     /// Records a graph-building mistake; `start` refuses to run a graph that has any.
-    pub fn defer_error(&self, message: String) {
+    pub(crate) fn defer_error(&self, message: String) {
         self.lock().errors.push(message);
     }
 
     /// Claims a name for a stateful operator, deferring any error to `start` so operator
     /// methods stay chainable.
-    pub fn claim_stateful(&self, name: &str) {
+    pub(crate) fn claim_stateful(&self, name: &str) {
         if let Err(e) = self.claim_name(name) {
             self.defer_error(e.to_string());
         }
     }
 
-    pub fn lock(&self) -> std::sync::MutexGuard<'_, GraphInner> {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, GraphInner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Claims a stable name; names identify state in checkpoints, so they must be unique.
-    pub fn claim_name(&self, name: &str) -> Result<()> {
+    pub(crate) fn claim_name(&self, name: &str) -> Result<()> {
         if name.is_empty() || name.contains('/') || name.starts_with('$') {
             return Err(Error::Config(format!(
                 "operator name {name:?} is not allowed: use a non-empty name without '/' or a leading '$'"
@@ -186,11 +186,11 @@ impl Graph {
         Ok(())
     }
 
-    pub fn add_output(&self, o: impl Output + 'static) {
+    pub(crate) fn add_output(&self, o: impl Output + 'static) {
         self.lock().outputs.push(Box::new(o));
     }
 
-    pub fn add_stateful(&self, op: Arc<dyn StatefulOp>) {
+    pub(crate) fn add_stateful(&self, op: Arc<dyn StatefulOp>) {
         self.lock().stateful.push(op);
     }
 }

@@ -75,7 +75,7 @@ impl<K: Key, S> Default for StatePart<K, S> {
 impl<K: Key, S> StatePart<K, S> {
     /// Marks a present key changed.
     #[inline]
-    pub fn touch(dirty: &mut Vec<K>, key: &K, slot: &mut Slot<S>) {
+    pub(crate) fn touch(dirty: &mut Vec<K>, key: &K, slot: &mut Slot<S>) {
         if !slot.dirty {
             slot.dirty = true;
             dirty.push(key.clone());
@@ -83,7 +83,7 @@ impl<K: Key, S> StatePart<K, S> {
     }
 
     /// Inserts or replaces a value, marking it changed.
-    pub fn put(&mut self, key: K, value: S, seen_ms: i64) {
+    pub(crate) fn put(&mut self, key: K, value: S, seen_ms: i64) {
         match self.map.entry(key) {
             std::collections::hash_map::Entry::Occupied(mut e) => {
                 let slot = e.get_mut();
@@ -102,13 +102,13 @@ impl<K: Key, S> StatePart<K, S> {
     }
 
     /// A new slot for a key known to be absent, marked changed.
-    pub fn new_slot(dirty: &mut Vec<K>, key: &K, value: S, seen_ms: i64) -> Slot<S> {
+    pub(crate) fn new_slot(dirty: &mut Vec<K>, key: &K, value: S, seen_ms: i64) -> Slot<S> {
         dirty.push(key.clone());
         Slot { value, seen_ms, dirty: true }
     }
 
     /// Records the removal of a key the caller already took out of the map.
-    pub fn removed(removed: &mut Vec<K>, key: K) {
+    pub(crate) fn removed(removed: &mut Vec<K>, key: K) {
         removed.push(key);
     }
 
@@ -154,26 +154,26 @@ pub(crate) struct KeyedState<K, S> {
 }
 
 impl<K: Key + StateData, S: StateData> KeyedState<K, S> {
-    pub fn new(name: &str, parallelism: usize) -> Self {
+    pub(crate) fn new(name: &str, parallelism: usize) -> Self {
         Self { name: name.to_string(), parts: (0..parallelism.max(1)).map(|_| Mutex::default()).collect() }
     }
 
-    pub fn parallelism(&self) -> usize {
+    pub(crate) fn parallelism(&self) -> usize {
         self.parts.len()
     }
 
     /// Locks one partition. Each partition is touched by one task per batch, so this lock is
     /// never contended; it exists to make the sharing safe, not to arbitrate.
-    pub fn part(&self, i: usize) -> MutexGuard<'_, StatePart<K, S>> {
+    pub(crate) fn part(&self, i: usize) -> MutexGuard<'_, StatePart<K, S>> {
         self.parts[i].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         (0..self.parts.len()).map(|i| self.part(i).map.len()).sum()
     }
 
     /// Serializes changes (or everything) into one table, partitions in parallel.
-    pub fn snapshot(&self, id: &str, full: bool) -> Result<TableData> {
+    pub(crate) fn snapshot(&self, id: &str, full: bool) -> Result<TableData> {
         let writers: Vec<Result<TableWriter>> = (0..self.parts.len())
             .into_par_iter()
             .map(|i| {
@@ -196,7 +196,7 @@ impl<K: Key + StateData, S: StateData> KeyedState<K, S> {
     /// Replaces the state with a table's entries; keys go to the partition that owns them now.
     /// Decoding runs in parallel: entries are located in one pass, decoded in chunks on every
     /// core, then each partition's map is filled by its own task.
-    pub fn restore(&self, table: &TableData) -> Result<()> {
+    pub(crate) fn restore(&self, table: &TableData) -> Result<()> {
         let n = self.parts.len();
         let entries: Vec<(&[u8], &[u8])> = table
             .reader()

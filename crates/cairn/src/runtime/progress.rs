@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 /// State size of one stateful operator.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct OperatorProgress {
+    /// The operator's stable name.
     pub name: String,
     /// Live keys (for windows: buffered batches).
     pub keys: u64,
@@ -18,7 +19,9 @@ pub struct OperatorProgress {
 /// One structured record per batch (in the spirit of Spark's StreamingQueryProgress).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BatchProgress {
+    /// The batch (a replay keeps its id).
     pub batch_id: BatchId,
+    /// The batch's logical time, milliseconds since the Unix epoch.
     pub batch_time_ms: i64,
     /// Wall-clock time the batch started.
     pub started_at_ms: i64,
@@ -59,17 +62,24 @@ pub struct BatchProgress {
 /// A batch is about to run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BatchStarted {
+    /// The batch (a replay keeps its id).
     pub batch_id: BatchId,
+    /// The batch's logical time, milliseconds since the Unix epoch.
     pub batch_time_ms: i64,
+    /// Whether it re-runs a logged plan after a restart.
     pub replayed: bool,
 }
 
 /// A state checkpoint was stored.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CheckpointWritten {
+    /// The batch after which the checkpoint was cut.
     pub batch_id: BatchId,
+    /// Bytes stored.
     pub bytes: u64,
+    /// Time to store it, retries included.
     pub write_ms: f64,
+    /// A full snapshot rather than a delta.
     pub full: bool,
     /// Storage requests of this write that were retried after a transient failure (0 when every
     /// request succeeded at once).
@@ -79,7 +89,9 @@ pub struct CheckpointWritten {
 /// A state checkpoint could not be stored (after retries); the job stops.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CheckpointFailed {
+    /// The batch after which the checkpoint was cut.
     pub batch_id: BatchId,
+    /// The store's error, rendered (the job's own error keeps it typed).
     pub error: String,
     /// Storage requests of this write that were retried before it failed for good.
     pub retries: u32,
@@ -102,6 +114,7 @@ pub struct RecoveryFinished {
     pub replay_batches: u64,
     /// The id the next batch will get (a replayed one first, if any).
     pub next_batch: BatchId,
+    /// Damage recovery worked around (fallbacks, rebuilt plans, repaired copies).
     pub warnings: Vec<String>,
 }
 
@@ -120,11 +133,17 @@ pub struct RecoveryFinished {
 /// ctx.add_listener(std::sync::Arc::new(Log));
 /// ```
 pub trait StreamingListener: Send + Sync {
+    /// Recovery finished; the first batch is about to be planned or replayed.
     fn on_recovery_finished(&self, _e: &RecoveryFinished) {}
+    /// A batch is about to run.
     fn on_batch_started(&self, _e: &BatchStarted) {}
+    /// A batch ran and its sinks committed.
     fn on_batch_completed(&self, _p: &BatchProgress) {}
+    /// A state checkpoint was stored.
     fn on_checkpoint_written(&self, _e: &CheckpointWritten) {}
+    /// A state checkpoint could not be stored; the job stops.
     fn on_checkpoint_failed(&self, _e: &CheckpointFailed) {}
+    /// Another process took the location over; the job stops.
     fn on_lease_lost(&self, _e: &LeaseLost) {}
 }
 
@@ -133,10 +152,10 @@ pub trait StreamingListener: Send + Sync {
 pub(crate) struct Listeners(Arc<Mutex<Vec<Arc<dyn StreamingListener>>>>);
 
 impl Listeners {
-    pub fn add(&self, l: Arc<dyn StreamingListener>) {
+    pub(crate) fn add(&self, l: Arc<dyn StreamingListener>) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).push(l);
     }
-    pub fn each(&self, f: impl Fn(&dyn StreamingListener)) {
+    pub(crate) fn each(&self, f: impl Fn(&dyn StreamingListener)) {
         let ls = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for l in ls {
             f(&*l);
@@ -148,7 +167,7 @@ impl Listeners {
 pub(crate) struct JsonLines(Mutex<std::fs::File>);
 
 impl JsonLines {
-    pub fn create(path: &std::path::Path) -> std::io::Result<Self> {
+    pub(crate) fn create(path: &std::path::Path) -> std::io::Result<Self> {
         Ok(Self(Mutex::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?)))
     }
 }

@@ -34,6 +34,7 @@ pub struct RunSummary {
     pub checkpoints: u64,
     /// Bytes and objects of state checkpoints (and compacted snapshots) written by this run.
     pub checkpoint_bytes: u64,
+    /// State objects written by this run (checkpoints and compacted snapshots).
     pub checkpoint_objects: u64,
     /// Batch log objects (plans and commits) written by this run.
     pub log_objects: u64,

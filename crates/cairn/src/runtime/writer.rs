@@ -47,7 +47,7 @@ pub(crate) struct CheckpointWriter {
 }
 
 impl CheckpointWriter {
-    pub fn start(
+    pub(crate) fn start(
         listeners: Listeners,
         store: CheckpointStore,
         capacity: usize,
@@ -85,17 +85,17 @@ impl CheckpointWriter {
     }
 
     /// Checkpoints submitted and not yet written.
-    pub fn pending(&self) -> usize {
+    pub(crate) fn pending(&self) -> usize {
         lock(&self.shared).pending
     }
 
     /// True when every slot of the queue is taken: a submit now would block.
-    pub fn is_full(&self) -> bool {
+    pub(crate) fn is_full(&self) -> bool {
         lock(&self.shared).pending >= self.capacity
     }
 
     /// Queues a checkpoint; blocks while the queue is full. Returns the ms spent blocked.
-    pub fn submit(&self, ckpt: StateCheckpoint) -> Result<f64> {
+    pub(crate) fn submit(&self, ckpt: StateCheckpoint) -> Result<f64> {
         self.check()?;
         let t0 = Instant::now();
         let tx = self.tx.as_ref().expect("submit after finish");
@@ -105,7 +105,7 @@ impl CheckpointWriter {
     }
 
     /// Fails if a background write failed for good.
-    pub fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         match &lock(&self.shared).error {
             Some((batch, source)) => Err(Error::CheckpointWrite { batch: *batch, source: source.clone() }),
             None => Ok(()),
@@ -119,13 +119,13 @@ impl CheckpointWriter {
         }
     }
 
-    pub fn stats(&self) -> WriterStats {
+    pub(crate) fn stats(&self) -> WriterStats {
         lock(&self.shared).stats
     }
 
     /// Waits until every queued checkpoint is written and maintenance is done; returns the
     /// final figures and whether every write succeeded.
-    pub fn finish(mut self) -> (WriterStats, Result<()>) {
+    pub(crate) fn finish(mut self) -> (WriterStats, Result<()>) {
         drop(self.tx.take());
         for t in self.threads.drain(..) {
             let _ = t.join();

@@ -13,7 +13,7 @@ pub(crate) struct ForeachBatch<T, F> {
 }
 
 impl<T, F> ForeachBatch<T, F> {
-    pub fn new(name: String, f: F) -> Self {
+    pub(crate) fn new(name: String, f: F) -> Self {
         Self { name, f: Mutex::new(f), parts: Mutex::new(Vec::new()) }
     }
 
