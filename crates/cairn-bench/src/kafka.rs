@@ -205,6 +205,9 @@ impl<S: Source> Source for Timed<S> {
         self.plan_us.fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
         r
     }
+    fn legacy_partition(&self, key: &str) -> Result<cairn::SourcePartition, cairn::UserError> {
+        self.inner.legacy_partition(key)
+    }
     fn read(&self, range: &cairn::OffsetRange) -> Result<Vec<S::Item>, cairn::UserError> {
         let us = || self.epoch.elapsed().as_micros() as u64;
         self.read_span.0.fetch_min(us(), Ordering::Relaxed);

@@ -232,16 +232,17 @@ pub fn show(store: &CheckpointStore, batch: Option<BatchId>) -> Result<Details> 
         state.as_ref().map(|s| s.graph.clone()).or_else(|| metadata.as_ref().map(|m| m.graph.clone()));
     let mut operators = Vec::new();
     for op in graph.iter().flat_map(|g| g.operators.iter()) {
-        let table_id = if op.kind == crate::OperatorKind::Source {
-            paths::source_table(&op.name)
-        } else {
-            op.name.clone()
-        };
-        let prefix = format!("{table_id}/");
+        let is_source = op.kind == crate::OperatorKind::Source;
         let tables = state
             .iter()
             .flat_map(|s| s.tables.iter())
-            .filter(|t| t.id == table_id || t.id.starts_with(&prefix))
+            .filter(|t| {
+                if is_source {
+                    paths::table_source(&t.id) == Some(op.name.as_str())
+                } else {
+                    paths::table_of_operator(&t.id, &op.name)
+                }
+            })
             .map(|t| TableStat { id: t.id.clone(), keys: t.entries, bytes: t.data.len() as u64 })
             .collect();
         operators.push(OperatorStat {
@@ -408,9 +409,11 @@ pub fn dump_state(store: &CheckpointStore, operator: &str, batch: Option<BatchId
         });
     }
     let state = load_checkpoint(store, BatchId(b))?;
-    let source_id = paths::source_table(operator);
     let mut rows = Vec::new();
-    for t in state.tables.iter().filter(|t| paths::table_of_operator(&t.id, operator) || t.id == source_id) {
+    let ours = |t: &&crate::TableData| {
+        paths::table_of_operator(&t.id, operator) || paths::table_source(&t.id) == Some(operator)
+    };
+    for t in state.tables.iter().filter(ours) {
         for e in t.reader() {
             let (k, v) = e?;
             if let Some(v) = v {
@@ -419,6 +422,24 @@ pub fn dump_state(store: &CheckpointStore, operator: &str, batch: Option<BatchId
         }
     }
     Ok(rows)
+}
+
+/// A reading of a stored key for people: a source's partition in a positions table, else
+/// [`guess`].
+///
+/// ```
+/// use cairn_checkpoint::{admin::describe_key, SourcePartition};
+/// let key = SourcePartition::topic("t", 2).key_bytes();
+/// assert_eq!(describe_key("$positions/orders", &key).as_deref(), Some("t[2]"));
+/// assert_eq!(describe_key("totals", &[3, b'a', b'b', b'c']).as_deref(), Some("\"abc\""));
+/// ```
+pub fn describe_key(table: &str, key: &[u8]) -> Option<String> {
+    // Only the current positions tables hold typed keys; legacy ones hold postcard strings.
+    let typed = paths::table_source(table).is_some_and(|source| paths::source_table(source) == table);
+    match typed.then(|| crate::SourcePartition::from_key_bytes(key)).flatten() {
+        Some(p) => Some(p.to_string()),
+        None => guess(key),
+    }
 }
 
 /// A best-effort reading of postcard bytes for people: a UTF-8 string (length-prefixed), or the

@@ -5,8 +5,11 @@ use serde::{Deserialize, Serialize};
 
 /// The version written into every object header. Readers accept any version up to this one.
 /// Version 2 added the writer's lease epoch to plans, commits and state checkpoints, and the
-/// per-epoch lease objects; version 1 objects read as epoch 0.
-pub const FORMAT_VERSION: u16 = 2;
+/// per-epoch lease objects; version 1 objects read as epoch 0. Version 3 types source
+/// partitions ([`SourcePartition`]): a Kafka partition is `{topic, partition}` in plans and in
+/// the `$positions/<source>` tables, where versions 1 and 2 kept a `"topic-partition"` string
+/// (in `$source/<source>` tables), which a source maps with `Source::legacy_partition`.
+pub const FORMAT_VERSION: u16 = 3;
 
 /// A lease epoch: every process that takes the location gets the next one (1, 2, ...). Objects
 /// written before epochs existed (format version 1) carry epoch 0.
@@ -178,12 +181,162 @@ impl OperatorDescription {
     }
 }
 
+/// One partition of a source's input: what a source's offsets are positions in.
+///
+/// In plans (JSON) a named partition is a string and a topic's partition an object
+/// `{"topic": .., "partition": ..}`; in positions tables (binary) an enum tag comes first.
+///
+/// ```
+/// use cairn_checkpoint::SourcePartition;
+/// let p = SourcePartition::topic("orders-eu", 3);
+/// assert_eq!(p.to_string(), "orders-eu[3]");
+/// let json = serde_json::to_string(&p).unwrap();
+/// assert_eq!(json, r#"{"topic":"orders-eu","partition":3}"#);
+/// assert_eq!(serde_json::from_str::<SourcePartition>(&json).unwrap(), p);
+/// assert_eq!(serde_json::from_str::<SourcePartition>(r#""in-000.txt""#).unwrap(), SourcePartition::named("in-000.txt"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SourcePartition {
+    /// A partition a source names itself: a file's name, a generator's key.
+    Named(String),
+    /// A partition of a topic (Kafka).
+    Topic {
+        /// The topic's name.
+        topic: String,
+        /// The partition's number within the topic.
+        partition: i32,
+    },
+}
+
+impl SourcePartition {
+    /// A partition the source names itself.
+    pub fn named(name: impl Into<String>) -> Self {
+        Self::Named(name.into())
+    }
+    /// Partition `partition` of `topic`.
+    pub fn topic(topic: impl Into<String>, partition: i32) -> Self {
+        Self::Topic { topic: topic.into(), partition }
+    }
+    /// The name of a named partition; `None` for a topic's partition.
+    pub fn as_named(&self) -> Option<&str> {
+        match self {
+            Self::Named(n) => Some(n),
+            Self::Topic { .. } => None,
+        }
+    }
+}
+
+impl SourcePartition {
+    /// The partition as a key of a `$positions/<source>` table: a tag byte, then for a named
+    /// partition its UTF-8 name, for a topic's partition the number (i32, little-endian) and
+    /// then the topic's UTF-8 name. Keys of one source sort by tag, then as bytes.
+    ///
+    /// ```
+    /// use cairn_checkpoint::SourcePartition;
+    /// let p = SourcePartition::topic("t", 2);
+    /// assert_eq!(p.key_bytes(), [1, 2, 0, 0, 0, b't']);
+    /// assert_eq!(SourcePartition::from_key_bytes(&p.key_bytes()), Some(p));
+    /// assert_eq!(SourcePartition::from_key_bytes(&[7]), None);
+    /// ```
+    pub fn key_bytes(&self) -> Vec<u8> {
+        match self {
+            Self::Named(n) => [&[0u8][..], n.as_bytes()].concat(),
+            Self::Topic { topic, partition } => {
+                [&[1u8][..], &partition.to_le_bytes(), topic.as_bytes()].concat()
+            }
+        }
+    }
+
+    /// Inverse of [`SourcePartition::key_bytes`]; `None` for bytes no version wrote.
+    pub fn from_key_bytes(b: &[u8]) -> Option<Self> {
+        match b.split_first()? {
+            (0, name) => Some(Self::Named(std::str::from_utf8(name).ok()?.to_string())),
+            (1, rest) if rest.len() >= 4 => {
+                let (p, topic) = rest.split_at(4);
+                let partition = i32::from_le_bytes(p.try_into().ok()?);
+                Some(Self::Topic { topic: std::str::from_utf8(topic).ok()?.to_string(), partition })
+            }
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for SourcePartition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Named(n) => f.write_str(n),
+            Self::Topic { topic, partition } => write!(f, "{topic}[{partition}]"),
+        }
+    }
+}
+
+impl From<&str> for SourcePartition {
+    fn from(name: &str) -> Self {
+        Self::named(name)
+    }
+}
+
+/// How [`SourcePartition`] reads in JSON: a bare string is a named partition (and every
+/// partition of format versions 1 and 2), an object a topic's partition.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ReadablePartition {
+    Named(String),
+    Topic { topic: String, partition: i32 },
+}
+
+/// How [`SourcePartition`] is stored in binary encodings, which cannot guess a shape.
+#[derive(Deserialize)]
+enum CompactPartition {
+    Named(String),
+    Topic(String, i32),
+}
+
+impl Serialize for SourcePartition {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeStruct, SerializeTupleVariant};
+        // The shapes and variant indices of `ReadablePartition` and `CompactPartition`.
+        match (self, s.is_human_readable()) {
+            (Self::Named(n), true) => s.serialize_str(n),
+            (Self::Named(n), false) => s.serialize_newtype_variant("SourcePartition", 0, "Named", n),
+            (Self::Topic { topic, partition }, true) => {
+                let mut st = s.serialize_struct("SourcePartition", 2)?;
+                st.serialize_field("topic", topic)?;
+                st.serialize_field("partition", partition)?;
+                st.end()
+            }
+            (Self::Topic { topic, partition }, false) => {
+                let mut tv = s.serialize_tuple_variant("SourcePartition", 1, "Topic", 2)?;
+                tv.serialize_field(topic)?;
+                tv.serialize_field(partition)?;
+                tv.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SourcePartition {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        Ok(if d.is_human_readable() {
+            match ReadablePartition::deserialize(d)? {
+                ReadablePartition::Named(n) => Self::Named(n),
+                ReadablePartition::Topic { topic, partition } => Self::Topic { topic, partition },
+            }
+        } else {
+            match CompactPartition::deserialize(d)? {
+                CompactPartition::Named(n) => Self::Named(n),
+                CompactPartition::Topic(topic, partition) => Self::Topic { topic, partition },
+            }
+        })
+    }
+}
+
 /// A half-open range of offsets `[start, end)` of one source partition. For a file source the
 /// partition is the file's name and the range its bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OffsetRange {
     /// The source partition the range is of (for a file source, the file's name).
-    pub partition: String,
+    pub partition: SourcePartition,
     /// First offset of the range (inclusive).
     pub start: u64,
     /// One past the last offset of the range (exclusive); `start == end` is an empty range.

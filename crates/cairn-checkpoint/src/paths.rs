@@ -146,24 +146,36 @@ impl Paths {
     }
 }
 
-/// The table that holds a source's positions in every state checkpoint: `$source/<source>`.
+/// The table that holds a source's positions in every state checkpoint: `$positions/<source>`,
+/// keyed by [`crate::SourcePartition`].
 ///
 /// ```
-/// assert_eq!(cairn_checkpoint::paths::source_table("clicks"), "$source/clicks");
+/// assert_eq!(cairn_checkpoint::paths::source_table("clicks"), "$positions/clicks");
 /// ```
 pub fn source_table(source: &str) -> String {
     format!("{SOURCE_TABLE_PREFIX}{source}")
 }
 
-/// The source a table id belongs to, if it is a source's positions table.
+/// Where format versions 1 and 2 kept a source's positions: `$source/<source>`, keyed by the
+/// partition's string (`"topic-partition"` for Kafka). Read, never written.
+///
+/// ```
+/// assert_eq!(cairn_checkpoint::paths::legacy_source_table("clicks"), "$source/clicks");
+/// ```
+pub fn legacy_source_table(source: &str) -> String {
+    format!("{LEGACY_SOURCE_TABLE_PREFIX}{source}")
+}
+
+/// The source a table id belongs to, if it is a source's positions table of any format.
 ///
 /// ```
 /// use cairn_checkpoint::paths::table_source;
+/// assert_eq!(table_source("$positions/clicks"), Some("clicks"));
 /// assert_eq!(table_source("$source/clicks"), Some("clicks"));
 /// assert_eq!(table_source("totals"), None);
 /// ```
 pub fn table_source(table: &str) -> Option<&str> {
-    table.strip_prefix(SOURCE_TABLE_PREFIX)
+    table.strip_prefix(SOURCE_TABLE_PREFIX).or_else(|| table.strip_prefix(LEGACY_SOURCE_TABLE_PREFIX))
 }
 
 /// One of an operator's tables when it keeps several: `<operator>/<part>` (a window's `slices`
@@ -187,7 +199,8 @@ pub fn table_of_operator(table: &str, operator: &str) -> bool {
     table == operator || table.strip_prefix(operator).is_some_and(|rest| rest.starts_with('/'))
 }
 
-const SOURCE_TABLE_PREFIX: &str = "$source/";
+const SOURCE_TABLE_PREFIX: &str = "$positions/";
+const LEGACY_SOURCE_TABLE_PREFIX: &str = "$source/";
 
 fn batch_number(s: &str) -> Option<BatchId> {
     if s.len() != 20 || !s.bytes().all(|c| c.is_ascii_digit()) {

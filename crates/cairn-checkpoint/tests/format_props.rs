@@ -31,13 +31,20 @@ fn arb_graph() -> impl Strategy<Value = GraphDescription> {
         })
 }
 
+fn partition() -> impl Strategy<Value = SourcePartition> {
+    prop_oneof![
+        ".{0,12}".prop_map(SourcePartition::Named),
+        (".{0,12}", any::<i32>()).prop_map(|(topic, partition)| SourcePartition::Topic { topic, partition }),
+    ]
+}
+
 fn arb_plan() -> impl Strategy<Value = BatchPlan> {
     (
         any::<u64>(),
         any::<i64>(),
         any::<i64>(),
         prop::collection::vec(
-            ("[a-z]{1,6}", prop::collection::vec((".{1,12}", any::<u64>(), any::<u64>()), 0..4)),
+            ("[a-z]{1,6}", prop::collection::vec((partition(), any::<u64>(), any::<u64>()), 0..4)),
             0..3,
         ),
     )
@@ -169,6 +176,12 @@ proptest! {
         let ok = |b: &[u8]| decode_state("s", b).is_ok();
         all_flips_detected(&bytes, ok, byte, bit)?;
         truncations_detected(&bytes, ok, cut)?;
+    }
+
+    #[test]
+    fn partition_keys_roundtrip_and_keep_distinct_partitions_apart(a in partition(), b in partition()) {
+        prop_assert_eq!(SourcePartition::from_key_bytes(&a.key_bytes()), Some(a.clone()));
+        prop_assert_eq!(a.key_bytes() == b.key_bytes(), a == b);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `cairn checkpoint ...`: tables for people, `--json` for scripts.
 
-use cairn::checkpoint::admin::{self, guess};
+use cairn::checkpoint::admin::{self, describe_key, guess};
 use cairn::checkpoint::{BatchId, CheckpointStore, GraphDescription};
 use clap::{Args, Subcommand, ValueEnum};
 use std::io::Write;
@@ -119,7 +119,7 @@ pub fn run(cmd: CheckpointCmd) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 (Format::Jsonl, _) | (_, true) => rows.iter().try_for_each(|r| {
                     let v = serde_json::json!({
                         "table": r.table, "key_hex": hex(&r.key), "value_hex": hex(&r.value),
-                        "key": guess(&r.key), "value": guess(&r.value),
+                        "key": describe_key(&r.table, &r.key), "value": guess(&r.value),
                     });
                     writeln!(out, "{v}")
                 }),
@@ -133,7 +133,7 @@ pub fn run(cmd: CheckpointCmd) -> Result<ExitCode, Box<dyn std::error::Error>> {
                                 r.table,
                                 hex(&r.key),
                                 hex(&r.value),
-                                q(guess(&r.key)),
+                                q(describe_key(&r.table, &r.key)),
                                 q(guess(&r.value))
                             )
                         })

@@ -199,7 +199,7 @@ fn deleted_offsets_stop_the_job_unless_skipping_is_asked_for() {
     let err = drain(loc, KafkaSource::new(&broker.bootstrap, "r", StartFrom::Earliest, 10).unwrap())
         .unwrap_err()
         .to_string();
-    assert!(err.contains("partition r-0") && err.contains("10 records lost"), "{err}");
+    assert!(err.contains("partition r[0]") && err.contains("10 records lost"), "{err}");
     let got = drain(
         loc,
         KafkaSource::builder(&broker.bootstrap, "r")

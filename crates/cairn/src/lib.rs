@@ -53,7 +53,7 @@ pub use api::context::{StopHandle, StreamingContext, StreamingContextBuilder};
 pub use api::dstream::DStream;
 pub use cairn_checkpoint as checkpoint;
 pub use cairn_checkpoint::schema::StateSchema;
-pub use cairn_checkpoint::{BatchId, OffsetRange};
+pub use cairn_checkpoint::{BatchId, OffsetRange, SourcePartition};
 pub use clock::{Clock, SystemClock};
 pub use error::{Error, Result};
 pub use graph::state::StateData;

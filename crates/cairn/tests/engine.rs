@@ -512,3 +512,137 @@ fn text_files_are_taken_exactly_once_across_restarts() {
     all.sort();
     assert_eq!(all, (0..70).collect::<Vec<_>>(), "every line exactly once");
 }
+
+/// Partitions of two topics, one with `-` in its name, named the way a Kafka source names them;
+/// format versions 1 and 2 stored them as `"<topic>-<partition>"` strings.
+struct TwoTopics;
+
+impl cairn::source::Source for TwoTopics {
+    type Item = (String, u64);
+    fn plan(&self, pos: &cairn::source::Positions) -> Result<Vec<cairn::OffsetRange>, cairn::UserError> {
+        let ranges = [("t", 0), ("a-b", 1)].map(|(topic, p)| {
+            let partition = cairn::SourcePartition::topic(topic, p);
+            let start = pos.get(&partition).copied().unwrap_or(0);
+            cairn::OffsetRange { partition, start, end: start + 2 + p as u64 }
+        });
+        Ok(ranges.to_vec())
+    }
+    fn read(&self, r: &cairn::OffsetRange) -> Result<Vec<(String, u64)>, cairn::UserError> {
+        let cairn::SourcePartition::Topic { topic, partition } = &r.partition else {
+            return Err(format!("{} is not a topic's partition", r.partition).into());
+        };
+        Ok((r.start..r.end).map(|o| (format!("{topic}/{partition}"), o)).collect())
+    }
+    fn legacy_partition(&self, key: &str) -> Result<cairn::SourcePartition, cairn::UserError> {
+        let (topic, p) = key.rsplit_once('-').ok_or("no partition number")?;
+        Ok(cairn::SourcePartition::topic(topic, p.parse::<i32>().map_err(|e| e.to_string())?))
+    }
+}
+
+type Seen = Arc<Mutex<BTreeMap<u64, Vec<(String, u64)>>>>;
+
+fn two_topics_job(dir: &str, batches: u64) -> (StreamingContext, Seen) {
+    let ctx = StreamingContext::builder()
+        .checkpoint(dir)
+        .batch_interval(SEC)
+        .checkpoint_interval(SEC)
+        .max_checkpoint_deferral(0)
+        .trigger(Trigger::AvailableNow)
+        .stop_after_batches(batches)
+        .build()
+        .unwrap();
+    let seen: Seen = Arc::default();
+    let s = seen.clone();
+    ctx.source("in", TwoTopics).unwrap().foreach_batch(move |info, parts| {
+        let mut all = parts;
+        all.sort();
+        s.lock().unwrap().insert(info.batch_id.0, all);
+        Ok(())
+    });
+    (ctx, seen)
+}
+
+/// A location whose positions and logged plans hold the string partitions of format versions 1
+/// and 2 restarts with the source's typed partitions: the logged batch replays the same records,
+/// the job continues where it was, and its next checkpoint keeps typed positions only.
+#[test]
+fn string_partitions_of_older_formats_restart_as_the_sources_typed_partitions() {
+    use cairn::checkpoint::{paths, BatchPlan, CheckpointKind, CheckpointStore, SourcePlan, TableWriter};
+    let fresh = tempfile::tempdir().unwrap();
+    let (ctx, want) = two_topics_job(fresh.path().to_str().unwrap(), 6);
+    ctx.run_available().unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let location = dir.path().to_str().unwrap();
+    let (ctx, _) = two_topics_job(location, 3);
+    ctx.run_available().unwrap();
+    // Rewrite the location as an older format kept it: positions under `$source/in` keyed by
+    // postcard strings, and batch 3 planned with string partitions but never run.
+    let store = CheckpointStore::open(location).unwrap();
+    let lease = store.acquire_lease(Duration::from_secs(5)).unwrap();
+    let mut state = store.recover().unwrap().state.expect("a checkpoint");
+    assert_eq!(state.batch_id.0, 2);
+    let typed = state.tables.iter().position(|t| t.id == paths::source_table("in")).expect("typed positions");
+    let mut legacy = TableWriter::new();
+    let mut next = BTreeMap::new();
+    for entry in state.tables[typed].reader() {
+        let (k, v) = entry.unwrap();
+        let key = match cairn::SourcePartition::from_key_bytes(k).unwrap() {
+            cairn::SourcePartition::Topic { topic, partition } => format!("{topic}-{partition}"),
+            other => panic!("{other:?}"),
+        };
+        next.insert(key.clone(), v.unwrap().to_vec());
+        // postcard: a one-byte length (short strings), then the bytes.
+        legacy.put(&[&[key.len() as u8][..], key.as_bytes()].concat(), v.unwrap());
+    }
+    assert_eq!(next.len(), 2);
+    state.tables[typed] = legacy.finish(paths::legacy_source_table("in"));
+    for (name, _) in store.list_objects().unwrap() {
+        if matches!(
+            name,
+            cairn::checkpoint::paths::ObjectName::Full(_)
+                | cairn::checkpoint::paths::ObjectName::Delta { .. }
+        ) {
+            store.delete_object(name).unwrap();
+        }
+    }
+    store
+        .write_checkpoint(&cairn::checkpoint::StateCheckpoint {
+            batch_id: state.batch_id,
+            kind: CheckpointKind::Full,
+            created_ms: 0,
+            graph: state.graph,
+            tables: state.tables,
+            epoch: 0,
+        })
+        .unwrap();
+    let ranges = [("t-0", 2u64), ("a-b-1", 3)]
+        .map(|(key, n)| {
+            let start = 3 * n;
+            cairn::OffsetRange { partition: cairn::SourcePartition::named(key), start, end: start + n }
+        })
+        .to_vec();
+    let batch_2 = store.read_plan(cairn::BatchId(2)).unwrap();
+    store
+        .write_plan(&BatchPlan {
+            batch_id: cairn::BatchId(3),
+            batch_time_ms: batch_2.batch_time_ms + 1000,
+            planned_at_ms: 0,
+            sources: vec![SourcePlan { source: "in".into(), ranges }],
+            previous_commit: None,
+            previous_plan: None,
+            epoch: 0,
+        })
+        .unwrap();
+    lease.release().unwrap();
+
+    let (ctx, got) = two_topics_job(location, 6);
+    let summary = ctx.run_available().unwrap();
+    assert_eq!((summary.replayed_batches, summary.new_batches), (1, 2));
+    let want: Vec<_> = want.lock().unwrap().range(3..).map(|(b, r)| (*b, r.clone())).collect();
+    let got: Vec<_> = got.lock().unwrap().range(3..).map(|(b, r)| (*b, r.clone())).collect();
+    assert_eq!(got, want, "the replayed batch read the typed partitions, and the job went on from them");
+    let state = CheckpointStore::open(location).unwrap().recover().unwrap().state.unwrap();
+    let ids: Vec<_> = state.tables.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(ids, vec![paths::source_table("in")], "the chain after the upgrade holds typed keys only");
+}

@@ -1,7 +1,7 @@
 //! Planning one partition's next range: pure logic, no broker calls, so every case (a first
 //! sight, retention gaps, a recreated topic) is unit-tested without a broker.
 
-use cairn::OffsetRange;
+use cairn::{OffsetRange, SourcePartition};
 
 /// What the broker says about a partition right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,14 +22,14 @@ pub(crate) struct PartitionPlan {
     pub lost: u64,
 }
 
-/// Plans `[start, min(high, start + max))` for the partition `key`.
+/// Plans `[start, min(high, start + max))` for `partition`.
 ///
 /// `position` is the next offset from the checkpoint; `initial` is where a partition without a
 /// position starts (already resolved from the source's start setting). A partition seen for the
 /// first time always gets a range, possibly empty, so that its start is logged in the plan and a
 /// `Latest` start cannot drift forward between plans.
 pub(crate) fn plan_partition(
-    key: &str,
+    partition: &SourcePartition,
     position: Option<u64>,
     initial: i64,
     w: Watermarks,
@@ -43,13 +43,13 @@ pub(crate) fn plan_partition(
         let gone = (w.low - start) as u64;
         if !skip_lost {
             return Err(format!(
-                "partition {key}: offsets {start}..{} were deleted by the broker's retention \
+                "partition {partition}: offsets {start}..{} were deleted by the broker's retention \
                  ({gone} records lost); set skip_lost_records(true) to go on from offset {}",
                 w.low, w.low
             ));
         }
         tracing::warn!(
-            "partition {key}: skipping {gone} records deleted by retention (offsets {start}..{})",
+            "partition {partition}: skipping {gone} records deleted by retention (offsets {start}..{})",
             w.low
         );
         lost = gone;
@@ -59,14 +59,14 @@ pub(crate) fn plan_partition(
         // an unclean leader election truncated it. Reading on would silently skip the new records.
         if !skip_lost {
             return Err(format!(
-                "partition {key}: the next offset {start} is beyond the broker's end offset {} \
+                "partition {partition}: the next offset {start} is beyond the broker's end offset {} \
                  (topic recreated or truncated?); set skip_lost_records(true) to read it again \
                  from offset {}",
                 w.high, w.low
             ));
         }
         tracing::warn!(
-            "partition {key}: next offset {start} is beyond the end offset {}; reading again from {}",
+            "partition {partition}: next offset {start} is beyond the end offset {}; reading again from {}",
             w.high,
             w.low
         );
@@ -74,7 +74,7 @@ pub(crate) fn plan_partition(
     }
     let end = w.high.min(start.saturating_add(i64::try_from(max).unwrap_or(i64::MAX)));
     let range = (end > start || first_sight).then(|| OffsetRange {
-        partition: key.to_string(),
+        partition: partition.clone(),
         start: start as u64,
         end: end.max(start) as u64,
     });
@@ -84,6 +84,10 @@ pub(crate) fn plan_partition(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn tp(topic: &str, partition: i32) -> SourcePartition {
+        SourcePartition::topic(topic, partition)
+    }
 
     fn w(low: i64, high: i64) -> Watermarks {
         Watermarks { low, high }
@@ -95,47 +99,47 @@ mod tests {
 
     #[test]
     fn resumes_at_the_position_and_caps_the_range() {
-        let p = plan_partition("t-0", Some(40), 0, w(0, 100), 25, false).unwrap();
+        let p = plan_partition(&tp("t", 0), Some(40), 0, w(0, 100), 25, false).unwrap();
         assert_eq!(range(&p), Some((40, 65)));
-        let p = plan_partition("t-0", Some(90), 0, w(0, 100), 25, false).unwrap();
+        let p = plan_partition(&tp("t", 0), Some(90), 0, w(0, 100), 25, false).unwrap();
         assert_eq!(range(&p), Some((90, 100)));
     }
 
     #[test]
     fn nothing_new_plans_nothing_once_the_position_is_known() {
-        let p = plan_partition("t-0", Some(100), 0, w(0, 100), 25, false).unwrap();
+        let p = plan_partition(&tp("t", 0), Some(100), 0, w(0, 100), 25, false).unwrap();
         assert_eq!(p.range, None);
     }
 
     #[test]
     fn a_first_sight_pins_its_start_even_when_empty() {
         // A `Latest` start on an idle partition: an empty range at the end, logged in the plan.
-        let p = plan_partition("t-3", None, 100, w(0, 100), 25, false).unwrap();
+        let p = plan_partition(&tp("t", 3), None, 100, w(0, 100), 25, false).unwrap();
         assert_eq!(range(&p), Some((100, 100)));
-        let p = plan_partition("t-3", None, 7, w(0, 100), 25, false).unwrap();
+        let p = plan_partition(&tp("t", 3), None, 7, w(0, 100), 25, false).unwrap();
         assert_eq!(range(&p), Some((7, 32)));
     }
 
     #[test]
     fn deleted_offsets_stop_the_job_with_the_count() {
-        let e = plan_partition("orders-2", Some(10), 0, w(250, 300), 25, false).unwrap_err();
-        assert!(e.contains("orders-2") && e.contains("240 records lost") && e.contains("10..250"), "{e}");
+        let e = plan_partition(&tp("orders", 2), Some(10), 0, w(250, 300), 25, false).unwrap_err();
+        assert!(e.contains("orders[2]") && e.contains("240 records lost") && e.contains("10..250"), "{e}");
         // An explicit start below the retained range is the same gap.
-        let e = plan_partition("orders-2", None, 5, w(250, 300), 25, false).unwrap_err();
+        let e = plan_partition(&tp("orders", 2), None, 5, w(250, 300), 25, false).unwrap_err();
         assert!(e.contains("245 records lost"), "{e}");
     }
 
     #[test]
     fn skipping_deleted_offsets_reports_how_many() {
-        let p = plan_partition("orders-2", Some(10), 0, w(250, 300), 25, true).unwrap();
+        let p = plan_partition(&tp("orders", 2), Some(10), 0, w(250, 300), 25, true).unwrap();
         assert_eq!((range(&p), p.lost), (Some((250, 275)), 240));
     }
 
     #[test]
     fn a_log_shorter_than_the_position_is_an_error_unless_skipping() {
-        let e = plan_partition("t-0", Some(500), 0, w(0, 20), 25, false).unwrap_err();
+        let e = plan_partition(&tp("t", 0), Some(500), 0, w(0, 20), 25, false).unwrap_err();
         assert!(e.contains("beyond the broker's end offset 20"), "{e}");
-        let p = plan_partition("t-0", Some(500), 0, w(0, 20), 25, true).unwrap();
+        let p = plan_partition(&tp("t", 0), Some(500), 0, w(0, 20), 25, true).unwrap();
         assert_eq!(range(&p), Some((0, 20)));
     }
 }

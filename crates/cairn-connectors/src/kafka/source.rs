@@ -4,7 +4,7 @@
 
 use super::plan::{plan_partition, Watermarks};
 use cairn::source::{Positions, Source};
-use cairn::{OffsetRange, UserError};
+use cairn::{OffsetRange, SourcePartition, UserError};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
@@ -263,13 +263,9 @@ fn client(brokers: &str, group: &str, extra: &[(String, String)]) -> Result<Base
     cfg.create().map_err(|e| format!("Kafka source: cannot create a client for {brokers}: {e}").into())
 }
 
-/// The checkpoint's position key of a partition.
-fn position_key(topic: &str, partition: i32) -> String {
-    format!("{topic}-{partition}")
-}
-
-/// Inverse of [`position_key`]; topic names may contain `-`, partitions are the last field.
-fn parse_position_key(key: &str) -> Result<Tp, UserError> {
+/// Reads the `<topic>-<partition>` strings of checkpoint formats 1 and 2; topic names may
+/// contain `-`, the partition is the last field.
+fn parse_legacy_key(key: &str) -> Result<Tp, UserError> {
     key.rsplit_once('-')
         .and_then(|(t, p)| Some((t.to_string(), p.parse().ok()?)))
         .ok_or_else(|| format!("{key:?} is not a <topic>-<partition> position").into())
@@ -365,6 +361,10 @@ impl KafkaSource {
 impl Source for KafkaSource {
     type Item = KafkaRecord;
 
+    fn legacy_partition(&self, key: &str) -> Result<SourcePartition, UserError> {
+        parse_legacy_key(key).map(|(topic, partition)| SourcePartition::topic(topic, partition))
+    }
+
     fn plan(&self, positions: &Positions) -> Result<Vec<OffsetRange>, UserError> {
         let md = self.metadata.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::new();
@@ -374,7 +374,7 @@ impl Source for KafkaSource {
                 .fetch_watermarks(&topic, partition, self.timeout)
                 .map_err(|e| format!("cannot fetch the offsets of {topic}-{partition}: {e}"))?;
             let w = Watermarks { low, high };
-            let key = position_key(&topic, partition);
+            let key = SourcePartition::topic(topic.as_str(), partition);
             let p = plan_partition(
                 &key,
                 positions.get(&key).copied(),
@@ -394,7 +394,10 @@ impl Source for KafkaSource {
     }
 
     fn read(&self, range: &OffsetRange) -> Result<Vec<KafkaRecord>, UserError> {
-        let (topic, p) = parse_position_key(&range.partition)?;
+        let SourcePartition::Topic { topic, partition: p } = &range.partition else {
+            return Err(format!("{} is not a topic's partition", range.partition).into());
+        };
+        let (topic, p) = (topic.clone(), *p);
         if range.end == range.start {
             return Ok(Vec::new());
         }
@@ -481,12 +484,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn position_keys_roundtrip_with_dashes_in_topic_names() {
+    fn legacy_keys_read_with_dashes_in_topic_names() {
+        let source = |key: &str| parse_legacy_key(key).map(|(t, p)| SourcePartition::topic(t, p));
         for (t, p) in [("in", 0), ("orders-eu-west", 11), ("a.b_c", 3)] {
-            assert_eq!(parse_position_key(&position_key(t, p)).unwrap(), (t.to_string(), p));
+            assert_eq!(source(&format!("{t}-{p}")).unwrap(), SourcePartition::topic(t, p));
         }
-        assert!(parse_position_key("nodash").is_err());
-        assert!(parse_position_key("t-x").is_err());
+        assert!(parse_legacy_key("nodash").is_err());
+        assert!(parse_legacy_key("t-x").is_err());
     }
 
     #[test]

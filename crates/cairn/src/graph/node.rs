@@ -3,7 +3,7 @@
 
 use super::data::Partitions;
 use crate::error::{Error, Result};
-use cairn_checkpoint::{BatchId, BatchPlan, OffsetRange, OperatorDescription, TableData};
+use cairn_checkpoint::{BatchId, BatchPlan, OffsetRange, OperatorDescription, SourcePartition, TableData};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -106,12 +106,14 @@ impl<T: Clone + Send + Sync + 'static> Shared<T> {
 }
 
 /// The next offset to read of every partition a source has planned so far.
-pub type Positions = BTreeMap<String, u64>;
+pub type Positions = BTreeMap<SourcePartition, u64>;
 
 /// The scheduler's view of a source.
 pub(crate) trait SourceDyn: Send + Sync {
     fn name(&self) -> &str;
     fn plan(&self, positions: &Positions) -> Result<Vec<OffsetRange>>;
+    /// This source's partition that format versions 1 and 2 stored as `key`.
+    fn legacy_partition(&self, key: &str) -> Result<SourcePartition>;
 }
 
 /// The scheduler's view of an operator with checkpointed state.

@@ -6,22 +6,22 @@ use super::failpoint;
 use super::job::Job;
 use crate::error::{Error, Result};
 use crate::graph::state::decode;
-use crate::graph::{Positions, StatefulOp};
+use crate::graph::{Positions, SourceDyn, StatefulOp};
 use cairn_checkpoint::lease::Lease;
-use cairn_checkpoint::paths::{source_table as source_table_id, table_of_operator};
+use cairn_checkpoint::paths::{legacy_source_table, source_table as source_table_id, table_of_operator};
 use cairn_checkpoint::{
     BatchId, BatchPlan, CheckpointStore, GraphDescription, JobMetadata, OperatorDescription, PlanCopy,
-    TableData, FORMAT_VERSION,
+    SourcePartition, TableData, FORMAT_VERSION,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Source positions with change tracking (checkpointed as `$source/<name>` tables).
+/// Source positions with change tracking (checkpointed as `$positions/<name>` tables).
 #[derive(Default)]
 pub(crate) struct SourcePositions {
     pub positions: Positions,
-    pub changed: BTreeSet<String>,
+    pub changed: BTreeSet<SourcePartition>,
 }
 
 /// Everything `prepare` established, handed to the run loop.
@@ -169,6 +169,20 @@ pub(crate) fn prepare(job: &Job) -> Result<Prepared> {
     }
 }
 
+/// Maps the string partitions of plans written by format versions 1 and 2 to their sources'
+/// typed partitions, so a replay reads what the source now names them.
+fn upgrade_partitions(plans: &mut [BatchPlan], sources: &[Arc<dyn SourceDyn>]) -> Result<()> {
+    for sp in plans.iter_mut().flat_map(|p| p.sources.iter_mut()) {
+        let Some(source) = sources.iter().find(|s| s.name() == sp.source) else { continue };
+        for r in &mut sp.ranges {
+            if let SourcePartition::Named(key) = &r.partition {
+                r.partition = source.legacy_partition(key)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Recovery proper: metadata, compatibility check, state, replay list.
 fn restore(
     job: &Job,
@@ -181,7 +195,9 @@ fn restore(
 ) -> Result<Prepared> {
     let cfg = &job.cfg;
     let interval = cfg.batch_interval.as_millis() as i64;
-    let recovered = store.recover()?;
+    let mut recovered = store.recover()?;
+    let sources = job.graph.lock().sources.clone();
+    upgrade_partitions(&mut recovered.replay, &sources)?;
     for w in &recovered.warnings {
         tracing::warn!("recovery: {w}");
     }
@@ -256,14 +272,31 @@ fn restore(
             taken.extend(tables.iter().map(|t| t.id.clone()));
             op.restore(&tables)?;
         }
-        for (source, pos) in positions.iter_mut() {
-            let Some(t) = state.tables.iter().find(|t| t.id == source_table_id(source)) else { continue };
-            taken.insert(t.id.clone());
-            for entry in t.reader() {
-                let (k, v) = entry.map_err(Error::Checkpoint)?;
-                if let Some(v) = v {
-                    let partition: String = decode(source, k)?;
-                    pos.positions.insert(partition, decode(source, v)?);
+        for s in &sources {
+            let (source, pos) = (s.name(), positions.entry(s.name().to_string()).or_default());
+            for t in state.tables.iter().filter(|t| t.id == legacy_source_table(source)) {
+                // Format 1 and 2 keys were strings the source reads back; the next checkpoint is
+                // full, so the chain it starts holds typed keys only.
+                taken.insert(t.id.clone());
+                force_full = true;
+                for entry in t.reader() {
+                    let (k, v) = entry.map_err(Error::Checkpoint)?;
+                    if let Some(v) = v {
+                        let partition = s.legacy_partition(&decode::<String>(source, k)?)?;
+                        pos.positions.insert(partition, decode(source, v)?);
+                    }
+                }
+            }
+            for t in state.tables.iter().filter(|t| t.id == source_table_id(source)) {
+                taken.insert(t.id.clone());
+                for entry in t.reader() {
+                    let (k, v) = entry.map_err(Error::Checkpoint)?;
+                    if let Some(v) = v {
+                        let partition = SourcePartition::from_key_bytes(k).ok_or_else(|| {
+                            Error::state(source, format!("position key {k:?} is not a source partition"))
+                        })?;
+                        pos.positions.insert(partition, decode(source, v)?);
+                    }
                 }
             }
         }

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::graph::state::{encode_into, EncodeError};
 use crate::graph::{BatchCtx, BatchInfo, StatefulOp};
 use cairn_checkpoint::paths::source_table as source_table_id;
+use cairn_checkpoint::SourcePartition;
 use cairn_checkpoint::{
     BatchCommit, BatchId, BatchPlan, CheckpointKind, SourcePlan, StateCheckpoint, TableWriter,
 };
@@ -391,14 +392,14 @@ impl Runner {
         for (source, pos) in self.p.positions.iter_mut() {
             let mut w = TableWriter::new();
             let err = EncodeError::default();
-            let keys: Vec<String> = if full {
+            let keys: Vec<SourcePartition> = if full {
                 pos.positions.keys().cloned().collect()
             } else {
                 pos.changed.iter().cloned().collect()
             };
             for k in keys {
                 if let Some(v) = pos.positions.get(&k) {
-                    w.put_with(|b| encode_into(&k, b, &err), |b| encode_into(v, b, &err));
+                    w.put_with(|b| b.extend_from_slice(&k.key_bytes()), |b| encode_into(v, b, &err));
                 }
             }
             pos.changed.clear();

@@ -2,7 +2,7 @@
 
 use super::{Positions, Source};
 use crate::graph::{Data, UserError};
-use cairn_checkpoint::OffsetRange;
+use cairn_checkpoint::{OffsetRange, SourcePartition};
 
 /// A deterministic generator: `rate` records per batch spread over `partitions`, record `o` of
 /// partition `p` being `f(p, o)`. Replayable by offset, so it is the demo's and the crash tests'
@@ -32,7 +32,7 @@ impl<T: Data, F: Fn(u32, u64) -> T + Send + Sync + 'static> Source for Generator
         let n = self.partitions as u64;
         let mut out = Vec::new();
         for p in 0..self.partitions {
-            let key = p.to_string();
+            let key = SourcePartition::named(p.to_string());
             let start = positions.get(&key).copied().unwrap_or(0);
             let share = self.rate / n + u64::from((p as u64) < self.rate % n);
             let mut end = start + share;
@@ -46,8 +46,11 @@ impl<T: Data, F: Fn(u32, u64) -> T + Send + Sync + 'static> Source for Generator
         Ok(out)
     }
     fn read(&self, r: &OffsetRange) -> std::result::Result<Vec<T>, UserError> {
-        let p: u32 =
-            r.partition.parse().map_err(|_| format!("not a generator partition: {:?}", r.partition))?;
+        let p: u32 = r
+            .partition
+            .as_named()
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| format!("not a generator partition: {}", r.partition))?;
         Ok((r.start..r.end).map(|o| (self.f)(p, o)).collect())
     }
 }

@@ -14,7 +14,7 @@ pub use text_files::{LineParser, Malformed, TextFiles};
 
 use crate::error::{Error, Result};
 use crate::graph::{BatchCtx, Data, Graph, Node, Partitions, SourceDyn, UserError};
-use cairn_checkpoint::OffsetRange;
+use cairn_checkpoint::{OffsetRange, SourcePartition};
 use rayon::prelude::*;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -25,14 +25,15 @@ use std::sync::Arc;
 ///
 /// ```
 /// use cairn::source::{Positions, Source};
-/// use cairn::{OffsetRange, UserError};
+/// use cairn::{OffsetRange, SourcePartition, UserError};
 /// /// Ten numbers per batch, forever.
 /// struct Counter;
 /// impl Source for Counter {
 ///     type Item = u64;
 ///     fn plan(&self, pos: &Positions) -> Result<Vec<OffsetRange>, UserError> {
-///         let start = pos.get("0").copied().unwrap_or(0);
-///         Ok(vec![OffsetRange { partition: "0".into(), start, end: start + 10 }])
+///         let partition = SourcePartition::named("0");
+///         let start = pos.get(&partition).copied().unwrap_or(0);
+///         Ok(vec![OffsetRange { partition, start, end: start + 10 }])
 ///     }
 ///     fn read(&self, r: &OffsetRange) -> Result<Vec<u64>, UserError> {
 ///         Ok((r.start..r.end).collect())
@@ -48,6 +49,13 @@ pub trait Source: Send + Sync + 'static {
     fn plan(&self, positions: &Positions) -> std::result::Result<Vec<OffsetRange>, UserError>;
     /// The records of one planned range.
     fn read(&self, range: &OffsetRange) -> std::result::Result<Vec<Self::Item>, UserError>;
+    /// The partition that checkpoint format versions 1 and 2 stored as the string `key` (they
+    /// had no typed partitions). Positions and logged plans of such a location pass through it
+    /// when a job restarts on it, so a source whose partitions are not plain names (Kafka's
+    /// `"topic-partition"`) says how to read its old keys. The default keeps the name.
+    fn legacy_partition(&self, key: &str) -> std::result::Result<SourcePartition, UserError> {
+        Ok(SourcePartition::named(key))
+    }
 }
 
 struct SourceNode<S> {
@@ -67,6 +75,9 @@ impl<S: Source> SourceDyn for SourceNode<S> {
             }
         }
         Ok(ranges)
+    }
+    fn legacy_partition(&self, key: &str) -> Result<SourcePartition> {
+        self.source.legacy_partition(key).map_err(|e| Error::source(&self.name, e))
     }
 }
 

@@ -2,7 +2,7 @@
 
 use super::{Positions, Source};
 use crate::graph::{Data, UserError};
-use cairn_checkpoint::OffsetRange;
+use cairn_checkpoint::{OffsetRange, SourcePartition};
 use std::sync::{Arc, Mutex};
 
 /// Pushes batches into a [`queue_stream`](crate::StreamingContext::queue_stream); each pushed
@@ -36,13 +36,10 @@ pub(crate) fn queue<T: Data>() -> (QueueHandle<T>, QueueSource<T>) {
 impl<T: Data> Source for QueueSource<T> {
     type Item = T;
     fn plan(&self, positions: &Positions) -> std::result::Result<Vec<OffsetRange>, UserError> {
-        let next = positions.get("queue").copied().unwrap_or(0);
+        let partition = SourcePartition::named("queue");
+        let next = positions.get(&partition).copied().unwrap_or(0);
         let len = self.chunks.lock().unwrap_or_else(|e| e.into_inner()).len() as u64;
-        Ok(if next < len {
-            vec![OffsetRange { partition: "queue".into(), start: next, end: next + 1 }]
-        } else {
-            vec![]
-        })
+        Ok(if next < len { vec![OffsetRange { partition, start: next, end: next + 1 }] } else { vec![] })
     }
     fn read(&self, r: &OffsetRange) -> std::result::Result<Vec<T>, UserError> {
         let chunks = self.chunks.lock().unwrap_or_else(|e| e.into_inner());

@@ -5,7 +5,7 @@ use crate::error::Result;
 use crate::graph::{Data, UserError};
 use crate::io::{block_on, Location};
 use cairn_checkpoint::object_store::ObjectStore;
-use cairn_checkpoint::OffsetRange;
+use cairn_checkpoint::{OffsetRange, SourcePartition};
 use std::sync::atomic::Ordering;
 
 /// What a text source does with a line its parser rejects.
@@ -92,8 +92,8 @@ impl<T: Data, F: Fn(&str) -> std::result::Result<T, String> + Send + Sync + 'sta
             .into_iter()
             .filter_map(|o| {
                 let name = o.location.filename()?.to_string();
-                (!name.starts_with('.') && !name.starts_with('_') && !positions.contains_key(&name))
-                    .then_some((name, o.size))
+                let seen = || positions.contains_key(&SourcePartition::named(name.as_str()));
+                (!name.starts_with('.') && !name.starts_with('_') && !seen()).then_some((name, o.size))
             })
             .collect();
         files.sort();
@@ -108,7 +108,7 @@ impl<T: Data, F: Fn(&str) -> std::result::Result<T, String> + Send + Sync + 'sta
             let mut start = 0;
             loop {
                 let end = (start + split).min(size);
-                out.push(OffsetRange { partition: name.clone(), start, end });
+                out.push(OffsetRange { partition: SourcePartition::named(name.as_str()), start, end });
                 if end >= size {
                     break;
                 }
@@ -119,7 +119,8 @@ impl<T: Data, F: Fn(&str) -> std::result::Result<T, String> + Send + Sync + 'sta
     }
 
     fn read(&self, r: &OffsetRange) -> std::result::Result<Vec<T>, UserError> {
-        let path = self.location.root.child(r.partition.as_str());
+        let name = r.partition.as_named().ok_or_else(|| format!("{} is not a file", r.partition))?;
+        let path = self.location.root.child(name);
         if r.start == r.end {
             return Ok(Vec::new());
         }
@@ -243,11 +244,13 @@ mod tests {
         }
         let src = TextFiles::new(dir.path().to_str().unwrap(), 2).unwrap();
         let mut pos = Positions::new();
-        let first: Vec<String> = src.plan(&pos).unwrap().into_iter().map(|r| r.partition).collect();
+        let first: Vec<String> =
+            src.plan(&pos).unwrap().into_iter().map(|r| r.partition.to_string()).collect();
         assert_eq!(first, vec!["1.txt", "2.txt"], "name order, max files per batch");
         pos.insert("1.txt".into(), 2);
         pos.insert("2.txt".into(), 2);
-        let next: Vec<String> = src.plan(&pos).unwrap().into_iter().map(|r| r.partition).collect();
+        let next: Vec<String> =
+            src.plan(&pos).unwrap().into_iter().map(|r| r.partition.to_string()).collect();
         assert_eq!(next, vec!["3.txt"]);
     }
 
