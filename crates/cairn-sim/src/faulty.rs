@@ -222,4 +222,8 @@ impl ObjectStore for FaultyStore {
     async fn copy_if_not_exists(&self, from: &Path, to: &Path) -> Result<()> {
         self.inner.copy_if_not_exists(from, to).await
     }
+    // Forwarded so the inner store's rename is used, not the trait's copy and delete.
+    async fn rename(&self, from: &Path, to: &Path) -> Result<()> {
+        self.inner.rename(from, to).await
+    }
 }
