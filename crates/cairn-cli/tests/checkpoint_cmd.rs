@@ -11,6 +11,8 @@ fn job(dir: &Path) {
         .trigger(Trigger::AvailableNow)
         .stop_after_batches(12)
         .keep_checkpoints(4)
+        // A checkpoint every batch, never deferred under load, so gc always has something to free.
+        .max_checkpoint_deferral(0)
         .full_snapshot_every(5)
         .build()
         .unwrap();
