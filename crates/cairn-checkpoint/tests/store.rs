@@ -119,6 +119,11 @@ fn conditional_creates() {
     different.sources[0].ranges[0].end += 1;
     let err = s.write_plan(&different).unwrap_err();
     assert!(matches!(err, Error::Conflict { .. }), "{err}");
+    // The same input at another batch time is another batch too: windows and timeouts use it.
+    let mut later = plan(0);
+    later.batch_time_ms += 1000;
+    let err = s.write_plan(&later).unwrap_err();
+    assert!(matches!(err, Error::Conflict { .. }), "{err}");
     assert_eq!(s.write_commit(&commit(0)).unwrap().objects, 1);
     assert_eq!(s.write_commit(&commit(0)).unwrap().objects, 0);
 }

@@ -334,7 +334,9 @@ impl CheckpointStore {
                     }
                     // A replay, or a retried create whose first attempt landed (same content).
                     Ok(existing)
-                        if existing.batch_id == plan.batch_id && existing.sources == plan.sources =>
+                        if existing.batch_id == plan.batch_id
+                            && existing.batch_time_ms == plan.batch_time_ms
+                            && existing.sources == plan.sources =>
                     {
                         Ok(WriteStats::default())
                     }
