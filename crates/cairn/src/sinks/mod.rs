@@ -14,6 +14,37 @@ use cairn_checkpoint::BatchId;
 use rayon::prelude::*;
 use std::sync::Arc;
 
+/// The partitions of the batch being written, gathered from parallel `write_partition` calls
+/// until the commit concatenates them in partition order (a sink that writes one object or
+/// calls one closure per batch).
+pub(crate) struct Gathered<P>(std::sync::Mutex<Vec<(usize, P)>>);
+
+impl<P> Default for Gathered<P> {
+    fn default() -> Self {
+        Self(std::sync::Mutex::new(Vec::new()))
+    }
+}
+
+impl<P: IntoIterator> Gathered<P> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(usize, P)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    /// Adds partition `i`.
+    pub(crate) fn push(&self, i: usize, part: P) {
+        self.lock().push((i, part));
+    }
+    /// Forgets what an earlier, abandoned attempt gathered.
+    pub(crate) fn clear(&self) {
+        self.lock().clear();
+    }
+    /// Everything gathered, in partition order; empties the buffer.
+    pub(crate) fn take(&self) -> Vec<P::Item> {
+        let mut parts = std::mem::take(&mut *self.lock());
+        parts.sort_by_key(|(i, _)| *i);
+        parts.into_iter().flat_map(|(_, p)| p).collect()
+    }
+}
+
 /// A task of a job: the unit of work that a scaled-out job assigns to one process (one input
 /// partition number). A job running as one process is one task and carries none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

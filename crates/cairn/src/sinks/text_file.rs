@@ -1,7 +1,7 @@
 //! The file sink: each batch's output becomes one object named after its batch id, written
 //! atomically, so a replayed batch replaces its own output instead of adding to it.
 
-use super::{BatchContext, BatchWrite, Sink};
+use super::{BatchContext, BatchWrite, Gathered, Sink};
 use crate::error::{Error, Result};
 use crate::graph::{Data, UserError};
 use crate::io::{block_on, Location};
@@ -12,7 +12,6 @@ use cairn_checkpoint::BatchId;
 use futures::TryStreamExt;
 use std::fmt::Display;
 use std::io::Write;
-use std::sync::Mutex;
 
 /// A storage request of the file sink failed; the object store's error is kept as the source.
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +29,7 @@ pub struct TextFileSink {
     loc: Location,
     paths: Paths,
     /// The formatted partitions of the batch being written.
-    parts: Mutex<Vec<(usize, Vec<u8>)>>,
+    parts: Gathered<Vec<u8>>,
 }
 
 impl TextFileSink {
@@ -52,11 +51,7 @@ impl TextFileSink {
                 tracing::info!("removed {} (left by a crashed writer)", f.display());
             }
         }
-        Ok(Self { loc, paths, parts: Mutex::new(Vec::new()) })
-    }
-
-    fn take_parts(&self) -> Vec<(usize, Vec<u8>)> {
-        std::mem::take(&mut *self.parts.lock().unwrap_or_else(|e| e.into_inner()))
+        Ok(Self { loc, paths, parts: Gathered::default() })
     }
 }
 
@@ -66,7 +61,7 @@ impl<T: Data + Display> Sink<T> for TextFileSink {
     }
     fn open(&self, _: &BatchContext) -> std::result::Result<BatchWrite, UserError> {
         // Replays rewrite the same object with the same lines: never "already committed".
-        self.take_parts();
+        self.parts.clear();
         Ok(BatchWrite::Write)
     }
     fn write_partition(
@@ -79,16 +74,14 @@ impl<T: Data + Display> Sink<T> for TextFileSink {
         for x in &data {
             writeln!(buf, "{x}")?;
         }
-        self.parts.lock().unwrap_or_else(|e| e.into_inner()).push((i, buf));
+        self.parts.push(i, buf);
         Ok(())
     }
     fn parallel(&self) -> bool {
         true
     }
     fn commit(&self, batch: &BatchContext) -> std::result::Result<(), UserError> {
-        let mut parts = self.take_parts();
-        parts.sort_by_key(|(i, _)| *i);
-        let buf: Vec<u8> = parts.into_iter().flat_map(|(_, b)| b).collect();
+        let buf = self.parts.take();
         let path = self.paths.sink_part(batch.batch_id);
         // Object stores put atomically. A local directory gets a staging file next to the
         // target from object_store, which a reader would take as data: write under `_staging/`
@@ -115,7 +108,7 @@ impl<T: Data + Display> Sink<T> for TextFileSink {
         Ok(())
     }
     fn abort(&self, _: &BatchContext) {
-        self.take_parts();
+        self.parts.clear();
     }
 }
 
