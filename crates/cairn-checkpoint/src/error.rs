@@ -118,6 +118,22 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether the failure may heal by itself: the object store was unreachable or failing
+    /// (after the store's own retries), not an answer about the data, the configuration or the
+    /// lease. A job may wait out such a failure and run the batch again.
+    ///
+    /// ```
+    /// use cairn_checkpoint::Error;
+    /// let locked = Error::Locked { location: "l".into(), holder: "pid 1".into(), wait_s: 3 };
+    /// assert!(!locked.is_transient());
+    /// ```
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Storage { source, .. } => crate::retry::is_transient(source),
+            _ => false,
+        }
+    }
+
     pub(crate) fn storage(path: impl fmt::Display, source: object_store::Error) -> Self {
         Error::Storage { path: path.to_string(), source }
     }

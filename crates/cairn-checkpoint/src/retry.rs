@@ -65,9 +65,43 @@ impl RetryPolicy {
 }
 
 /// Whether an error may go away if the request is made again. Answers about the object or the
-/// caller (missing, exists, precondition, permission, configuration) are final.
+/// caller (missing, exists, precondition, permission, configuration) are final, and so is a local
+/// file system that is full, read-only or refuses access.
+///
+/// ```
+/// use cairn_checkpoint::retry::is_transient;
+/// let io = |kind| object_store::Error::Generic { store: "x", source: Box::new(std::io::Error::from(kind)) };
+/// assert!(is_transient(&io(std::io::ErrorKind::ConnectionRefused)));
+/// assert!(!is_transient(&io(std::io::ErrorKind::StorageFull)));
+/// assert!(!is_transient(&object_store::Error::NotFound { path: "a".into(), source: "gone".into() }));
+/// ```
 pub fn is_transient(e: &object_store::Error) -> bool {
-    matches!(e, object_store::Error::Generic { .. } | object_store::Error::JoinError { .. })
+    match e {
+        object_store::Error::Generic { source, .. } => !final_io_error(source.as_ref()),
+        object_store::Error::JoinError { .. } => true,
+        _ => false,
+    }
+}
+
+/// Whether an I/O error somewhere in `e`'s chain is an answer that waiting does not change.
+fn final_io_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind::*;
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                StorageFull
+                    | QuotaExceeded
+                    | ReadOnlyFilesystem
+                    | PermissionDenied
+                    | InvalidInput
+                    | FileTooLarge
+            );
+        }
+        cur = err.source();
+    }
+    false
 }
 
 thread_local! {

@@ -182,3 +182,87 @@ fn requests_per_batch_stay_small() {
     // Retention deletes about what each batch adds.
     assert!(per(r.delete) <= 2.2, "{r:?}");
 }
+
+/// Counts the restarts the job announced.
+#[derive(Default)]
+struct Restarts(AtomicU64, std::sync::Mutex<Vec<String>>);
+
+impl cairn::StreamingListener for Restarts {
+    fn on_restart_scheduled(&self, e: &cairn::RestartScheduled) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        self.1.lock().unwrap().push(e.cause.clone());
+    }
+}
+
+/// Storage that fails every write for a while (more failures than the store's own retries
+/// absorb) is ridden out: the same context restarts in place from its checkpoint, announces
+/// each restart, and ends with exactly the model's output.
+#[test]
+fn a_storage_outage_is_ridden_out_in_place_exactly() {
+    let p = JobParams { batches: 24, rate: 100, keys: 11 };
+    let s = setup("");
+    let ctx = context(&s, &p);
+    let seen = Arc::new(Restarts::default());
+    ctx.add_listener(seen.clone());
+    let faulty = s.faulty.clone();
+    let once = std::sync::atomic::AtomicBool::new(false);
+    ctx.on_batch(move |b| {
+        if b.batch_id.0 == 9 && !once.swap(true, Ordering::SeqCst) {
+            faulty.fail_next(30); // ~4 requests' worth of retries
+        }
+    });
+    let summary = ctx.run_available().expect("the outage is waited out");
+    let restarts = seen.0.load(Ordering::SeqCst);
+    assert!(restarts >= 1, "the job restarted to ride the outage out");
+    assert_eq!(summary.restarts, restarts, "the summary counts what the events announced");
+    assert!(summary.replayed_batches >= 1, "the failed batch ran again from its logged plan");
+    assert_eq!(summary.next_batch.0, p.batches);
+    let causes = seen.1.lock().unwrap();
+    assert!(causes.iter().all(|c| c.contains("503 Slow Down")), "each restart names its cause: {causes:?}");
+    check_exact(&s, &p);
+}
+
+/// An outage longer than the budget stops the job with an error that says how long it tried
+/// and why; a restart once storage is back resumes exactly. A final error (a full disk) is not
+/// ridden out at all.
+#[test]
+fn an_outage_past_the_budget_stops_clearly_and_a_restart_resumes_exactly() {
+    let p = JobParams { batches: 20, rate: 100, keys: 11 };
+    let s = setup("");
+    let ctx = context_with(&s, &p, |b| b.max_outage(Duration::from_millis(1500)));
+    let seen = Arc::new(Restarts::default());
+    ctx.add_listener(seen.clone());
+    let faulty = s.faulty.clone();
+    ctx.on_batch(move |b| {
+        if b.batch_id.0 == 6 {
+            faulty.fail_next(u64::MAX / 2); // storage never comes back
+        }
+    });
+    let t0 = std::time::Instant::now();
+    let err = ctx.run_available().expect_err("the outage outlasts the budget");
+    let msg = err.to_string();
+    assert!(matches!(err, cairn::Error::Outage { attempts, .. } if attempts >= 1), "{msg}");
+    assert!(msg.contains("gave up after") && msg.contains("503 Slow Down"), "{msg}");
+    assert!(t0.elapsed() < Duration::from_secs(20), "it stopped near its budget: {:?}", t0.elapsed());
+    assert!(seen.0.load(Ordering::SeqCst) >= 1);
+
+    s.faulty.fail_next(0);
+    let summary = context(&s, &p).run_available().expect("storage is back");
+    assert_eq!(summary.restarts, 0);
+    check_exact(&s, &p);
+
+    // A full disk is final: the job stops at once, without a restart.
+    let s = setup("");
+    let ctx = context(&s, &p);
+    let seen = Arc::new(Restarts::default());
+    ctx.add_listener(seen.clone());
+    let faulty = s.faulty.clone();
+    ctx.on_batch(move |b| {
+        if b.batch_id.0 == 3 {
+            faulty.set_failing(true);
+        }
+    });
+    let err = ctx.run_available().expect_err("a full disk stops the job");
+    assert!(!err.is_transient() && err.to_string().contains("No space left"), "{err}");
+    assert_eq!(seen.0.load(Ordering::SeqCst), 0, "a final error is not ridden out");
+}

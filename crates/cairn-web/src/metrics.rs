@@ -3,8 +3,8 @@
 //! record).
 
 use cairn::{
-    BatchProgress, CheckpointFailed, CheckpointWritten, LeaseLost, RecoveryFinished, StreamingContext,
-    StreamingListener,
+    BatchProgress, CheckpointFailed, CheckpointWritten, LeaseLost, RecoveryFinished, RestartScheduled,
+    StreamingContext, StreamingListener,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -46,6 +46,7 @@ struct Families {
     checkpoint_backpressure_seconds: Counter<f64, AtomicU64>,
     recovery_warnings: Counter,
     lease_lost: Counter,
+    restarts: Counter,
     last_batch_id: Gauge,
     scheduling_delay_seconds: FloatGauge,
     checkpoint_queue_depth: Gauge,
@@ -72,6 +73,7 @@ impl Families {
             checkpoint_backpressure_seconds: Counter::default(),
             recovery_warnings: Counter::default(),
             lease_lost: Counter::default(),
+            restarts: Counter::default(),
             last_batch_id: Gauge::default(),
             scheduling_delay_seconds: FloatGauge::default(),
             checkpoint_queue_depth: Gauge::default(),
@@ -122,6 +124,11 @@ impl Families {
             "lease_lost",
             "Times another process took the checkpoint location over (the job stops)",
             f.lease_lost.clone(),
+        );
+        r.register(
+            "restarts",
+            "Restarts in place from the checkpoint after a transient failure (a dependency briefly down)",
+            f.restarts.clone(),
         );
         r.register("last_batch_id", "Id of the latest completed batch", f.last_batch_id.clone());
         r.register_with_unit(
@@ -318,6 +325,10 @@ impl StreamingListener for Metrics {
     fn on_lease_lost(&self, _e: &LeaseLost) {
         self.f().lease_lost.inc();
     }
+
+    fn on_restart_scheduled(&self, _e: &RestartScheduled) {
+        self.f().restarts.inc();
+    }
 }
 
 #[cfg(test)]
@@ -345,6 +356,7 @@ mod tests {
             state_keys: 3,
             operators: vec![OperatorProgress { name: "op".into(), keys: 3, checkpoint_bytes: 40 }],
             replayed: false,
+            restarts: 0,
         }
     }
 

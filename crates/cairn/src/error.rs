@@ -35,6 +35,8 @@ pub enum Error {
         source_name: String,
         /// What failed.
         message: String,
+        /// Whether the failure may heal by itself ([`crate::is_transient`]).
+        transient: bool,
     },
     /// A sink failed; the batch was not committed and will be replayed on restart.
     #[error("sink {sink:?} failed in batch {batch}: {message}")]
@@ -45,6 +47,8 @@ pub enum Error {
         batch: cairn_checkpoint::BatchId,
         /// What the sink reported.
         message: String,
+        /// Whether the failure may heal by itself ([`crate::is_transient`]).
+        transient: bool,
     },
     /// State could not be encoded or decoded.
     #[error("state of operator {operator:?}: {message}")]
@@ -53,6 +57,17 @@ pub enum Error {
         operator: String,
         /// What failed.
         message: String,
+    },
+    /// A transient failure lasted longer than the job's outage budget (`max_outage`); the job
+    /// stopped. Nothing is lost: a restart resumes from the checkpoint.
+    #[error("gave up after {attempts} restart(s) over {:.1} s: {last}", waited.as_secs_f64())]
+    Outage {
+        /// Restarts made during the outage.
+        attempts: u32,
+        /// How long the job waited it out.
+        waited: std::time::Duration,
+        /// The last failure.
+        last: Box<Error>,
     },
     /// The context was used in a way its lifecycle does not allow.
     #[error("{0}")]
@@ -70,6 +85,31 @@ impl Error {
         Error::State { operator: operator.to_string(), message: message.to_string() }
     }
     pub(crate) fn source(name: &str, message: impl std::fmt::Display) -> Self {
-        Error::Source { source_name: name.to_string(), message: message.to_string() }
+        Error::Source { source_name: name.to_string(), message: message.to_string(), transient: false }
+    }
+    /// A source's own error, classified, with what the engine was doing (`reading ...`).
+    pub(crate) fn source_failed(name: &str, doing: Option<String>, e: &crate::UserError) -> Self {
+        let message = match doing {
+            Some(d) => format!("{d}: {e}"),
+            None => e.to_string(),
+        };
+        Error::Source { source_name: name.to_string(), message, transient: crate::is_transient(e.as_ref()) }
+    }
+
+    /// Whether the failure may heal by itself (a dependency briefly down or unreachable): the
+    /// engine may wait and run the batch again from its checkpoint. Configuration, data,
+    /// compatibility, state and lease errors are final.
+    ///
+    /// ```
+    /// let e = cairn::Error::Config("bad".into());
+    /// assert!(!e.is_transient());
+    /// ```
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Source { transient, .. } | Error::Sink { transient, .. } => *transient,
+            Error::Checkpoint(e) => e.is_transient(),
+            Error::CheckpointWrite { source, .. } => source.is_transient(),
+            _ => false,
+        }
     }
 }

@@ -57,12 +57,12 @@ pub use cairn_checkpoint::{BatchId, OffsetRange, SourcePartition};
 pub use clock::{Clock, SystemClock};
 pub use error::{Error, Result};
 pub use graph::state::StateData;
-pub use graph::{BatchInfo, Data, Key, Partitions, UserError};
+pub use graph::{is_transient, BatchInfo, Data, Key, Partitions, Transient, UserError};
 pub use ops::stateful::{OpName, State, StateSpec};
 pub use runtime::job::Trigger;
 pub use runtime::progress::{
     BatchProgress, BatchStarted, CheckpointFailed, CheckpointWritten, LeaseLost, OperatorProgress,
-    RecoveryFinished, StreamingListener,
+    RecoveryFinished, RestartScheduled, StreamingListener,
 };
 pub use runtime::scheduler::RunSummary;
 pub use runtime::writer::WriterStats;

@@ -318,7 +318,7 @@ fn a_failing_foreach_batch_fails_the_run_naming_the_batch() {
     }
     let err = ctx.run_available().unwrap_err();
     match &err {
-        Error::Sink { sink, batch, message } => {
+        Error::Sink { sink, batch, message, .. } => {
             assert_eq!(*batch, cairn::BatchId(2));
             assert!(message.contains("unlucky record in batch 2"), "{message}");
             assert!(!sink.is_empty());

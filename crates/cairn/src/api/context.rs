@@ -8,6 +8,7 @@ use crate::graph::{Data, Graph};
 use crate::runtime::job::{Config, Job, Trigger};
 use crate::runtime::progress::{BatchProgress, JsonLines, Listeners, StreamingListener};
 use crate::runtime::recovery::{self, Prepared};
+use crate::runtime::restart;
 use crate::runtime::scheduler::{self, RunSummary};
 use crate::sources::{self, Generator, QueueHandle, Source, TextFiles};
 use cairn_checkpoint::CheckpointStore;
@@ -116,6 +117,15 @@ impl StreamingContextBuilder {
         self.cfg.stop_on_signals = yes;
         self
     }
+    /// How long the job rides out a failure that may heal by itself (a broker, database or
+    /// object store briefly down: see [`crate::is_transient`]) before it stops (default one
+    /// minute). Meanwhile it restarts in place from its checkpoint with a backoff of 0.2 s
+    /// doubling to 5 s, and reports each restart ([`crate::StreamingListener::on_restart_scheduled`]).
+    /// Final errors stop the job at once; zero turns restarts off. Needs a checkpoint location.
+    pub fn max_outage(mut self, d: Duration) -> Self {
+        self.cfg.max_outage = d;
+        self
+    }
     /// How long a crashed holder of the checkpoint location on another host keeps it (default
     /// 10 s). A holder on this host that died is detected at once.
     pub fn lease_ttl(mut self, d: Duration) -> Self {
@@ -157,6 +167,7 @@ impl StreamingContextBuilder {
                 graph,
                 stop: Arc::new(AtomicBool::new(false)),
                 listeners: Listeners::default(),
+                restarts: Default::default(),
             }),
             phase: Arc::new(Mutex::new(Phase::Defining)),
         })
@@ -231,6 +242,7 @@ impl StreamingContext {
                 drop_state: Vec::new(),
                 stop_on_signals: false,
                 lease_ttl: Duration::from_secs(10),
+                max_outage: Duration::from_secs(60),
                 clock: clock::system(),
             },
         }
@@ -409,7 +421,7 @@ impl StreamingContext {
         let job = self.job.clone();
         let handle = std::thread::Builder::new()
             .name("cairn-scheduler".into())
-            .spawn(move || scheduler::run(job, *prepared, trigger))
+            .spawn(move || restart::run(job, *prepared, trigger))
             .map_err(|e| Error::Lifecycle(format!("cannot start the scheduler thread: {e}")))?;
         *phase = Phase::Running(handle);
         Ok(())

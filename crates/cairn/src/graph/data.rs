@@ -15,6 +15,78 @@ impl<T: Clone + Send + Sync + 'static> Data for T {}
 /// Errors returned by user functions (`foreach_batch`, parsers): anything printable.
 pub type UserError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Marks an error that may heal by itself (a refused connection, a broker or database briefly
+/// unavailable, a timeout): a job with a checkpoint location waits and runs the batch again
+/// instead of stopping. Sources and sinks wrap their transient failures in it; see
+/// [`is_transient`] for what else counts.
+///
+/// ```
+/// let e = cairn::Transient::wrap("connection refused");
+/// assert!(cairn::is_transient(e.as_ref()));
+/// assert_eq!(e.to_string(), "connection refused");
+/// ```
+#[derive(Debug)]
+pub struct Transient(pub UserError);
+
+impl Transient {
+    /// `e`, marked transient, as a [`UserError`].
+    pub fn wrap(e: impl Into<UserError>) -> UserError {
+        Box::new(Transient(e.into()))
+    }
+}
+
+impl std::fmt::Display for Transient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Transient {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+/// Whether an error (or one in its chain of sources) may heal by itself: a [`Transient`], an
+/// object-store or checkpoint-store failure that is not an answer about the data
+/// ([`cairn_checkpoint::retry::is_transient`]), or an I/O error of a connection (refused, reset,
+/// aborted, not connected, broken pipe) or a timeout. Everything else (decode errors, permission,
+/// a full disk, a lost lease) is final.
+///
+/// ```
+/// use std::io::{Error, ErrorKind};
+/// assert!(cairn::is_transient(&Error::from(ErrorKind::ConnectionRefused)));
+/// assert!(!cairn::is_transient(&Error::from(ErrorKind::PermissionDenied)));
+/// ```
+pub fn is_transient(e: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind::*;
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<Transient>() {
+            return true;
+        }
+        if let Some(os) = err.downcast_ref::<cairn_checkpoint::object_store::Error>() {
+            return cairn_checkpoint::retry::is_transient(os);
+        }
+        if let Some(c) = err.downcast_ref::<cairn_checkpoint::Error>() {
+            return c.is_transient();
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ConnectionRefused
+                    | ConnectionReset
+                    | ConnectionAborted
+                    | NotConnected
+                    | BrokenPipe
+                    | TimedOut
+            );
+        }
+        cur = err.source();
+    }
+    false
+}
+
 /// What keys must be: data that can be hashed and compared. Blanket-implemented.
 pub trait Key: Data + Hash + Eq {}
 impl<T: Data + Hash + Eq> Key for T {}

@@ -6,7 +6,7 @@ mod data;
 mod node;
 pub(crate) mod state;
 
+pub use data::{is_transient, Data, Key, Partitions, Transient, UserError};
 pub(crate) use data::{partition_of, shuffle};
-pub use data::{Data, Key, Partitions, UserError};
-pub(crate) use node::{BatchCtx, Graph, Node, Output, Shared, SourceDyn, StatefulOp};
+pub(crate) use node::{next_run, BatchCtx, Graph, Node, Output, Shared, SourceDyn, StatefulOp};
 pub use node::{BatchInfo, Positions};

@@ -5,7 +5,7 @@ use super::data::Partitions;
 use crate::error::{Error, Result};
 use cairn_checkpoint::{BatchId, BatchPlan, OffsetRange, OperatorDescription, SourcePartition, TableData};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Identity of a batch, handed to user functions and sinks.
@@ -48,6 +48,15 @@ pub(crate) struct BatchCtx<'a> {
     pub records: std::sync::atomic::AtomicU64,
     /// The writer's ownership epoch, handed to sinks (see `BatchContext::epoch`).
     pub epoch: Option<u64>,
+    /// Unique per execution of a batch: a batch run again after a failure has a new one, so
+    /// nothing computed by the failed attempt is served to it.
+    pub run: u64,
+}
+
+/// The next [`BatchCtx::run`].
+pub(crate) fn next_run() -> u64 {
+    static RUNS: AtomicU64 = AtomicU64::new(0);
+    RUNS.fetch_add(1, Ordering::Relaxed)
 }
 
 impl BatchCtx<'_> {
@@ -62,7 +71,7 @@ pub(crate) trait Node<T>: Send + Sync {
 }
 
 struct Cached<T> {
-    batch: BatchId,
+    run: u64,
     served: usize,
     data: Partitions<T>,
 }
@@ -90,10 +99,10 @@ impl<T: Clone + Send + Sync + 'static> Shared<T> {
             return self.node.compute(ctx);
         }
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let fresh = !matches!(&*cache, Some(c) if c.batch == ctx.info.batch_id);
+        let fresh = !matches!(&*cache, Some(c) if c.run == ctx.run);
         if fresh {
             let data = self.node.compute(ctx)?;
-            *cache = Some(Cached { batch: ctx.info.batch_id, served: 0, data });
+            *cache = Some(Cached { run: ctx.run, served: 0, data });
         }
         let c = cache.as_mut().expect("filled above");
         c.served += 1;
@@ -127,6 +136,9 @@ pub(crate) trait StatefulOp: Send + Sync {
     fn restore(&self, tables: &[&TableData]) -> Result<()>;
     /// Number of live keys (for progress reports).
     fn key_count(&self) -> usize;
+    /// Forgets everything, back to the state of a job that starts without a checkpoint: a
+    /// restart in the same process then restores into it exactly as a new process would.
+    fn reset(&self);
 }
 
 /// An output operation: runs once per batch, pulling its stream.

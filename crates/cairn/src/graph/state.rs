@@ -162,6 +162,13 @@ impl<K: Key + StateData, S: StateData> KeyedState<K, S> {
         self.parts.len()
     }
 
+    /// Drops every key, change record and timer.
+    pub(crate) fn clear(&self) {
+        for p in &self.parts {
+            *p.lock().unwrap_or_else(|e| e.into_inner()) = StatePart::default();
+        }
+    }
+
     /// Locks one partition. Each partition is touched by one task per batch, so this lock is
     /// never contended; it exists to make the sharing safe, not to arbitrate.
     pub(crate) fn part(&self, i: usize) -> MutexGuard<'_, StatePart<K, S>> {

@@ -83,6 +83,9 @@ impl<K: Key + StateData, S: StateData> StatefulOp for KeyedOp<K, S> {
     fn key_count(&self) -> usize {
         self.state.len()
     }
+    fn reset(&self) {
+        self.state.clear();
+    }
 }
 
 /// The state of one key, as seen by a `map_with_state` function.
@@ -163,7 +166,9 @@ impl<'a, S> State<'a, S> {
     }
 }
 
-type InitialState<K, S> = Vec<(K, S)>;
+/// Makes the initial state again each time a run starts without restored state (a restart in
+/// place before the first checkpoint needs it a second time).
+type InitialState<K, S> = Arc<dyn Fn() -> Vec<(K, S)> + Send + Sync>;
 
 /// How `map_with_state` treats each key: the function, an optional idle timeout, an optional
 /// initial state (used only when the job starts without a checkpoint).
@@ -173,13 +178,13 @@ type InitialState<K, S> = Vec<(K, S)>;
 pub struct StateSpec<K, V, S, U> {
     func: Arc<StateFn<K, V, S, U>>,
     timeout: Option<Duration>,
-    initial: InitialState<K, S>,
+    initial: Option<InitialState<K, S>>,
 }
 
 impl<K, V, S, U> StateSpec<K, V, S, U> {
     /// A spec with the given function, no timeout and no initial state.
     pub fn function(f: impl Fn(&K, Option<V>, &mut State<'_, S>) -> U + Send + Sync + 'static) -> Self {
-        Self { func: Arc::new(f), timeout: None, initial: Vec::new() }
+        Self { func: Arc::new(f), timeout: None, initial: None }
     }
     /// Removes keys that received no data for `idle` (batch time), calling the function once
     /// with `None` and `is_timing_out()` before removal.
@@ -188,8 +193,12 @@ impl<K, V, S, U> StateSpec<K, V, S, U> {
         self
     }
     /// State to start from on a fresh start (ignored when restoring from a checkpoint).
-    pub fn initial_state(mut self, initial: Vec<(K, S)>) -> Self {
-        self.initial = initial;
+    pub fn initial_state(mut self, initial: Vec<(K, S)>) -> Self
+    where
+        K: Clone + Send + Sync + 'static,
+        S: Clone + Send + Sync + 'static,
+    {
+        self.initial = Some(Arc::new(move || initial.clone()));
         self
     }
 }
@@ -379,7 +388,8 @@ impl<K: Key + StateData, V: Data> DStream<(K, V)> {
                 state: KeyedState::<K, S>::new(name.name(), self.graph.parallelism),
             },
             timeout_ms: spec.timeout.map(|d| d.as_millis() as i64),
-            initial: std::sync::Mutex::new(Some(spec.initial)),
+            pending: std::sync::Mutex::new(spec.initial.as_ref().map(|f| f())),
+            initial: spec.initial,
         });
         self.graph.add_stateful(op.clone());
         let func = spec.func;
@@ -484,13 +494,15 @@ fn expire<K: Key, V, S, U>(
 struct MapWithStateOp<K, S> {
     inner: KeyedOp<K, S>,
     timeout_ms: Option<i64>,
-    initial: std::sync::Mutex<Option<InitialState<K, S>>>,
+    initial: Option<InitialState<K, S>>,
+    /// The initial state not loaded yet: taken by the first batch, or dropped by a restore.
+    pending: std::sync::Mutex<Option<Vec<(K, S)>>>,
 }
 
 impl<K: Key + StateData, S: StateData> MapWithStateOp<K, S> {
     /// Loads the spec's initial state on the first batch of a job that did not restore state.
     fn seed_initial(&self, now: i64) {
-        let Some(initial) = self.initial.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
+        let Some(initial) = self.pending.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
         let n = self.inner.state.parallelism();
         for (k, s) in initial {
             let i = partition_of(&k, n);
@@ -512,7 +524,7 @@ impl<K: Key + StateData, S: StateData> StatefulOp for MapWithStateOp<K, S> {
     }
     fn restore(&self, tables: &[&TableData]) -> Result<()> {
         // Restored state replaces the initial state.
-        self.initial.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).take();
         self.inner.restore(tables)?;
         if let Some(t) = self.timeout_ms {
             for i in 0..self.inner.state.parallelism() {
@@ -527,5 +539,9 @@ impl<K: Key + StateData, S: StateData> StatefulOp for MapWithStateOp<K, S> {
     }
     fn key_count(&self) -> usize {
         self.inner.key_count()
+    }
+    fn reset(&self) {
+        self.inner.reset();
+        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = self.initial.as_ref().map(|f| f());
     }
 }

@@ -37,17 +37,19 @@ struct SliceState<T> {
     evicted: Vec<(i64, u32)>,
 }
 
+impl<T> SliceState<T> {
+    fn empty() -> Self {
+        Self { by_time: BTreeMap::new(), added: Vec::new(), stored: BTreeMap::new(), evicted: Vec::new() }
+    }
+}
+
 impl<T: StateData + Data> Slices<T> {
     fn new(name: &str) -> Self {
-        Self {
-            name: name.to_string(),
-            slices: Mutex::new(SliceState {
-                by_time: BTreeMap::new(),
-                added: Vec::new(),
-                stored: BTreeMap::new(),
-                evicted: Vec::new(),
-            }),
-        }
+        Self { name: name.to_string(), slices: Mutex::new(SliceState::empty()) }
+    }
+
+    fn clear(&self) {
+        *self.lock() = SliceState::empty();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SliceState<T>> {
@@ -150,6 +152,9 @@ impl<T: StateData + Data> StatefulOp for WindowOp<T> {
     }
     fn key_count(&self) -> usize {
         self.slices.lock().by_time.len()
+    }
+    fn reset(&self) {
+        self.slices.clear();
     }
 }
 
@@ -384,6 +389,13 @@ impl<K: Key + StateData, V: StateData + Data> StatefulOp for ReduceWindowOp<K, V
     }
     fn key_count(&self) -> usize {
         self.agg.as_ref().map_or(0, |a| a.len())
+    }
+    fn reset(&self) {
+        self.slices.clear();
+        if let Some(agg) = &self.agg {
+            agg.clear();
+        }
+        self.stale_agg.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }
 

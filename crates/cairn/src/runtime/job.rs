@@ -5,7 +5,7 @@ use crate::clock::Clock;
 use crate::graph::Graph;
 use crate::runtime::progress::Listeners;
 use cairn_checkpoint::CheckpointStore;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +36,8 @@ pub(crate) struct Config {
     pub drop_state: Vec<String>,
     pub stop_on_signals: bool,
     pub lease_ttl: Duration,
+    /// How long a job waits out transient failures, restarting in place, before it stops.
+    pub max_outage: Duration,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -46,4 +48,6 @@ pub(crate) struct Job {
     pub graph: Arc<Graph>,
     pub stop: Arc<AtomicBool>,
     pub listeners: Listeners,
+    /// Restarts in place after transient failures since the job started.
+    pub restarts: AtomicU64,
 }

@@ -5,5 +5,6 @@ pub mod failpoint;
 pub(crate) mod job;
 pub(crate) mod progress;
 pub(crate) mod recovery;
+pub(crate) mod restart;
 pub(crate) mod scheduler;
 pub(crate) mod writer;

@@ -57,6 +57,8 @@ pub struct BatchProgress {
     pub operators: Vec<OperatorProgress>,
     /// True for a batch re-run after a restart with its logged input.
     pub replayed: bool,
+    /// Restarts in place after transient failures since the job started.
+    pub restarts: u64,
 }
 
 /// A batch is about to run.
@@ -105,6 +107,24 @@ pub struct LeaseLost {
     pub holder: String,
 }
 
+/// A batch failed for a reason that may heal by itself; the job restarts in place from its
+/// checkpoint after a wait.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RestartScheduled {
+    /// Restarts since the job started (1, 2, ...).
+    pub restart: u64,
+    /// Attempts in this outage (1, 2, ...); a batch that goes through ends the outage.
+    pub attempt: u32,
+    /// The failure, naming the dependency and the batch.
+    pub cause: String,
+    /// How long the job waits before restarting.
+    pub wait_ms: u64,
+    /// How long this outage has lasted so far.
+    pub outage_ms: u64,
+    /// How long the job rides out one outage before it stops.
+    pub max_outage_ms: u64,
+}
+
 /// Recovery finished; batches are about to run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RecoveryFinished {
@@ -145,6 +165,8 @@ pub trait StreamingListener: Send + Sync {
     fn on_checkpoint_failed(&self, _e: &CheckpointFailed) {}
     /// Another process took the location over; the job stops.
     fn on_lease_lost(&self, _e: &LeaseLost) {}
+    /// A transient failure; the job restarts in place after a wait.
+    fn on_restart_scheduled(&self, _e: &RestartScheduled) {}
 }
 
 /// The registered listeners, shared with the checkpoint writer's thread.

@@ -39,6 +39,24 @@ pub struct RunSummary {
     pub checkpoint_objects: u64,
     /// Batch log objects (plans and commits) written by this run.
     pub log_objects: u64,
+    /// Restarts in place after transient failures (see `StreamingContextBuilder::max_outage`).
+    pub restarts: u64,
+}
+
+impl RunSummary {
+    fn empty(next_batch: BatchId, recovery_warnings: Vec<String>) -> Self {
+        Self {
+            replayed_batches: 0,
+            new_batches: 0,
+            next_batch,
+            recovery_warnings,
+            checkpoints: 0,
+            checkpoint_bytes: 0,
+            checkpoint_objects: 0,
+            log_objects: 0,
+            restarts: 0,
+        }
+    }
 }
 
 pub(crate) fn install_signal_handlers(stop: &Arc<AtomicBool>) -> Result<()> {
@@ -71,7 +89,8 @@ struct Runner {
     summary: RunSummary,
 }
 
-pub(crate) fn run(job: Arc<Job>, p: Prepared, trigger: Trigger) -> Result<RunSummary> {
+/// Runs the job once from `p`: what it did, and how it ended.
+pub(crate) fn run(job: Arc<Job>, p: Prepared, trigger: Trigger) -> (RunSummary, Result<()>) {
     let cfg = &job.cfg;
     let checkpoint_every = cfg
         .checkpoint_interval
@@ -95,18 +114,12 @@ pub(crate) fn run(job: Arc<Job>, p: Prepared, trigger: Trigger) -> Result<RunSum
     });
     // Without its writer the job cannot checkpoint: it stops here (the lease is given back as
     // `p` drops).
-    let writer = writer.transpose()?;
-    let ops = job.graph.lock().stateful.clone();
-    let summary = RunSummary {
-        replayed_batches: 0,
-        new_batches: 0,
-        next_batch: BatchId(p.next_batch),
-        recovery_warnings: p.warnings.clone(),
-        checkpoints: 0,
-        checkpoint_bytes: 0,
-        checkpoint_objects: 0,
-        log_objects: 0,
+    let writer = match writer.transpose() {
+        Ok(w) => w,
+        Err(e) => return (RunSummary::empty(BatchId(p.next_batch), p.warnings.clone()), Err(e)),
     };
+    let ops = job.graph.lock().stateful.clone();
+    let summary = RunSummary::empty(BatchId(p.next_batch), p.warnings.clone());
     // Default: ten checkpoint intervals, or a minute of batches, whichever is longer.
     let minute = (60_000 / cfg.batch_interval.as_millis().max(1)) as u64;
     let max_deferral = cfg.max_checkpoint_deferral.unwrap_or((checkpoint_every * 10).max(minute));
@@ -126,8 +139,7 @@ pub(crate) fn run(job: Arc<Job>, p: Prepared, trigger: Trigger) -> Result<RunSum
     };
     let result = r.run_loop(trigger);
     let finish = r.finish(result.is_ok());
-    result.and(finish)?;
-    Ok(r.summary)
+    (r.summary, result.and(finish))
 }
 
 impl Runner {
@@ -269,6 +281,7 @@ impl Runner {
             records: Default::default(),
             // The lease epoch this process writes in: sinks that fence writers themselves use it.
             epoch: self.p.store.as_ref().map(|s| s.epoch()),
+            run: crate::graph::next_run(),
         };
         let started_at_ms = self.job.cfg.clock.now_ms();
         let started = BatchStarted { batch_id: info.batch_id, batch_time_ms: info.batch_time_ms, replayed };
@@ -362,6 +375,7 @@ impl Runner {
             state_keys: operators.iter().map(|o| o.keys).sum(),
             operators,
             replayed,
+            restarts: self.job.restarts.load(Ordering::SeqCst),
         };
         if wait_ms > 50.0 {
             tracing::warn!(

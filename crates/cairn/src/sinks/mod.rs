@@ -212,6 +212,7 @@ pub(crate) fn write_batch<T: Send>(
         sink: sink.name().to_string(),
         batch: ctx.info.batch_id,
         message: e.to_string(),
+        transient: crate::is_transient(e.as_ref()),
     };
     if sink.open(&batch).map_err(fail)? == BatchWrite::AlreadyCommitted {
         return Ok(());

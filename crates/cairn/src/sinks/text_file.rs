@@ -46,6 +46,7 @@ impl TextFileSink {
                 sink: location.to_string(),
                 batch: BatchId(0),
                 message: format!("cannot remove staging debris: {e}"),
+                transient: false,
             })?;
             for f in removed {
                 tracing::info!("removed {} (left by a crashed writer)", f.display());

@@ -68,7 +68,7 @@ impl<S: Source> SourceDyn for SourceNode<S> {
         &self.name
     }
     fn plan(&self, positions: &Positions) -> Result<Vec<OffsetRange>> {
-        let ranges = self.source.plan(positions).map_err(|e| Error::source(&self.name, e))?;
+        let ranges = self.source.plan(positions).map_err(|e| Error::source_failed(&self.name, None, &e))?;
         for r in &ranges {
             if r.end < r.start {
                 return Err(Error::source(&self.name, format!("planned an inverted range {r:?}")));
@@ -88,10 +88,8 @@ impl<S: Source> Node<S::Item> for SourceNode<S> {
             .par_iter()
             .map(|r| {
                 self.source.read(r).map_err(|e| {
-                    Error::source(
-                        &self.name,
-                        format!("reading {} [{}, {}): {e}", r.partition, r.start, r.end),
-                    )
+                    let doing = format!("reading {} [{}, {})", r.partition, r.start, r.end);
+                    Error::source_failed(&self.name, Some(doing), &e)
                 })
             })
             .collect();
