@@ -52,6 +52,10 @@ pub enum Error {
         attempts: u32,
         /// The last attempt's error (the server's message for a database error).
         message: String,
+        /// Whether the last error was the connection's (refused, broken, the server shutting
+        /// down or not accepting connections yet), which waiting may cure; otherwise the
+        /// statement itself kept failing.
+        transient: bool,
     },
 }
 
@@ -180,6 +184,7 @@ impl<T: Data> PostgresSink<T> {
     pub fn write_batch(&self, info: &BatchInfo, rows: &[T]) -> Result<Outcome, Error> {
         let mut guard = self.client.lock().unwrap_or_else(|e| e.into_inner());
         let mut last = String::new();
+        let mut last_transient = false;
         for attempt in 1..=self.attempts {
             if guard.as_ref().is_none_or(|c| c.client.is_closed()) {
                 match Connection::open(&self.conn, self.setup.as_deref()) {
@@ -191,6 +196,7 @@ impl<T: Data> PostgresSink<T> {
                             batch: info.batch_id.0,
                             attempts: attempt,
                             message: format!("cannot start the connection's runtime: {e}"),
+                            transient: false,
                         })
                     }
                     Err(OpenError::Db(e)) if is_schema_error(&e) => {
@@ -200,7 +206,7 @@ impl<T: Data> PostgresSink<T> {
                             message: describe(&e),
                         })
                     }
-                    Err(OpenError::Db(e)) => last = describe(&e),
+                    Err(OpenError::Db(e)) => (last, last_transient) = (describe(&e), is_connection_error(&e)),
                 }
             }
             if let Some(c) = guard.as_mut() {
@@ -214,7 +220,7 @@ impl<T: Data> PostgresSink<T> {
                         })
                     }
                     Err(e) => {
-                        last = describe(&e);
+                        (last, last_transient) = (describe(&e), is_connection_error(&e));
                         *guard = None; // reconnect: the connection may be broken
                     }
                 }
@@ -233,6 +239,7 @@ impl<T: Data> PostgresSink<T> {
             batch: info.batch_id.0,
             attempts: self.attempts,
             message: last,
+            transient: last_transient,
         })
     }
 
@@ -305,6 +312,21 @@ fn describe(e: &tokio_postgres::Error) -> String {
     e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string())
 }
 
+/// Errors of the connection rather than the statement: no SQLSTATE (refused, reset, closed), a
+/// connection exception (class 08), or the server shutting down, crashed or still starting
+/// (57P01–57P03). A job may wait these out.
+fn is_connection_error(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    match e.code() {
+        None => true,
+        Some(c) => {
+            c.code().starts_with("08")
+                || [SqlState::ADMIN_SHUTDOWN, SqlState::CRASH_SHUTDOWN, SqlState::CANNOT_CONNECT_NOW]
+                    .contains(c)
+        }
+    }
+}
+
 /// Errors a retry cannot fix: the statement does not match the table.
 fn is_schema_error(e: &tokio_postgres::Error) -> bool {
     use tokio_postgres::error::SqlState;
@@ -341,7 +363,11 @@ impl<T: Data> Sink<T> for PostgresSink<T> {
     }
     fn commit(&self, batch: &BatchContext) -> Result<(), UserError> {
         let rows = self.pending.take_in_order();
-        self.write_batch(&batch.info(), &rows)?;
+        match self.write_batch(&batch.info(), &rows) {
+            Ok(_) => {}
+            Err(e @ Error::Unavailable { transient: true, .. }) => return Err(cairn::Transient::wrap(e)),
+            Err(e) => return Err(e.into()),
+        }
         Ok(())
     }
     fn abort(&self, _: &BatchContext) {

@@ -17,13 +17,21 @@ fn record(o: u64) -> (i64, i64) {
 /// The job: running totals per key, upserted into `totals`, and every update appended to
 /// `updates` (an append-only table: a batch written twice would show as extra rows).
 fn job(dir: &str, conn: &str, fail_after_sink_at: Option<u64>) -> StreamingContext {
-    let ctx = StreamingContext::builder()
+    job_with(dir, conn, fail_after_sink_at, |b| b)
+}
+
+fn job_with(
+    dir: &str,
+    conn: &str,
+    fail_after_sink_at: Option<u64>,
+    f: impl FnOnce(cairn::StreamingContextBuilder) -> cairn::StreamingContextBuilder,
+) -> StreamingContext {
+    let builder = StreamingContext::builder()
         .checkpoint(dir)
         .trigger(Trigger::AvailableNow)
         .stop_after_batches(BATCHES)
-        .max_checkpoint_deferral(0)
-        .build()
-        .unwrap();
+        .max_checkpoint_deferral(0);
+    let ctx = f(builder).build().unwrap();
     let totals = ctx
         .generator("events", 1, 20, |_, o| record(o))
         .unwrap()
@@ -173,4 +181,73 @@ fn postgres_sink_is_exactly_once() {
     let err =
         dead.write_batch(&cairn::BatchInfo::new("test-job", cairn::BatchId(0), 0), &[(1, 1)]).unwrap_err();
     assert!(matches!(err, Error::Unavailable { attempts: 2, .. }), "{err}");
+}
+
+/// The causes of the restarts a job announced.
+#[derive(Default)]
+struct Restarts(std::sync::Mutex<Vec<String>>);
+
+impl cairn::StreamingListener for Restarts {
+    fn on_restart_scheduled(&self, e: &cairn::RestartScheduled) {
+        self.0.lock().unwrap().push(e.cause.clone());
+    }
+}
+
+/// The database crashes (`pg_ctl -m immediate`) mid-job and comes back ~4 s later: the same
+/// job waits it out (its sink's own retries, then restarts in place from the checkpoint), and the
+/// tables end exactly as without the outage. Past the job's outage budget it stops with an error
+/// naming the sink and the batch; a restart then finishes exactly.
+#[test]
+fn a_database_restart_is_ridden_out_exactly() {
+    let pg = Arc::new(PgServer::start());
+    let conn = pg.conn();
+    schema(&conn);
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = job(dir.path().to_str().unwrap(), &conn, None);
+    let restarts = Arc::new(Restarts::default());
+    ctx.add_listener(restarts.clone());
+    let (server, once) = (pg.clone(), AtomicBool::new(false));
+    let outage = Arc::new(std::sync::Mutex::new(None));
+    let took = outage.clone();
+    ctx.on_batch(move |b| {
+        if b.batch_id.0 == 3 && !once.swap(true, Ordering::SeqCst) {
+            server.crash();
+            let (server, took) = (server.clone(), took.clone());
+            *took.lock().unwrap() = Some(std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_secs(4));
+                server.restart();
+            }));
+        }
+    });
+    let t0 = std::time::Instant::now();
+    let summary = ctx.run_available().expect("the database's restart is waited out");
+    eprintln!("a 4 s database outage: {} restart(s), the job took {:?}", summary.restarts, t0.elapsed());
+    outage.lock().unwrap().take().expect("the database was crashed").join().unwrap();
+    let causes = restarts.0.lock().unwrap().clone();
+    assert!(summary.restarts >= 1 && causes.len() as u64 == summary.restarts, "{summary:?}");
+    assert!(causes.iter().all(|c| c.contains("PostgreSQL sink")), "each restart names the sink: {causes:?}");
+    check(&conn);
+
+    // Down for longer than the budget: a clear error, then an exact finish once it is back.
+    schema(&conn);
+    let dir = tempfile::tempdir().unwrap();
+    let loc = dir.path().to_str().unwrap();
+    let ctx = job_with(loc, &conn, None, |b| b.max_outage(std::time::Duration::from_secs(2)));
+    let server = pg.clone();
+    let once = AtomicBool::new(false);
+    ctx.on_batch(move |b| {
+        if b.batch_id.0 == 2 && !once.swap(true, Ordering::SeqCst) {
+            server.crash();
+        }
+    });
+    let err = ctx.run_available().expect_err("the database stays down past the budget");
+    let msg = err.to_string();
+    assert!(matches!(err, cairn::Error::Outage { .. }), "{msg}");
+    assert!(
+        msg.contains("gave up after") && msg.contains("PostgreSQL sink") && msg.contains("batch 3"),
+        "{msg}"
+    );
+    pg.restart();
+    job(loc, &conn, None).run_available().expect("the database is back");
+    check(&conn);
 }

@@ -50,19 +50,41 @@ impl PgServer {
             .output()
             .expect("run initdb");
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        let opts = format!("-h 127.0.0.1 -p {port} -k {} -c fsync=off", server.dir.display());
-        let out = server
+        server.pg_start();
+        server
+    }
+
+    fn pg_start(&self) {
+        let opts = format!("-h 127.0.0.1 -p {} -k {} -c fsync=off", self.port, self.dir.display());
+        let out = self
             .cmd("pg_ctl")
             .arg("-D")
-            .arg(&data)
+            .arg(self.dir.join("data"))
             .args(["-o", &opts, "-l"])
-            .arg(server.dir.join("log"))
+            .arg(self.dir.join("log"))
             .args(["-w", "start"])
             .output()
             .expect("run pg_ctl");
         assert!(out.status.success(), "PostgreSQL did not start: {}", String::from_utf8_lossy(&out.stderr));
-        crate::tools::wait_listening(port, "PostgreSQL");
-        server
+        crate::tools::wait_listening(self.port, "PostgreSQL");
+    }
+
+    /// Stops the server the way a crash does (`pg_ctl -m immediate`): connections drop, and
+    /// nothing answers on the port until [`PgServer::restart`].
+    pub fn crash(&self) {
+        let out = self
+            .cmd("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .output()
+            .expect("run pg_ctl");
+        assert!(out.status.success(), "PostgreSQL did not stop: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Starts the server again after [`PgServer::crash`] (crash recovery runs first).
+    pub fn restart(&self) {
+        self.pg_start();
     }
 
     fn cmd(&self, tool: &str) -> Command {

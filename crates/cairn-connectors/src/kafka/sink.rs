@@ -113,9 +113,9 @@ impl<T: cairn::Data> KafkaSink<T> {
             .set("enable.idempotence", "true")
             .set("broker.address.family", "v4")
             .create()?;
-        producer
-            .init_transactions(self.timeout)
-            .map_err(|e| format!("Kafka sink {:?}: cannot init transactions: {e}", self.name))?;
+        producer.init_transactions(self.timeout).map_err(|e| {
+            super::failure(format_args!("Kafka sink {:?}: cannot init transactions", self.name), e)
+        })?;
         let marker: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
             .set("group.id", format!("cairn-sink-{job_id}-{}", self.name))
@@ -130,7 +130,9 @@ impl<T: cairn::Data> KafkaSink<T> {
     fn read_marker(&self, marker: &BaseConsumer) -> Result<i64, UserError> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.topic, 0);
-        let committed = marker.committed_offsets(tpl, self.timeout)?;
+        let committed = marker.committed_offsets(tpl, self.timeout).map_err(|e| {
+            super::failure(format_args!("Kafka sink {:?}: cannot read its batch marker", self.name), e)
+        })?;
         Ok(committed
             .elements()
             .first()
@@ -163,7 +165,7 @@ impl<T: cairn::Data> KafkaSink<T> {
         }
         let Connected { producer, marker, .. } = &*c;
         let fail = |e: rdkafka::error::KafkaError| -> UserError {
-            format!("Kafka sink {:?}: batch {}: {e}", self.name, info.batch_id).into()
+            super::failure(format_args!("Kafka sink {:?}: batch {}", self.name, info.batch_id), e)
         };
         producer.begin_transaction().map_err(fail)?;
         let result = (|| {

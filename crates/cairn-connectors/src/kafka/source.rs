@@ -311,9 +311,9 @@ impl KafkaSource {
             Topics::Names(n) if n.len() == 1 => Some(n[0].as_str()),
             _ => None,
         };
-        let meta = md
-            .fetch_metadata(one, self.timeout)
-            .map_err(|e| format!("cannot fetch topic metadata from {}: {e}", self.brokers))?;
+        let meta = md.fetch_metadata(one, self.timeout).map_err(|e| {
+            super::failure(format_args!("cannot fetch topic metadata from {}", self.brokers), e)
+        })?;
         let mut out = Vec::new();
         for t in meta.topics().iter().filter(|t| self.topics.matches(t.name())) {
             match t.error() {
@@ -370,9 +370,9 @@ impl Source for KafkaSource {
         let mut out = Vec::new();
         let mut lost = 0;
         for (topic, partition) in self.partitions(&md)? {
-            let (low, high) = md
-                .fetch_watermarks(&topic, partition, self.timeout)
-                .map_err(|e| format!("cannot fetch the offsets of {topic}-{partition}: {e}"))?;
+            let (low, high) = md.fetch_watermarks(&topic, partition, self.timeout).map_err(|e| {
+                super::failure(format_args!("cannot fetch the offsets of {topic}[{partition}]"), e)
+            })?;
             let w = Watermarks { low, high };
             let key = SourcePartition::topic(topic.as_str(), partition);
             let p = plan_partition(
@@ -420,11 +420,12 @@ impl Source for KafkaSource {
             let mut next = range.start as i64;
             while next < range.end as i64 {
                 if Instant::now() > deadline {
-                    return Err(format!(
+                    // The records are in the log (the plan saw them): a broker that does not
+                    // deliver them in time is unreachable or overloaded, which may pass.
+                    return Err(cairn::Transient::wrap(format!(
                         "read only up to offset {next} of [{}, {}) within {:?}",
                         range.start, range.end, self.timeout
-                    )
-                    .into());
+                    )));
                 }
                 let Some(m) = c.poll(Duration::from_millis(200)) else {
                     // Transaction markers occupy offsets but are never delivered: once the consumer's
@@ -442,7 +443,7 @@ impl Source for KafkaSource {
                     }
                     continue;
                 };
-                let m = m.map_err(|e| format!("at offset {next}: {e}"))?;
+                let m = m.map_err(|e| super::failure(format_args!("at offset {next}"), e))?;
                 if m.offset() < next || m.offset() >= range.end as i64 {
                     continue;
                 }
