@@ -91,7 +91,11 @@ fn kafka_to_postgres_and_kafka_survive_sigkills_exactly() {
     assert!(landed >= kills * 8 / 10, "the kills must land while the job runs ({landed} of {kills})");
     let status = job(true).status().unwrap();
     assert!(status.success(), "final run: {status}");
+    check_outputs(&broker, &pg);
+}
 
+/// The table and the output topic hold exactly what the input implies.
+fn check_outputs(broker: &KafkaBroker, pg: &PgServer) {
     let (lines, totals) = expected(&input(&broker.bootstrap));
     let mut c = postgres::Client::connect(&pg.conn(), postgres::NoTls).unwrap();
     let got: BTreeMap<String, i64> =
@@ -129,4 +133,53 @@ fn kafka_to_postgres_and_kafka_survive_sigkills_exactly() {
         aborted.len(),
         markers(ControlType::Abort)
     );
+}
+
+/// The broker is SIGKILLed mid-job and started again 5 s later on the same data: the same job
+/// process waits it out (restarting in place from its checkpoint, its transactional producer
+/// rebuilt), exits normally, and the table and the output topic are exact.
+#[test]
+fn a_broker_outage_is_ridden_out_by_the_same_process_exactly() {
+    let broker = KafkaBroker::start();
+    let pg = PgServer::start();
+    topics(&broker);
+    let exe = env!("CARGO_BIN_EXE_kafka_to_postgres");
+    let status =
+        Command::new(exe).args(["produce", &broker.bootstrap, "in", &RECORDS.to_string()]).status().unwrap();
+    assert!(status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let mut child = Command::new(exe)
+        .args([&broker.bootstrap, "in", "out", &pg.conn(), ckpt.to_str().unwrap(), &MAX.to_string()])
+        .arg("--available-now")
+        .env("CAIRN_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Crash the broker once a few batches are committed in PostgreSQL.
+    let committed = || -> i64 {
+        postgres::Client::connect(&pg.conn(), postgres::NoTls)
+            .and_then(|mut c| c.query("SELECT coalesce(max(batch_id), -1) FROM cairn_sink_progress", &[]))
+            .map_or(-1, |rows| rows[0].get(0))
+    };
+    let t0 = std::time::Instant::now();
+    while committed() < 3 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the job made no progress");
+        assert!(child.try_wait().unwrap().is_none(), "the job ended before the outage");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    broker.crash();
+    let down_at = committed();
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(child.try_wait().unwrap().is_none(), "the job died during the outage");
+    broker.restart();
+    let status = child.wait().unwrap();
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(status.success(), "the job rode the outage out: {status}\n{log}");
+    let restarts = log.matches("waiting out an outage").count();
+    assert!(restarts >= 1, "the job reported how it waited:\n{log}");
+    eprintln!("broker down 5 s after batch {down_at}: {restarts} restart(s) reported");
+    check_outputs(&broker, &pg);
 }

@@ -6,8 +6,9 @@ use std::process::{Child, Command, Stdio};
 
 /// A running broker.
 pub struct KafkaBroker {
-    child: Child,
+    child: std::sync::Mutex<Child>,
     dir: std::path::PathBuf,
+    port: u16,
     /// `127.0.0.1:PORT`
     pub bootstrap: String,
 }
@@ -15,21 +16,38 @@ pub struct KafkaBroker {
 impl KafkaBroker {
     /// Starts the broker; panics with instructions if nisshi is not installed.
     pub fn start() -> Self {
-        let bin = crate::tools::installed("nisshi", "the nisshi broker from ../shared/tools");
         let port = crate::tools::free_port();
         let dir = std::env::temp_dir().join(format!("cairn-nisshi-{port}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("broker directory");
+        let child = Self::spawn(&dir, port);
+        Self { child: std::sync::Mutex::new(child), dir, port, bootstrap: format!("127.0.0.1:{port}") }
+    }
+
+    fn spawn(dir: &std::path::Path, port: u16) -> Child {
+        let bin = crate::tools::installed("nisshi", "the nisshi broker from ../shared/tools");
         let url = format!("tcp://127.0.0.1:{port}");
         let child = Command::new(bin)
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
             .args(["--storage-engine", "sqlite://nisshi.db", "--group-initial-rebalance-delay", "0s"])
-            .current_dir(&dir)
+            .current_dir(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start nisshi");
         crate::tools::wait_listening(port, "nisshi");
-        Self { child, dir, bootstrap: format!("127.0.0.1:{port}") }
+        child
+    }
+
+    /// Kills the broker with SIGKILL; its data stays for [`KafkaBroker::restart`].
+    pub fn crash(&self) {
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Starts the broker again on the same port and data after [`KafkaBroker::crash`].
+    pub fn restart(&self) {
+        *self.child.lock().unwrap_or_else(|e| e.into_inner()) = Self::spawn(&self.dir, self.port);
     }
 
     /// Client settings for this broker (IPv4 only: it listens on 127.0.0.1).
@@ -53,8 +71,7 @@ impl KafkaBroker {
 
 impl Drop for KafkaBroker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.crash();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

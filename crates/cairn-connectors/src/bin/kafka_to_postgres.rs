@@ -44,7 +44,14 @@ fn main() {
             .trigger(if available_now { Trigger::AvailableNow } else { Trigger::ProcessingTime })
             .stop_on_signals(true)
             .build()?;
-        let source = KafkaSource::new(brokers, topic, StartFrom::Earliest, max).map_err(|e| cairn::Error::User(e.to_string()))?;
+        // A short request timeout: a broker outage then shows as the engine's restarts (reported
+        // below) instead of a silent wait inside one read.
+        let source = KafkaSource::builder(brokers, topic.as_str())
+            .start(StartFrom::Earliest)
+            .max_per_partition(max)
+            .timeout(Duration::from_secs(2))
+            .build()
+            .map_err(|e| cairn::Error::User(e.to_string()))?;
         let records = ctx.source("kafka", source)?;
         records.count().print(1);
         let totals = records
@@ -61,13 +68,30 @@ fn main() {
         KafkaSink::new(brokers, "totals", out_topic, |b: &cairn::BatchInfo, (k, t): &(String, i64)| {
             (Some(k.clone().into_bytes()), format!("{}:{k}:{t}", b.batch_id).into_bytes())
         })
+        .timeout(Duration::from_secs(5))
         .attach(&totals);
+        ctx.add_listener(std::sync::Arc::new(ReportRestarts));
         Ok(ctx)
     })
     .and_then(|ctx| ctx.run());
     if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(1);
+    }
+}
+
+/// Says on stderr when the job waits out a broker or database outage.
+struct ReportRestarts;
+
+impl cairn::StreamingListener for ReportRestarts {
+    fn on_restart_scheduled(&self, e: &cairn::RestartScheduled) {
+        eprintln!(
+            "waiting out an outage ({:.1} s so far, up to {:.0} s): {}; restarting from the checkpoint in {:.1} s",
+            e.outage_ms as f64 / 1e3,
+            e.max_outage_ms as f64 / 1e3,
+            e.cause,
+            e.wait_ms as f64 / 1e3
+        );
     }
 }
 

@@ -100,6 +100,14 @@ impl<T: cairn::Data> KafkaSink<T> {
         }
     }
 
+    /// How long one transactional request (init, flush, commit) may take before the batch fails
+    /// (default 30 s). A broker outage longer than this shows as the job's restarts; shorter
+    /// ones are waited out inside the request.
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
     /// Makes the sink an output of `stream`.
     pub fn attach(self, stream: &cairn::DStream<T>) {
         stream.write_to(self);

@@ -418,12 +418,18 @@ impl Source for KafkaSource {
             let mut out = Vec::with_capacity((range.end - range.start) as usize);
             let deadline = Instant::now() + self.timeout;
             let mut next = range.start as i64;
+            // librdkafka reports a lost broker connection as an error while it reconnects: a
+            // blip shorter than a second is absorbed here; a longer outage fails the read as
+            // transient, so the engine's restarts (visible, bounded) wait it out.
+            let mut last_error = None;
+            let mut failing_since: Option<Instant> = None;
             while next < range.end as i64 {
                 if Instant::now() > deadline {
                     // The records are in the log (the plan saw them): a broker that does not
                     // deliver them in time is unreachable or overloaded, which may pass.
+                    let why = last_error.map_or(String::new(), |e| format!(" (last error: {e})"));
                     return Err(cairn::Transient::wrap(format!(
-                        "read only up to offset {next} of [{}, {}) within {:?}",
+                        "read only up to offset {next} of [{}, {}) within {:?}{why}",
                         range.start, range.end, self.timeout
                     )));
                 }
@@ -443,7 +449,18 @@ impl Source for KafkaSource {
                     }
                     continue;
                 };
-                let m = m.map_err(|e| super::failure(format_args!("at offset {next}"), e))?;
+                let m = match m {
+                    Ok(m) => m,
+                    Err(e) if super::is_transient(&e) => {
+                        let since = *failing_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() > Duration::from_secs(1) {
+                            return Err(super::failure(format_args!("at offset {next}"), e));
+                        }
+                        last_error = Some(e);
+                        continue;
+                    }
+                    Err(e) => return Err(super::failure(format_args!("at offset {next}"), e)),
+                };
                 if m.offset() < next || m.offset() >= range.end as i64 {
                     continue;
                 }
@@ -472,7 +489,15 @@ impl Source for KafkaSource {
         if let Err(e) = c.unassign() {
             tracing::debug!("unassigning {}: {e}", range.partition);
         }
-        let out = result?;
+        let out = match result {
+            Ok(out) => out,
+            Err(e) => {
+                // A consumer that failed may hold stale connection state or queued errors: the
+                // next read of this partition starts with a new one.
+                self.readers.lock().unwrap_or_else(|e| e.into_inner()).remove(&(topic, p));
+                return Err(e);
+            }
+        };
         let mut upto = self.read_upto.lock().unwrap_or_else(|e| e.into_inner());
         let e = upto.entry((topic, p)).or_insert(0);
         *e = (*e).max(range.end as i64);
