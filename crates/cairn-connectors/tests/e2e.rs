@@ -56,26 +56,53 @@ fn expected(input: &BTreeMap<i32, Vec<String>>) -> (Vec<String>, BTreeMap<String
     (lines, totals)
 }
 
-#[test]
-fn kafka_to_postgres_and_kafka_survive_sigkills_exactly() {
-    let broker = KafkaBroker::start();
-    let pg = PgServer::start();
-    topics(&broker);
-    let exe = env!("CARGO_BIN_EXE_kafka_to_postgres");
-    let status =
-        Command::new(exe).args(["produce", &broker.bootstrap, "in", &RECORDS.to_string()]).status().unwrap();
-    assert!(status.success());
-    let dir = tempfile::tempdir().unwrap();
-    let ckpt = dir.path().join("ckpt");
-    let job = |available_now: bool| {
-        let mut c = Command::new(exe);
-        c.args([&broker.bootstrap, "in", "out", &pg.conn(), ckpt.to_str().unwrap(), &MAX.to_string()]);
+/// The seed job's world: a broker whose `in` topic holds the input, PostgreSQL, and a
+/// checkpoint directory.
+struct Seed {
+    broker: KafkaBroker,
+    pg: PgServer,
+    dir: tempfile::TempDir,
+}
+
+const EXE: &str = env!("CARGO_BIN_EXE_kafka_to_postgres");
+
+impl Seed {
+    fn start() -> Self {
+        let broker = KafkaBroker::start();
+        let pg = PgServer::start();
+        topics(&broker);
+        let status = Command::new(EXE)
+            .args(["produce", &broker.bootstrap, "in", &RECORDS.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        Self { broker, pg, dir: tempfile::tempdir().unwrap() }
+    }
+
+    /// The seed job on this world, output discarded unless the caller says otherwise.
+    fn job(&self, available_now: bool) -> Command {
+        let ckpt = self.dir.path().join("ckpt");
+        let mut c = Command::new(EXE);
+        c.args([
+            &self.broker.bootstrap,
+            "in",
+            "out",
+            &self.pg.conn(),
+            ckpt.to_str().unwrap(),
+            &MAX.to_string(),
+        ]);
         if available_now {
             c.arg("--available-now");
         }
         c.stdout(Stdio::null()).stderr(Stdio::null());
         c
-    };
+    }
+}
+
+#[test]
+fn kafka_to_postgres_and_kafka_survive_sigkills_exactly() {
+    let seed = Seed::start();
+    let job = |available_now| seed.job(available_now);
     let kills: u64 = std::env::var("CAIRN_E2E_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
     let mut rng = Rng(0xe2e);
     let mut landed = 0;
@@ -91,7 +118,7 @@ fn kafka_to_postgres_and_kafka_survive_sigkills_exactly() {
     assert!(landed >= kills * 8 / 10, "the kills must land while the job runs ({landed} of {kills})");
     let status = job(true).status().unwrap();
     assert!(status.success(), "final run: {status}");
-    check_outputs(&broker, &pg);
+    check_outputs(&seed.broker, &seed.pg);
 }
 
 /// The table and the output topic hold exactly what the input implies.
@@ -140,23 +167,9 @@ fn check_outputs(broker: &KafkaBroker, pg: &PgServer) {
 /// rebuilt), exits normally, and the table and the output topic are exact.
 #[test]
 fn a_broker_outage_is_ridden_out_by_the_same_process_exactly() {
-    let broker = KafkaBroker::start();
-    let pg = PgServer::start();
-    topics(&broker);
-    let exe = env!("CARGO_BIN_EXE_kafka_to_postgres");
-    let status =
-        Command::new(exe).args(["produce", &broker.bootstrap, "in", &RECORDS.to_string()]).status().unwrap();
-    assert!(status.success());
-    let dir = tempfile::tempdir().unwrap();
-    let ckpt = dir.path().join("ckpt");
-    let mut child = Command::new(exe)
-        .args([&broker.bootstrap, "in", "out", &pg.conn(), ckpt.to_str().unwrap(), &MAX.to_string()])
-        .arg("--available-now")
-        .env("CAIRN_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let seed = Seed::start();
+    let (broker, pg) = (&seed.broker, &seed.pg);
+    let mut child = seed.job(true).stderr(Stdio::piped()).spawn().unwrap();
     // Crash the broker once a few batches are committed in PostgreSQL.
     let committed = || -> i64 {
         postgres::Client::connect(&pg.conn(), postgres::NoTls)
@@ -181,5 +194,5 @@ fn a_broker_outage_is_ridden_out_by_the_same_process_exactly() {
     let restarts = log.matches("waiting out an outage").count();
     assert!(restarts >= 1, "the job reported how it waited:\n{log}");
     eprintln!("broker down 5 s after batch {down_at}: {restarts} restart(s) reported");
-    check_outputs(&broker, &pg);
+    check_outputs(broker, pg);
 }
