@@ -241,10 +241,12 @@ fn an_outage_past_the_budget_stops_clearly_and_a_restart_resumes_exactly() {
     let t0 = std::time::Instant::now();
     let err = ctx.run_available().expect_err("the outage outlasts the budget");
     let msg = err.to_string();
-    assert!(matches!(err, cairn::Error::Outage { attempts, .. } if attempts >= 1), "{msg}");
+    // The store's own retries (~3 s) inside the failed batch already used the 1.5 s budget: the
+    // job gives up without restarting, and says so.
+    assert!(matches!(err, cairn::Error::Outage { attempts: 0, .. }), "{msg}");
     assert!(msg.contains("gave up after") && msg.contains("503 Slow Down"), "{msg}");
     assert!(t0.elapsed() < Duration::from_secs(20), "it stopped near its budget: {:?}", t0.elapsed());
-    assert!(seen.0.load(Ordering::SeqCst) >= 1);
+    assert_eq!(seen.0.load(Ordering::SeqCst), 0);
 
     s.faulty.fail_next(0);
     let summary = context(&s, &p).run_available().expect("storage is back");

@@ -168,6 +168,7 @@ impl StreamingContextBuilder {
                 stop: Arc::new(AtomicBool::new(false)),
                 listeners: Listeners::default(),
                 restarts: Default::default(),
+                batch_began: Default::default(),
             }),
             phase: Arc::new(Mutex::new(Phase::Defining)),
         })

@@ -50,4 +50,18 @@ pub(crate) struct Job {
     pub listeners: Listeners,
     /// Restarts in place after transient failures since the job started.
     pub restarts: AtomicU64,
+    /// When the batch now running (planning included) began: a failure's outage is counted from
+    /// there, so time the clients spent retrying inside the batch is part of it.
+    pub batch_began: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Job {
+    pub(crate) fn mark_batch_began(&self, at: std::time::Instant) {
+        *self.batch_began.lock().unwrap_or_else(|e| e.into_inner()) = Some(at);
+    }
+
+    /// When the batch that just failed began, if one was running.
+    pub(crate) fn take_batch_began(&self) -> Option<std::time::Instant> {
+        self.batch_began.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
 }

@@ -97,11 +97,15 @@ pub(crate) fn run(job: Arc<Job>, first: recovery::Prepared, trigger: Trigger) ->
                 Err(e) => e,
             },
         };
-        let (began, attempts) = outage.get_or_insert_with(|| (Instant::now(), 0));
+        // The outage began when the failed batch did: the clients' own retries inside it count.
+        let failed_batch_began = job.take_batch_began();
+        let (began, attempts) =
+            outage.get_or_insert_with(|| (failed_batch_began.unwrap_or_else(Instant::now), 0));
         *attempts += 1;
         let waited = began.elapsed();
+        let rides_out = err.is_transient() && has_checkpoint && !max_outage.is_zero();
         let Some(wait) = backoff(err.is_transient(), has_checkpoint, waited, *attempts, max_outage) else {
-            return Err(if *attempts > 1 {
+            return Err(if rides_out {
                 Error::Outage { attempts: *attempts - 1, waited, last: Box::new(err) }
             } else {
                 err

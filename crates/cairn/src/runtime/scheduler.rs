@@ -193,6 +193,7 @@ impl Runner {
                 continue; // stop requested while waiting
             }
             let t0 = Instant::now();
+            self.job.mark_batch_began(t0);
             let mut sources = Vec::new();
             let all_sources = self.job.graph.lock().sources.clone();
             for s in &all_sources {
@@ -287,6 +288,9 @@ impl Runner {
         let started = BatchStarted { batch_id: info.batch_id, batch_time_ms: info.batch_time_ms, replayed };
         self.job.listeners.each(|l| l.on_batch_started(&started));
         let t0 = Instant::now();
+        if replayed {
+            self.job.mark_batch_began(t0);
+        }
         {
             let g = self.job.graph.lock();
             for out in &g.outputs {
