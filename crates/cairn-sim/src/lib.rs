@@ -12,6 +12,7 @@ pub mod fixture;
 pub mod kafka;
 pub mod kafka_log;
 pub mod postgres;
+pub mod proxy;
 pub mod s3;
 pub mod tools;
 pub use faulty::{FaultyStore, Requests};

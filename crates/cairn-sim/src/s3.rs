@@ -31,6 +31,11 @@ impl S3Server {
         server
     }
 
+    /// The port it listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// The AWS_* variables that point object_store at this server with static test credentials
     /// (so nothing ever falls back to a cloud metadata endpoint).
     pub fn env(&self) -> Vec<(&'static str, String)> {

@@ -220,3 +220,56 @@ fn a_job_survives_kills_exactly_and_a_second_job_is_refused(base: &str, env: Vec
     let v = cairn::checkpoint::admin::verify(&CheckpointStore::open(loc).unwrap()).unwrap();
     assert!(v.ok, "nothing in the location is corrupted: {v:?}");
 }
+
+/// S3 goes away for ~5 s mid-job (a proxy in front of moto drops every connection and refuses
+/// new ones; moto itself keeps its data): the same job waits it out, restarting in place, and
+/// its output is exactly the model's.
+#[test]
+fn an_s3_outage_is_ridden_out_exactly() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let s = S3Server::start();
+    s.create_bucket("cairn");
+    let proxy = Arc::new(cairn_sim::proxy::TcpProxy::start(s.port()));
+    s.set_env();
+    std::env::set_var("AWS_ENDPOINT", proxy.endpoint());
+    let tmp = tempfile::tempdir().unwrap();
+    let (totals, windows) = (tmp.path().join("totals"), tmp.path().join("windows"));
+    let (totals, windows) = (totals.to_str().unwrap(), windows.to_str().unwrap());
+    let p = JobParams { batches: 60, rate: 100, keys: 11 };
+    let ctx = StreamingContext::builder()
+        .batch_interval(cairn_sim::INTERVAL)
+        .checkpoint("s3://cairn/outage")
+        .trigger(cairn::Trigger::AvailableNow)
+        .stop_after_batches(p.batches)
+        .build()
+        .unwrap();
+    cairn_sim::define_job(&ctx, &p, totals, windows).unwrap();
+    #[derive(Default)]
+    struct Restarts(AtomicU64);
+    impl cairn::StreamingListener for Restarts {
+        fn on_restart_scheduled(&self, e: &cairn::RestartScheduled) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            eprintln!("restart {}: {}", e.restart, e.cause);
+        }
+    }
+    let seen = Arc::new(Restarts::default());
+    ctx.add_listener(seen.clone());
+    let (cut, once) = (proxy.clone(), AtomicBool::new(false));
+    let back = Arc::new(std::sync::Mutex::new(None));
+    let b = back.clone();
+    ctx.on_batch(move |batch| {
+        if batch.batch_id.0 == 20 && !once.swap(true, Ordering::SeqCst) {
+            cut.set_down(true);
+            let cut = cut.clone();
+            *b.lock().unwrap() = Some(std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(5));
+                cut.set_down(false);
+            }));
+        }
+    });
+    let summary = ctx.run_available().expect("the S3 outage is waited out");
+    back.lock().unwrap().take().expect("the proxy went down").join().unwrap();
+    assert!(summary.restarts >= 1 && seen.0.load(Ordering::SeqCst) == summary.restarts, "{summary:?}");
+    eprintln!("a 5 s S3 outage: {} restart(s)", summary.restarts);
+    cairn_sim::check_sink_output(totals, windows, &p);
+}
