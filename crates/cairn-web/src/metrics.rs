@@ -180,6 +180,7 @@ impl Families {
 struct Page {
     timeline: VecDeque<BatchProgress>,
     last_checkpoint: Option<CheckpointWritten>,
+    last_restart: Option<RestartScheduled>,
 }
 
 struct Shared {
@@ -259,7 +260,8 @@ impl Metrics {
     }
 
     /// The data behind the live page: the app name, the latest batches' progress records (up
-    /// to 600), the latest checkpoint written and the number written.
+    /// to 600), the latest checkpoint written and the number written, and the restarts after
+    /// transient failures (their number and the latest).
     pub fn progress_json(&self) -> serde_json::Value {
         let page = self.page();
         serde_json::json!({
@@ -267,6 +269,8 @@ impl Metrics {
             "batches": page.timeline,
             "last_checkpoint": page.last_checkpoint,
             "checkpoints_written": self.f().checkpoints_written.get(),
+            "restarts": self.f().restarts.get(),
+            "last_restart": page.last_restart,
         })
     }
 }
@@ -326,8 +330,9 @@ impl StreamingListener for Metrics {
         self.f().lease_lost.inc();
     }
 
-    fn on_restart_scheduled(&self, _e: &RestartScheduled) {
+    fn on_restart_scheduled(&self, e: &RestartScheduled) {
         self.f().restarts.inc();
+        self.page().last_restart = Some(e.clone());
     }
 }
 
@@ -379,6 +384,14 @@ mod tests {
             retries: 3,
         });
         m.on_lease_lost(&LeaseLost { holder: "pid 7".into() });
+        m.on_restart_scheduled(&RestartScheduled {
+            restart: 1,
+            attempt: 1,
+            cause: "sink \"db\" failed in batch 2: connection refused".into(),
+            wait_ms: 200,
+            outage_ms: 1500,
+            max_outage_ms: 60_000,
+        });
         m.on_recovery_finished(&RecoveryFinished {
             restored_batch: Some(cairn::BatchId(0)),
             replay_batches: 1,
@@ -395,6 +408,10 @@ mod tests {
         assert_eq!(f.checkpoint_write_retries.get(), 5);
         assert_eq!(f.checkpoint_failures.get(), 1);
         assert_eq!(f.lease_lost.get(), 1);
+        assert_eq!(f.restarts.get(), 1);
+        let page = m.progress_json();
+        assert_eq!(page["restarts"], 1);
+        assert!(page["last_restart"]["cause"].as_str().unwrap().contains("connection refused"));
         assert_eq!(f.recovery_warnings.get(), 2);
         assert_eq!(f.last_batch_id.get(), 1);
         assert_eq!(f.scheduling_delay_seconds.get(), 0.25);
