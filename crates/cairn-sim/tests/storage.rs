@@ -268,3 +268,32 @@ fn an_outage_past_the_budget_stops_clearly_and_a_restart_resumes_exactly() {
     assert!(!err.is_transient() && err.to_string().contains("No space left"), "{err}");
     assert_eq!(seen.0.load(Ordering::SeqCst), 0, "a final error is not ridden out");
 }
+
+/// With the store's own retries off, a single transient failure reaches the job, which restarts
+/// in place once instead of stopping, and the output is exact.
+#[test]
+fn without_store_retries_a_blip_is_one_restart() {
+    let p = JobParams { batches: 16, rate: 100, keys: 11 };
+    let s = setup("");
+    let none = cairn::checkpoint::retry::RetryPolicy { max_retries: 0, ..Default::default() };
+    let store =
+        CheckpointStore::with_store_retrying(s.faulty.clone(), ObjPath::from(""), "faulty-local", none);
+    let ctx = StreamingContext::builder()
+        .batch_interval(INTERVAL)
+        .checkpoint_store(store)
+        .trigger(Trigger::AvailableNow)
+        .stop_after_batches(p.batches)
+        .build()
+        .unwrap();
+    define_job(&ctx, &p, &s.totals, &s.windows).unwrap();
+    let faulty = s.faulty.clone();
+    let once = std::sync::atomic::AtomicBool::new(false);
+    ctx.on_batch(move |b| {
+        if b.batch_id.0 == 5 && !once.swap(true, Ordering::SeqCst) {
+            faulty.fail_next(1);
+        }
+    });
+    let summary = ctx.run_available().expect("one blip is ridden out");
+    assert_eq!(summary.restarts, 1);
+    check_exact(&s, &p);
+}

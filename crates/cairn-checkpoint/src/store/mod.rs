@@ -20,7 +20,7 @@ use std::sync::{Arc, RwLock};
 mod open;
 mod recovery;
 
-pub use open::{block_on_io, io_runtime, open_location, open_store, OpenedLocation};
+pub use open::{block_on_io, io_runtime, open_location, open_location_with, open_store, OpenedLocation};
 pub use recovery::{DamagedCopy, Recovered, RestoredState};
 
 /// Bytes and objects written by one call.
@@ -102,7 +102,18 @@ impl CheckpointStore {
     /// assert!(store.read_metadata().unwrap().is_none());
     /// ```
     pub fn open(location: &str) -> Result<Self> {
-        let opened = open_location(location)?;
+        Self::open_with(location, RetryPolicy::default())
+    }
+
+    /// [`CheckpointStore::open`] with another policy for retrying transient storage failures.
+    ///
+    /// ```
+    /// use cairn_checkpoint::{retry::RetryPolicy, CheckpointStore};
+    /// let none = RetryPolicy { max_retries: 0, ..RetryPolicy::default() };
+    /// assert!(CheckpointStore::open_with("memory://", none).is_ok());
+    /// ```
+    pub fn open_with(location: &str, policy: RetryPolicy) -> Result<Self> {
+        let opened = open::open_location_with(location, policy)?;
         let mut s = Self::unwrapped(opened.store, opened.root, location);
         s.local_dir = opened.local_dir;
         Ok(s)
@@ -111,7 +122,17 @@ impl CheckpointStore {
     /// Uses an existing object store (e.g. wrapped to inject latency or faults) under `root`.
     /// Every request goes through [`Retrying`] with the default [`RetryPolicy`].
     pub fn with_store(store: Arc<dyn ObjectStore>, root: Path, location: impl Into<String>) -> Self {
-        Self::unwrapped(Arc::new(Retrying::new(store, RetryPolicy::default())), root, location)
+        Self::with_store_retrying(store, root, location, RetryPolicy::default())
+    }
+
+    /// [`CheckpointStore::with_store`] with another retry policy.
+    pub fn with_store_retrying(
+        store: Arc<dyn ObjectStore>,
+        root: Path,
+        location: impl Into<String>,
+        policy: RetryPolicy,
+    ) -> Self {
+        Self::unwrapped(Arc::new(Retrying::new(store, policy)), root, location)
     }
 
     /// A store over `store` as given (it already retries).

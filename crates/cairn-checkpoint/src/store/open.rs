@@ -38,8 +38,13 @@ pub struct OpenedLocation {
 /// transient failures ([`Retrying`], the only retry budget: the cloud clients' own retries are
 /// off).
 pub fn open_location(location: &str) -> Result<OpenedLocation> {
+    open_location_with(location, RetryPolicy::default())
+}
+
+/// [`open_location`] with another retry policy.
+pub fn open_location_with(location: &str, policy: RetryPolicy) -> Result<OpenedLocation> {
     let mut opened = open_unretried(location)?;
-    opened.store = Arc::new(Retrying::new(opened.store, RetryPolicy::default()));
+    opened.store = Arc::new(Retrying::new(opened.store, policy));
     Ok(opened)
 }
 

@@ -126,6 +126,15 @@ impl StreamingContextBuilder {
         self.cfg.max_outage = d;
         self
     }
+    /// How the checkpoint store retries one request that failed transiently before the failure
+    /// reaches the job (default: 6 retries, 50 ms doubling to at most 2 s apart, about 3 s in
+    /// all). The time counts in [`max_outage`](Self::max_outage). Applies to a location given by
+    /// [`checkpoint`](Self::checkpoint); a store given by
+    /// [`checkpoint_store`](Self::checkpoint_store) keeps its own.
+    pub fn storage_retries(mut self, policy: cairn_checkpoint::retry::RetryPolicy) -> Self {
+        self.cfg.storage_retries = policy;
+        self
+    }
     /// How long a crashed holder of the checkpoint location on another host keeps it (default
     /// 10 s). A holder on this host that died is detected at once.
     pub fn lease_ttl(mut self, d: Duration) -> Self {
@@ -244,6 +253,7 @@ impl StreamingContext {
                 stop_on_signals: false,
                 lease_ttl: Duration::from_secs(10),
                 max_outage: Duration::from_secs(60),
+                storage_retries: Default::default(),
                 clock: clock::system(),
             },
         }

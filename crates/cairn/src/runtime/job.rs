@@ -38,6 +38,8 @@ pub(crate) struct Config {
     pub lease_ttl: Duration,
     /// How long a job waits out transient failures, restarting in place, before it stops.
     pub max_outage: Duration,
+    /// How the checkpoint store retries a transient failure of one request.
+    pub storage_retries: cairn_checkpoint::retry::RetryPolicy,
     pub clock: Arc<dyn Clock>,
 }
 

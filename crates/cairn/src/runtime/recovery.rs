@@ -142,7 +142,7 @@ pub(crate) fn prepare(job: &Job) -> Result<Prepared> {
     };
     let store = match &cfg.store {
         Some(s) => s.clone(),
-        None => CheckpointStore::open(&location)?,
+        None => CheckpointStore::open_with(&location, cfg.storage_retries)?,
     };
     let lease = store.acquire_lease(cfg.lease_ttl)?;
     if failpoint::armed_name() == Some(failpoint::FREEZE_BEFORE_PLAN) {
