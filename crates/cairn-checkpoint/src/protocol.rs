@@ -384,8 +384,11 @@ pub fn plan_retention(listing: &Listing, keep: usize) -> RetentionPlan {
     };
     let mut fallback = None;
     if !independent {
-        fallback = checkpoints.iter().rev().filter(|b| **b < oldest).find_map(|b| {
-            [true, false].into_iter().find_map(|prefer_full| {
+        // Through full snapshots first, over every candidate: an all-delta path back to an old
+        // base is independent too, but keeping it keeps every delta since that base, and the
+        // location then grows with the run.
+        fallback = [true, false].into_iter().find_map(|prefer_full| {
+            checkpoints.iter().rev().filter(|b| **b < oldest).find_map(|b| {
                 chain(listing, *b, prefer_full)
                     .filter(|c| c.iter().all(|n| !newest_chain.contains(n)))
                     .map(|c| (*b, c))
@@ -488,6 +491,20 @@ pub fn checkpoint_decision(
 /// ```
 pub fn compaction_due(chain_len: usize, full_every: usize) -> bool {
     chain_len > full_every
+}
+
+/// Whether the engine must cut the next checkpoint as a full snapshot from memory: its chain as a
+/// delta (`chain_len_if_delta` objects, through the newest full snapshot) would pass twice
+/// `full_every`. Background compaction normally keeps chains at `full_every + 1`; on storage too
+/// slow for it this keeps every chain, and so restore time, bounded anyway.
+///
+/// ```
+/// use cairn_checkpoint::protocol::must_cut_full;
+/// assert!(!must_cut_full(20, 10));
+/// assert!(must_cut_full(21, 10));
+/// ```
+pub fn must_cut_full(chain_len_if_delta: usize, full_every: usize) -> bool {
+    chain_len_if_delta > 2 * full_every.max(1)
 }
 
 /// The fence points of a location: per lease epoch that wrote a fence record, the first batch

@@ -19,6 +19,8 @@ pub struct FaultyStore {
     /// Every put under a path containing this fragment is affected (empty: all puts).
     only: String,
     delay_ms: AtomicU64,
+    /// Delay of every GET, HEAD, LIST and DELETE (puts have `delay_ms`).
+    read_delay_ms: AtomicU64,
     /// Every `spike_every`-th affected put waits `spike_ms` more.
     spike_every: AtomicU64,
     spike_ms: AtomicU64,
@@ -68,6 +70,7 @@ impl FaultyStore {
             inner,
             only: only.to_string(),
             delay_ms: AtomicU64::new(0),
+            read_delay_ms: AtomicU64::new(0),
             spike_every: AtomicU64::new(0),
             spike_ms: AtomicU64::new(0),
             fail: AtomicBool::new(false),
@@ -118,6 +121,18 @@ impl FaultyStore {
     /// Delays every affected put.
     pub fn set_delay(&self, d: Duration) {
         self.delay_ms.store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+    /// Delays every request, of every kind, by `d`: a uniformly slow store, where compaction
+    /// and retention (reads, listings, deletes) cost as much as writes.
+    pub fn set_delay_all(&self, d: Duration) {
+        self.set_delay(d);
+        self.read_delay_ms.store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+    async fn read_delay(&self) {
+        let d = self.read_delay_ms.load(Ordering::SeqCst);
+        if d > 0 {
+            tokio::time::sleep(Duration::from_millis(d)).await;
+        }
     }
     /// Makes every affected put fail with a "disk full" error (or stop failing).
     pub fn set_failing(&self, fail: bool) {
@@ -202,18 +217,32 @@ impl ObjectStore for FaultyStore {
     }
     async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
         self.count(if options.head { HEAD } else { GET });
+        self.read_delay().await;
         self.inner.get_opts(location, options).await
     }
     async fn delete(&self, location: &Path) -> Result<()> {
         self.count(DELETE);
+        self.read_delay().await;
         self.inner.delete(location).await
     }
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
         self.count(LIST);
-        self.inner.list(prefix)
+        let d = self.read_delay_ms.load(Ordering::SeqCst);
+        if d == 0 {
+            return self.inner.list(prefix);
+        }
+        use futures::StreamExt;
+        let (inner, prefix) = (self.inner.clone(), prefix.cloned());
+        futures::stream::once(async move {
+            tokio::time::sleep(Duration::from_millis(d)).await;
+            inner.list(prefix.as_ref())
+        })
+        .flatten()
+        .boxed()
     }
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
         self.count(LIST);
+        self.read_delay().await;
         self.inner.list_with_delimiter(prefix).await
     }
     async fn copy(&self, from: &Path, to: &Path) -> Result<()> {

@@ -50,6 +50,7 @@ struct Families {
     last_batch_id: Gauge,
     scheduling_delay_seconds: FloatGauge,
     checkpoint_queue_depth: Gauge,
+    checkpoint_chain: Gauge,
     input_rows_per_second: FloatGauge,
     processed_rows_per_second: FloatGauge,
     state_keys: Family<OperatorLabels, Gauge>,
@@ -77,6 +78,7 @@ impl Families {
             last_batch_id: Gauge::default(),
             scheduling_delay_seconds: FloatGauge::default(),
             checkpoint_queue_depth: Gauge::default(),
+            checkpoint_chain: Gauge::default(),
             input_rows_per_second: FloatGauge::default(),
             processed_rows_per_second: FloatGauge::default(),
             state_keys: Family::default(),
@@ -141,6 +143,11 @@ impl Families {
             "checkpoint_queue_depth",
             "Checkpoints waiting to be written",
             f.checkpoint_queue_depth.clone(),
+        );
+        r.register(
+            "checkpoint_chain",
+            "Objects a restore of the newest checkpoint would read (its chain through a full snapshot)",
+            f.checkpoint_chain.clone(),
         );
         r.register(
             "input_rows_per_second",
@@ -295,6 +302,7 @@ impl StreamingListener for Metrics {
         f.last_batch_id.set(i64::try_from(p.batch_id.0).unwrap_or(i64::MAX));
         f.scheduling_delay_seconds.set(p.scheduling_delay_ms / 1e3);
         f.checkpoint_queue_depth.set(i64::try_from(p.checkpoint_queue_depth).unwrap_or(i64::MAX));
+        f.checkpoint_chain.set(i64::try_from(p.checkpoint_chain).unwrap_or(i64::MAX));
         f.input_rows_per_second.set(p.input_rows_per_s);
         f.processed_rows_per_second.set(p.processed_rows_per_s);
         for op in &p.operators {
@@ -362,6 +370,7 @@ mod tests {
             operators: vec![OperatorProgress { name: "op".into(), keys: 3, checkpoint_bytes: 40 }],
             replayed: false,
             restarts: 0,
+            checkpoint_chain: 1,
         }
     }
 
@@ -416,6 +425,7 @@ mod tests {
         assert_eq!(f.last_batch_id.get(), 1);
         assert_eq!(f.scheduling_delay_seconds.get(), 0.25);
         assert_eq!(f.checkpoint_queue_depth.get(), 2);
+        assert_eq!(f.checkpoint_chain.get(), 1);
         let l = OperatorLabels { operator: "op".into() };
         assert_eq!(f.state_keys.get_or_create(&l).get(), 3);
         assert_eq!(f.state_checkpoint_bytes.get_or_create(&l).get(), 40);

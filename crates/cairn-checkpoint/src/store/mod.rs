@@ -20,6 +20,9 @@ use std::sync::{Arc, RwLock};
 mod open;
 mod recovery;
 
+/// Deletes a retention pass keeps in flight at once.
+const RETENTION_CONCURRENCY: usize = 16;
+
 pub use open::{block_on_io, io_runtime, open_location, open_location_with, open_store, OpenedLocation};
 pub use recovery::{DamagedCopy, Recovered, RestoredState};
 
@@ -618,12 +621,23 @@ impl CheckpointStore {
     pub fn apply_retention(&self, keep: usize) -> Result<RetentionReport> {
         let debris = self.sweep_debris()?;
         let plan = protocol::plan_retention(&self.listing()?, keep);
+        // Deletes run concurrently: no kept checkpoint needs any object in the list, so whatever
+        // subset an interruption leaves deleted is safe. On slow storage one delete at a time
+        // fell behind the objects a job adds, and the location grew without bound.
+        let results: Vec<(ObjectName, object_store::Result<()>)> = block_on_io(async {
+            use futures::StreamExt;
+            let deletes = futures::stream::iter(plan.delete.iter().map(|&name| async move {
+                let path = self.paths.path(name);
+                (name, self.store.delete(&path).await)
+            }));
+            Ok(deletes.buffered(RETENTION_CONCURRENCY).collect().await)
+        })
+        .unwrap_or_default();
         let mut deleted = Vec::new();
-        for name in plan.delete {
-            let path = self.paths.path(name);
-            match self.block_on(self.store.delete(&path)) {
+        for (name, r) in results {
+            match r {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => deleted.push(name),
-                Err(e) => return Err(Error::storage(&path, e)),
+                Err(e) => return Err(Error::storage(self.paths.path(name), e)),
             }
         }
         Ok(RetentionReport { kept_checkpoints: plan.keep_checkpoints, deleted, debris })

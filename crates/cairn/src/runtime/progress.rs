@@ -59,6 +59,9 @@ pub struct BatchProgress {
     pub replayed: bool,
     /// Restarts in place after transient failures since the job started.
     pub restarts: u64,
+    /// Objects a restore of the newest checkpoint cut would read (its chain through a full
+    /// snapshot; 0 before the first checkpoint): what a crash now costs to recover.
+    pub checkpoint_chain: u64,
 }
 
 /// A batch is about to run.

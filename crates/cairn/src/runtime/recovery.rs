@@ -44,6 +44,9 @@ pub(crate) struct Prepared {
     pub force_full: bool,
     /// A copy of the newest plan in the log, for the next plan to carry.
     pub last_plan: Option<PlanCopy>,
+    /// Objects in the restored checkpoint's chain (0 without one): the next delta's chain is one
+    /// longer.
+    pub restored_chain: usize,
 }
 
 pub(crate) fn describe_graph(job: &Job) -> GraphDescription {
@@ -138,6 +141,7 @@ pub(crate) fn prepare(job: &Job) -> Result<Prepared> {
             job_id: format!("{}-{now:x}", cfg.app_name).into(),
             force_full: false,
             last_plan: None,
+            restored_chain: 0,
         });
     };
     let store = match &cfg.store {
@@ -251,6 +255,7 @@ fn restore(
 
     let mut last_checkpoint = None;
     let mut force_full = false;
+    let restored_chain = recovered.state.as_ref().map_or(0, |s| s.chain.len());
     // Damaged state objects recovery worked around are removed, and the next checkpoint is a full
     // one: new checkpoints must not chain onto them, nor retention count them as a restore point.
     for name in &recovered.damaged_state {
@@ -328,5 +333,6 @@ fn restore(
         job_id: metadata.job_id.as_str().into(),
         force_full,
         last_plan: recovered.last_plan,
+        restored_chain,
     })
 }

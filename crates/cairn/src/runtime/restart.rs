@@ -59,6 +59,7 @@ fn add(total: &mut Option<RunSummary>, run: RunSummary) {
             t.checkpoint_bytes += run.checkpoint_bytes;
             t.checkpoint_objects += run.checkpoint_objects;
             t.log_objects += run.log_objects;
+            t.forced_full_snapshots += run.forced_full_snapshots;
         }
     }
 }

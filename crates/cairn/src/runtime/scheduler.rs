@@ -41,6 +41,9 @@ pub struct RunSummary {
     pub log_objects: u64,
     /// Restarts in place after transient failures (see `StreamingContextBuilder::max_outage`).
     pub restarts: u64,
+    /// Checkpoints cut as full snapshots on the batch path because background compaction fell
+    /// behind (storage too slow for the checkpoint rate).
+    pub forced_full_snapshots: u64,
 }
 
 impl RunSummary {
@@ -55,6 +58,7 @@ impl RunSummary {
             checkpoint_objects: 0,
             log_objects: 0,
             restarts: 0,
+            forced_full_snapshots: 0,
         }
     }
 }
@@ -87,6 +91,10 @@ struct Runner {
     /// Per operator: uncompressed bytes in the latest checkpoint cut.
     op_bytes: BTreeMap<String, u64>,
     summary: RunSummary,
+    /// Delta checkpoints cut after the newest full snapshot known to be stored.
+    deltas: Vec<BatchId>,
+    /// Objects in the chain of the newest checkpoint cut.
+    last_chain: usize,
 }
 
 /// Runs the job once from `p`: what it did, and how it ended.
@@ -136,6 +144,8 @@ pub(crate) fn run(job: Arc<Job>, p: Prepared, trigger: Trigger) -> (RunSummary, 
         prev_start_ms: None,
         op_bytes: BTreeMap::new(),
         summary,
+        deltas: Vec::new(),
+        last_chain: 0,
     };
     let result = r.run_loop(trigger);
     let finish = r.finish(result.is_ok());
@@ -380,6 +390,7 @@ impl Runner {
             operators,
             replayed,
             restarts: self.job.restarts.load(Ordering::SeqCst),
+            checkpoint_chain: self.last_chain as u64,
         };
         if wait_ms > 50.0 {
             tracing::warn!(
@@ -400,7 +411,18 @@ impl Runner {
     /// Cuts a checkpoint of the state after `batch` and queues it; returns ms spent waiting for
     /// room in the queue, and the checkpoint's uncompressed size.
     fn checkpoint(&mut self, batch: BatchId) -> Result<(f64, u64)> {
-        let full = self.p.last_checkpoint.is_none() || std::mem::take(&mut self.p.force_full);
+        let chain_if_delta = self.chain_if_delta();
+        let too_long =
+            cairn_checkpoint::protocol::must_cut_full(chain_if_delta, self.job.cfg.full_snapshot_every);
+        if too_long && self.p.last_checkpoint.is_some() {
+            tracing::warn!(
+                "checkpoint storage is too slow for background compaction: the chain of checkpoint {batch} \
+                 would be {chain_if_delta} objects, so it is cut as a full snapshot on the batch path; \
+                 a longer checkpoint interval or a larger full_snapshot_every makes this rarer"
+            );
+            self.summary.forced_full_snapshots += 1;
+        }
+        let full = self.p.last_checkpoint.is_none() || std::mem::take(&mut self.p.force_full) || too_long;
         let mut tables = Vec::new();
         for op in &self.ops {
             let t = op.snapshot(full)?;
@@ -441,10 +463,30 @@ impl Runner {
         let bytes = ckpt.tables.iter().map(|t| t.data.len() as u64).sum();
         let writer = self.writer.as_ref().expect("checked by caller");
         let waited = writer.submit(ckpt)?;
+        if full {
+            self.deltas.clear();
+            self.p.restored_chain = 1;
+        } else {
+            self.deltas.push(batch);
+        }
+        self.last_chain = if full { 1 } else { chain_if_delta };
         self.p.last_checkpoint = Some(batch);
         self.batches_since_checkpoint = 0;
         self.summary.checkpoints += 1;
         Ok((waited, bytes))
+    }
+
+    /// The newest checkpoint's chain length if the next checkpoint were a delta: through the
+    /// newest full snapshot stored (by the writer, or compacted in the background), else through
+    /// the restored chain.
+    fn chain_if_delta(&mut self) -> usize {
+        if let Some(f) = self.writer.as_ref().and_then(|w| w.newest_full()) {
+            // A snapshot this run stored is at or after the restored checkpoint: chains of later
+            // deltas start there.
+            self.deltas.retain(|d| *d > f);
+            self.p.restored_chain = 1;
+        }
+        self.p.restored_chain.max(1) + self.deltas.len() + 1
     }
 
     /// Final checkpoint (on a clean stop), drain the writer, release the lease.

@@ -33,6 +33,9 @@ struct Shared {
     error: Option<(BatchId, Arc<cairn_checkpoint::Error>)>,
     /// Checkpoints submitted and not yet written.
     pending: usize,
+    /// The newest full snapshot known to be stored (written, or compacted by maintenance):
+    /// later deltas' chains start there.
+    newest_full: Option<BatchId>,
 }
 
 fn lock(s: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
@@ -82,6 +85,11 @@ impl CheckpointWriter {
             );
         }
         Ok(Self { tx: Some(tx), shared, threads, capacity: capacity.max(1) })
+    }
+
+    /// The newest full snapshot known to be stored by this writer.
+    pub(crate) fn newest_full(&self) -> Option<BatchId> {
+        lock(&self.shared).newest_full
     }
 
     /// Checkpoints submitted and not yet written.
@@ -171,6 +179,9 @@ fn write_loop(
                 s.stats.written += 1;
                 s.stats.bytes += w.bytes;
                 s.stats.objects += w.objects;
+                if ckpt.kind == CheckpointKind::Full {
+                    s.newest_full = s.newest_full.max(Some(batch));
+                }
                 drop(s);
                 let e = CheckpointWritten {
                     batch_id: batch,
@@ -221,8 +232,12 @@ fn maintenance_loop(
                     let mut s = lock(shared);
                     s.stats.bytes += w.bytes;
                     s.stats.objects += w.objects;
+                    s.newest_full = s.newest_full.max(Some(batch));
                 }
-                Ok(None) => {}
+                Ok(None) => {
+                    let mut s = lock(shared);
+                    s.newest_full = s.newest_full.max(Some(batch));
+                }
                 Err(e) => {
                     tracing::warn!("compacting a full snapshot at batch {batch} failed (will retry): {e}")
                 }
