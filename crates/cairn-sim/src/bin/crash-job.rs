@@ -21,9 +21,17 @@ fn main() {
     // CRASH_JOB_FAULTS=1 routes the checkpoint through the fault injector: latency spikes on
     // every 5th write and a transient error every 7th, on top of the SIGKILLs.
     let faulty = std::env::var("CRASH_JOB_FAULTS").is_ok_and(|v| v == "1");
+    // CRASH_JOB_DELAY_MS=n delays every request to the checkpoint location (of every kind) by n ms:
+    // slow storage, for the bounded-location tests.
+    let delay: Option<u64> = std::env::var("CRASH_JOB_DELAY_MS").ok().and_then(|v| v.parse().ok());
     let result = StreamingContext::get_or_create(&args[0], |loc| {
         let mut builder = StreamingContext::builder();
-        if faulty {
+        if let Some(ms) = delay {
+            let (store, root) = cairn::checkpoint::store::open_store(loc)?;
+            let f = cairn_sim::FaultyStore::new(store, "");
+            f.set_delay_all(std::time::Duration::from_millis(ms));
+            builder = builder.checkpoint_store(cairn::checkpoint::CheckpointStore::with_store(f, root, loc));
+        } else if faulty {
             let (store, root) = cairn::checkpoint::store::open_store(loc)?;
             let f = cairn_sim::FaultyStore::new(store, "");
             f.set_spikes(5, std::time::Duration::from_millis(40));
