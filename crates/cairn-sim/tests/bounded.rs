@@ -144,7 +144,7 @@ fn a_sigkilled_job_on_slow_storage_stays_bounded_and_recovers_exactly() {
     };
     let (full_every, keep) = (4, 3);
     let (mut longest, mut most, mut starts) = (0, 0, 0);
-    let mut sample = |longest: &mut usize, most: &mut usize| {
+    let sample = |longest: &mut usize, most: &mut usize| {
         if ckpt.join("metadata").exists() {
             let (c, o) = measure(&ckpt);
             *longest = (*longest).max(c);
