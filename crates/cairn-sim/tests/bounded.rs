@@ -178,3 +178,36 @@ fn a_sigkilled_job_on_slow_storage_stays_bounded_and_recovers_exactly() {
     assert!(longest <= 2 * full_every && most <= object_bound, "chain {longest}, objects {most}");
     check_sink_output(&totals, &windows, &p);
 }
+
+/// Storage so slow that writing a batch's plan takes longer than the batch interval (100 ms per
+/// request, 10 ms batches, processing-time trigger): batches run late rather than queue up, each
+/// on the grid point current when it starts (missed points are skipped, not run back to back),
+/// and every progress record reports the delay.
+#[test]
+fn planning_slower_than_the_interval_runs_batches_late_and_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("ckpt");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    let faulty = FaultyStore::new(Arc::new(LocalFileSystem::new_with_prefix(&ckpt).unwrap()), "");
+    faulty.set_delay_all(Duration::from_millis(100));
+    let ctx = StreamingContext::builder()
+        .batch_interval(INTERVAL)
+        .checkpoint_store(CheckpointStore::with_store(faulty, ObjPath::from(""), "slow-local"))
+        .trigger(Trigger::ProcessingTime)
+        .stop_after_batches(8)
+        .build()
+        .unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    ctx.generator("g", 1, 10, |_, o| o).unwrap().foreach_batch(|_, _| Ok(()));
+    ctx.on_batch(move |b| s.lock().unwrap().push((b.batch_time_ms, b.scheduling_delay_ms)));
+    ctx.run().unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 8);
+    let interval = INTERVAL.as_millis() as i64;
+    for w in seen.windows(2) {
+        let gap = w[1].0 - w[0].0;
+        assert!(gap % interval == 0 && gap > interval, "later grid points, missed ones skipped: {seen:?}");
+    }
+    assert!(seen[1..].iter().all(|(_, delay)| *delay >= interval as f64), "the delay is reported: {seen:?}");
+}
