@@ -214,6 +214,11 @@ impl CheckpointStore {
         Ok((out, repairs))
     }
 
+    /// The newest lease epoch claimed at this location (`None` before the first start).
+    pub fn latest_epoch(&self) -> Result<Option<Epoch>> {
+        Ok(protocol::latest_epoch(&self.lease_listing()?))
+    }
+
     /// `Err(LeaseLost)` when this store's lease epoch has been taken over (the next epoch's
     /// claim exists). Without a lease there is nothing to check.
     pub fn check_lease(&self) -> Result<()> {
@@ -232,6 +237,24 @@ impl CheckpointStore {
     /// Takes the location for this process in a new epoch, or fails with [`Error::Locked`]
     /// naming the holder.
     pub fn acquire_lease(&self, ttl: Duration) -> Result<Lease> {
+        self.claim_lease(ttl, false, None)
+    }
+
+    /// Takes the location in a new epoch whoever holds it now, live or not. For a holder chosen
+    /// from outside (a consumer group assigned this process the task the location belongs to):
+    /// the previous holder may still be running, paused or cut off, and from the new epoch's
+    /// fence on nothing it writes is accepted (every commit of its store checks for the next
+    /// epoch's claim before and after it writes, and stops with [`Error::LeaseLost`]).
+    ///
+    /// With `after: Some(e)` (a process that held epoch `e` and takes the location again, for
+    /// example to restart after a failure) it fails with [`Error::LeaseLost`] when an epoch after
+    /// `e` exists: somebody else was given the location meanwhile, and taking it back would
+    /// undo that decision.
+    pub fn take_over_lease(&self, ttl: Duration, after: Option<Epoch>) -> Result<Lease> {
+        self.claim_lease(ttl, true, after)
+    }
+
+    fn claim_lease(&self, ttl: Duration, force: bool, after: Option<Epoch>) -> Result<Lease> {
         let ttl_ms = ttl.as_millis().max(100) as u64;
         let host = hostname();
         let owner = unique_owner();
@@ -239,7 +262,18 @@ impl CheckpointStore {
         let mut patience = 20;
         let record = loop {
             let latest = protocol::latest_epoch(&self.lease_listing()?);
-            if let Some(latest_epoch) = latest {
+            if let (Some(held), Some(latest)) = (after, latest) {
+                if latest > held {
+                    let holder = match self.epoch_holder(latest) {
+                        Ok(Some(r)) => describe(&r, wall_ms()),
+                        _ => format!("epoch {latest}"),
+                    };
+                    return Err(Error::LeaseLost { location: self.location().to_string(), holder });
+                }
+            }
+            if let (Some(latest_epoch), true) = (latest, force) {
+                tracing::info!("taking over the lease after epoch {latest_epoch}, as assigned");
+            } else if let Some(latest_epoch) = latest {
                 match self.epoch_holder(latest_epoch) {
                     Ok(Some(cur)) => {
                         let now = wall_ms();

@@ -81,6 +81,11 @@ impl Paths {
         self.root.child("state")
     }
 
+    /// The prefix holding the tasks of a scaled-out job (each a location of its own).
+    pub fn tasks_dir(&self) -> Path {
+        self.root.child(TASKS_DIR)
+    }
+
     /// The path of an object.
     pub fn path(&self, name: ObjectName) -> Path {
         match name {
@@ -144,6 +149,33 @@ impl Paths {
         let [file] = rel.as_slice() else { return None };
         batch_number(file.as_ref().strip_prefix("part-")?.strip_suffix(".txt")?)
     }
+}
+
+const TASKS_DIR: &str = "tasks";
+
+/// The location of task `task` of a scaled-out job whose location is `root`: a complete
+/// checkpoint location of its own (metadata, lease, log, state) under `<root>/tasks/<task>`,
+/// the task number zero-padded to 5 digits so that listings sort numerically.
+///
+/// ```
+/// use cairn_checkpoint::paths::task_location;
+/// assert_eq!(task_location("s3://bucket/jobs/clicks", 7), "s3://bucket/jobs/clicks/tasks/00007");
+/// assert_eq!(task_location("/var/ckpt/", 11), "/var/ckpt/tasks/00011");
+/// ```
+pub fn task_location(root: &str, task: u32) -> String {
+    format!("{}/{TASKS_DIR}/{task:05}", root.trim_end_matches('/'))
+}
+
+/// The task number of a task location's last path segment (see [`task_location`]).
+///
+/// ```
+/// assert_eq!(cairn_checkpoint::paths::parse_task("00011"), Some(11));
+/// assert_eq!(cairn_checkpoint::paths::parse_task("x"), None);
+/// ```
+pub fn parse_task(segment: &str) -> Option<u32> {
+    (segment.len() == 5 && segment.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| segment.parse().ok())
+        .flatten()
 }
 
 /// The table that holds a source's positions in every state checkpoint: `$positions/<source>`,

@@ -8,6 +8,16 @@
 //! new checkpoint location numbers its batches from 0 again: keyed by sink name alone, its output
 //! would be skipped as "already written" by the old job.
 //!
+//! In a scaled-out job every task has its own job id, so its own row, and the row also records
+//! the task and the ownership epoch of the process that wrote it last. A write whose epoch is
+//! older than the row's is refused ([`Error::Fenced`]): a process that lost the task (paused past
+//! the consumer group's session timeout, cut off) cannot commit after the new owner did. The
+//! sink's sessions end on the server when idle inside a transaction for
+//! [`IDLE_IN_TRANSACTION`], so a paused process cannot hold the row's lock against the new
+//! owner either. With [`PostgresSink::record_commits`] every committed batch also leaves a row
+//! in `cairn_sink_commits` (sink, job, task, batch, epoch, rows, writer, time): an audit of who
+//! committed what.
+//!
 //! The rows of a batch are pipelined: up to [`PIPELINE`] statements are in flight on the
 //! connection at once (tokio-postgres sends them without waiting for each answer), so a batch
 //! costs a few round trips instead of one per row.
@@ -40,6 +50,21 @@ pub enum Error {
         statement: String,
         /// The server's error message.
         message: String,
+    },
+    /// A process with a newer ownership epoch of the task already committed through this sink:
+    /// this process lost the task and must not write for it any more.
+    #[error("PostgreSQL sink {sink:?}: batch {batch} of job {job} not written: it is fenced, epoch {epoch} is older than epoch {newer} that committed last (this process lost the task)")]
+    Fenced {
+        /// The sink's name.
+        sink: String,
+        /// The job (in a scaled-out job, the task's job id).
+        job: String,
+        /// The batch that was not written.
+        batch: u64,
+        /// This writer's epoch.
+        epoch: u64,
+        /// The epoch recorded in the progress row.
+        newer: u64,
     },
     /// The database could not be reached or kept failing; the batch was not committed.
     #[error("PostgreSQL sink {sink:?}: batch {batch} failed after {attempts} attempt(s): {message}")]
@@ -95,9 +120,15 @@ pub struct PostgresSink<T> {
     client: Mutex<Option<Connection>>,
     attempts: u32,
     setup: Option<String>,
+    record_commits: bool,
     /// The partitions of the batch being written, gathered until commit.
     pending: Pending<T>,
 }
+
+/// How long a sink's session may sit idle inside a transaction before the server ends it: a
+/// process paused mid-batch (SIGSTOP, a frozen VM) then stops holding its progress row's lock,
+/// and the task's next owner can commit.
+pub const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(5);
 
 /// A connection and the single-threaded runtime that drives it (the sink runs on the
 /// scheduler's thread; the runtime only turns while a batch is being written).
@@ -125,9 +156,25 @@ impl Connection {
                     tracing::debug!("PostgreSQL connection ended: {e}");
                 }
             });
-            client.batch_execute(PROGRESS_DDL).await?;
+            client
+                .batch_execute(&format!(
+                    "SET idle_in_transaction_session_timeout = {}",
+                    IDLE_IN_TRANSACTION.as_millis()
+                ))
+                .await?;
+            // Concurrent `CREATE TABLE IF NOT EXISTS` can fail on PostgreSQL's catalog (the
+            // tasks of a scaled-out job connect at once): one connection at a time runs the DDL.
+            client
+                .batch_execute(&format!(
+                    "BEGIN; SELECT pg_advisory_xact_lock({DDL_LOCK}); {PROGRESS_DDL} COMMIT;"
+                ))
+                .await?;
             if let Some(sql) = setup {
-                client.batch_execute(sql).await?;
+                client
+                    .batch_execute(&format!(
+                        "BEGIN; SELECT pg_advisory_xact_lock({DDL_LOCK}); {sql}; COMMIT;"
+                    ))
+                    .await?;
             }
             Ok::<_, tokio_postgres::Error>(client)
         });
@@ -135,9 +182,17 @@ impl Connection {
     }
 }
 
+/// The advisory lock the sinks' DDL runs under (an arbitrary number, "cairn" in ASCII).
+const DDL_LOCK: i64 = 0x63_61_69_72_6e;
+
 const PROGRESS_DDL: &str = "CREATE TABLE IF NOT EXISTS cairn_sink_progress (\
     sink TEXT NOT NULL, job_id TEXT NOT NULL, batch_id BIGINT NOT NULL, \
-    committed_at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (sink, job_id))";
+    committed_at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (sink, job_id)); \
+    ALTER TABLE cairn_sink_progress ADD COLUMN IF NOT EXISTS task INTEGER, \
+    ADD COLUMN IF NOT EXISTS epoch BIGINT; \
+    CREATE TABLE IF NOT EXISTS cairn_sink_commits (seq BIGSERIAL PRIMARY KEY, sink TEXT NOT NULL, \
+    job_id TEXT NOT NULL, task INTEGER, batch_id BIGINT NOT NULL, epoch BIGINT, rows BIGINT NOT NULL, \
+    writer TEXT NOT NULL, committed_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp());";
 
 impl<T: Data> PostgresSink<T> {
     /// A sink named `name` (its id in the progress table; keep it stable across restarts)
@@ -157,6 +212,7 @@ impl<T: Data> PostgresSink<T> {
             client: Mutex::new(None),
             attempts: 4,
             setup: None,
+            record_commits: false,
             pending: Pending::default(),
         }
     }
@@ -165,6 +221,14 @@ impl<T: Data> PostgresSink<T> {
     /// EXISTS ...`); an error in it fails the batch like a failed connection.
     pub fn setup(mut self, sql: impl Into<String>) -> Self {
         self.setup = Some(sql.into());
+        self
+    }
+
+    /// Also records every committed batch in `cairn_sink_commits`: sink, job id, task, batch,
+    /// ownership epoch, rows, the writing process (`host:pid`) and the time. Off by default (one
+    /// more row per batch); an audit of which process committed which batch in which epoch.
+    pub fn record_commits(mut self, yes: bool) -> Self {
+        self.record_commits = yes;
         self
     }
 
@@ -182,6 +246,13 @@ impl<T: Data> PostgresSink<T> {
 
     /// Writes one batch, retrying (with a new connection) when the database connection fails.
     pub fn write_batch(&self, info: &BatchInfo, rows: &[T]) -> Result<Outcome, Error> {
+        self.write(&BatchContext::new(info.job_id.clone(), info.batch_id, info.batch_time_ms), rows)
+    }
+
+    /// Like [`write_batch`](Self::write_batch), for the batch of a task in an ownership epoch:
+    /// refused with [`Error::Fenced`] when a newer epoch already committed.
+    pub fn write(&self, batch: &BatchContext, rows: &[T]) -> Result<Outcome, Error> {
+        let info = &batch.info();
         let mut guard = self.client.lock().unwrap_or_else(|e| e.into_inner());
         let mut last = String::new();
         let mut last_transient = false;
@@ -210,8 +281,9 @@ impl<T: Data> PostgresSink<T> {
                 }
             }
             if let Some(c) = guard.as_mut() {
-                match c.rt.block_on(self.transaction(&mut c.client, info, rows)) {
-                    Ok(o) => return Ok(o),
+                match c.rt.block_on(self.transaction(&mut c.client, batch, rows)) {
+                    Ok(Ok(o)) => return Ok(o),
+                    Ok(Err(fenced)) => return Err(fenced),
                     Err(e) if is_schema_error(&e) => {
                         return Err(Error::Schema {
                             sink: self.name.clone(),
@@ -243,14 +315,18 @@ impl<T: Data> PostgresSink<T> {
         })
     }
 
+    /// One attempt: `Ok(Err(_))` is a refusal (fenced) that no retry changes.
     async fn transaction(
         &self,
         client: &mut Client,
-        info: &BatchInfo,
+        batch: &BatchContext,
         rows: &[T],
-    ) -> Result<Outcome, tokio_postgres::Error> {
+    ) -> Result<Result<Outcome, Error>, tokio_postgres::Error> {
+        let info = &batch.info();
         let tx = client.transaction().await?;
         let job = &*info.job_id;
+        let task = batch.task.map(|t| t.0 as i32);
+        let epoch = batch.epoch.map(|e| e as i64);
         // Create the progress row of this sink and job if missing, then lock it.
         let created = tx
             .execute(
@@ -276,18 +352,44 @@ impl<T: Data> PostgresSink<T> {
                 );
             }
         }
-        let done: i64 = tx
+        let row = tx
             .query_one(
-                "SELECT batch_id FROM cairn_sink_progress WHERE sink = $1 AND job_id = $2 FOR UPDATE",
+                "SELECT batch_id, epoch FROM cairn_sink_progress WHERE sink = $1 AND job_id = $2 FOR UPDATE",
                 &[&self.name, &job],
             )
-            .await?
-            .get(0);
-        let batch = info.batch_id.0 as i64;
-        if done >= batch {
-            tx.rollback().await?;
-            tracing::info!("PostgreSQL sink {:?}: batch {batch} was already committed; skipping", self.name);
-            return Ok(Outcome::AlreadyCommitted);
+            .await?;
+        let (done, row_epoch): (i64, Option<i64>) = (row.get(0), row.get(1));
+        let batch_id = info.batch_id.0 as i64;
+        if let (Some(newer), Some(mine)) = (row_epoch, epoch) {
+            if newer > mine {
+                tx.rollback().await?;
+                return Ok(Err(Error::Fenced {
+                    sink: self.name.clone(),
+                    job: job.to_string(),
+                    batch: batch_id as u64,
+                    epoch: mine as u64,
+                    newer: newer as u64,
+                }));
+            }
+        }
+        if done >= batch_id {
+            if epoch > row_epoch {
+                // A new owner replaying what its predecessor committed: nothing to write, but
+                // from now on the predecessor is fenced here too.
+                tx.execute(
+                    "UPDATE cairn_sink_progress SET epoch = $3, task = $4 WHERE sink = $1 AND job_id = $2",
+                    &[&self.name, &job, &epoch, &task],
+                )
+                .await?;
+                tx.commit().await?;
+            } else {
+                tx.rollback().await?;
+            }
+            tracing::info!(
+                "PostgreSQL sink {:?}: batch {batch_id} was already committed; skipping",
+                self.name
+            );
+            return Ok(Ok(Outcome::AlreadyCommitted));
         }
         let stmt = tx.prepare(&self.statement).await?;
         for chunk in rows.chunks(PIPELINE) {
@@ -298,13 +400,28 @@ impl<T: Data> PostgresSink<T> {
             futures::future::try_join_all(refs.iter().map(|r| tx.execute(&stmt, r))).await?;
         }
         tx.execute(
-            "UPDATE cairn_sink_progress SET batch_id = $3, committed_at = now() WHERE sink = $1 AND job_id = $2",
-            &[&self.name, &job, &batch],
+            "UPDATE cairn_sink_progress SET batch_id = $3, committed_at = now(), epoch = $4, task = $5 \
+             WHERE sink = $1 AND job_id = $2",
+            &[&self.name, &job, &batch_id, &epoch, &task],
         )
         .await?;
+        if self.record_commits {
+            tx.execute(
+                "INSERT INTO cairn_sink_commits (sink, job_id, task, batch_id, epoch, rows, writer) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[&self.name, &job, &task, &batch_id, &epoch, &(rows.len() as i64), &writer()],
+            )
+            .await?;
+        }
         tx.commit().await?;
-        Ok(Outcome::Written { rows: rows.len() as u64 })
+        Ok(Ok(Outcome::Written { rows: rows.len() as u64 }))
     }
+}
+
+/// This process as `host:pid`, for the commit audit.
+fn writer() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}:{}", host.trim(), std::process::id())
 }
 
 /// The server's own message for a database error (`Display` says only "db error").
@@ -363,7 +480,7 @@ impl<T: Data> Sink<T> for PostgresSink<T> {
     }
     fn commit(&self, batch: &BatchContext) -> Result<(), UserError> {
         let rows = self.pending.take_in_order();
-        match self.write_batch(&batch.info(), &rows) {
+        match self.write(batch, &rows) {
             Ok(_) => {}
             Err(e @ Error::Unavailable { transient: true, .. }) => return Err(cairn::Transient::wrap(e)),
             Err(e) => return Err(e.into()),

@@ -49,7 +49,7 @@ pub mod source {
     pub use crate::sources::{Generator, LineParser, Malformed, Positions, QueueHandle, Source, TextFiles};
 }
 
-pub use api::context::{StopHandle, StreamingContext, StreamingContextBuilder};
+pub use api::context::{StopHandle, StreamingContext, StreamingContextBuilder, TaskAssignment};
 pub use api::dstream::DStream;
 pub use cairn_checkpoint as checkpoint;
 pub use cairn_checkpoint::schema::StateSchema;

@@ -505,6 +505,22 @@ impl CheckpointStore {
         self.get_required(&self.paths.path(name))
     }
 
+    /// The tasks of a scaled-out job stored under this location
+    /// ([`crate::paths::task_location`]), ascending; empty for a job that runs as one process.
+    pub fn tasks(&self) -> Result<Vec<u32>> {
+        let dir = self.paths.tasks_dir();
+        let listed = self
+            .block_on(self.store.list_with_delimiter(Some(&dir)))
+            .map_err(|e| Error::storage(&self.location, e))?;
+        let mut tasks: Vec<u32> = listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().and_then(crate::paths::parse_task))
+            .collect();
+        tasks.sort_unstable();
+        Ok(tasks)
+    }
+
     /// Every recognised object of the location.
     pub fn listing(&self) -> Result<Listing> {
         let root = self.paths.root().clone();

@@ -6,10 +6,12 @@
 //! cargo run -p cairn-connectors --bin kafka_to_postgres -- produce BROKERS TOPIC N   # a small producer
 //! ```
 //! The PostgreSQL table `totals (key TEXT PRIMARY KEY, total BIGINT)` is created if missing.
-//! With `--available-now` as the last argument it stops when the topic is drained.
+//! With `--available-now` it stops when the topic is drained. With `--scale-out` the process is
+//! one of any number started with the same arguments: they share the topic's partitions as tasks
+//! through a consumer group, and a killed or paused process's tasks move to the others.
 
-use cairn::{StreamingContext, Trigger};
-use cairn_connectors::kafka::{KafkaSink, KafkaSource, StartFrom};
+use cairn::{StreamingContext, StreamingContextBuilder, Trigger};
+use cairn_connectors::kafka::{KafkaSink, KafkaSource, ScaleOut, StartFrom};
 use cairn_connectors::postgres::PostgresSink;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -23,32 +25,90 @@ fn main() {
             _ => usage("produce takes BROKERS TOPIC N (N a whole number)"),
         };
     }
-    let available_now = args.last().map(String::as_str) == Some("--available-now");
-    if available_now {
+    let mut opts = Options {
+        available_now: false,
+        scale_out: false,
+        session_timeout: Duration::from_secs(10),
+        batch: Duration::from_millis(200),
+    };
+    while let Some(flag) = args.last().filter(|a| a.starts_with("--")).cloned() {
         args.pop();
+        match flag.split_once('=') {
+            None if flag == "--available-now" => opts.available_now = true,
+            None if flag == "--scale-out" => opts.scale_out = true,
+            Some(("--session-timeout-ms", ms)) => opts.session_timeout = Duration::from_millis(number(ms)),
+            Some(("--batch-interval-ms", ms)) => opts.batch = Duration::from_millis(number(ms)),
+            _ => usage(&format!("unknown option {flag}")),
+        }
     }
     if !(5..=6).contains(&args.len()) {
         usage("expected 5 or 6 arguments");
     }
-    let (brokers, topic, out_topic, pg, ckpt) = (&args[0], &args[1], &args[2], &args[3], &args[4]);
     let max: u64 = match args.get(5).map(|m| m.parse()) {
         None => 1000,
         Some(Ok(m)) if m > 0 => m,
         Some(_) => usage("MAX_PER_PARTITION must be a whole number above 0"),
     };
-    let result = StreamingContext::get_or_create(ckpt, |loc| {
-        let ctx = StreamingContext::builder()
+    let job = Job {
+        brokers: args[0].clone(),
+        topic: args[1].clone(),
+        out_topic: args[2].clone(),
+        pg: args[3].clone(),
+        max,
+        opts,
+    };
+    let ckpt = args[4].clone();
+    let result = if job.opts.scale_out {
+        let (brokers, topic) = (job.brokers.clone(), job.topic.clone());
+        ScaleOut::new(&brokers, &topic, &ckpt)
+            .session_timeout(job.opts.session_timeout)
+            .run(move |builder| job.build(builder))
+            .map(|s| eprintln!("stopped: {s:?}"))
+            .map_err(|e| e.to_string())
+    } else {
+        StreamingContext::get_or_create(&ckpt, |loc| job.build(StreamingContext::builder().checkpoint(loc)))
+            .and_then(|ctx| ctx.run())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+struct Options {
+    available_now: bool,
+    scale_out: bool,
+    session_timeout: Duration,
+    batch: Duration,
+}
+
+struct Job {
+    brokers: String,
+    topic: String,
+    out_topic: String,
+    pg: String,
+    max: u64,
+    opts: Options,
+}
+
+impl Job {
+    /// The job, on the builder of a single-process run or of one task of a scaled-out one.
+    fn build(&self, builder: StreamingContextBuilder) -> cairn::Result<StreamingContext> {
+        let (brokers, pg) = (&self.brokers, self.pg.as_str());
+        let ctx = builder
             .app_name("kafka-to-postgres")
-            .batch_interval(Duration::from_millis(200))
-            .checkpoint(loc)
-            .trigger(if available_now { Trigger::AvailableNow } else { Trigger::ProcessingTime })
-            .stop_on_signals(true)
+            .batch_interval(self.opts.batch)
+            .trigger(if self.opts.available_now { Trigger::AvailableNow } else { Trigger::ProcessingTime })
+            // A scaled-out process handles signals itself (it hands its tasks over).
+            .stop_on_signals(!self.opts.scale_out)
             .build()?;
         // A short request timeout: a broker outage then shows as the engine's restarts (reported
         // below) instead of a silent wait inside one read.
-        let source = KafkaSource::builder(brokers, topic.as_str())
+        let source = KafkaSource::builder(brokers, self.topic.as_str())
             .start(StartFrom::Earliest)
-            .max_per_partition(max)
+            .max_per_partition(self.max)
             .timeout(Duration::from_secs(2))
             .build()
             .map_err(|e| cairn::Error::User(e.to_string()))?;
@@ -56,28 +116,33 @@ fn main() {
         records.count().print(1);
         let totals = records
             .map(|r| (String::from_utf8_lossy(&r.key.unwrap_or_default()).into_owned(), 1i64))
-            .update_state_by_key("totals", |_, v: Vec<i64>, old: Option<i64>| Some(old.unwrap_or(0) + v.iter().sum::<i64>()));
+            // The key is the record's Kafka key, so each key's total lives in one task.
+            .partitioned_like_source()
+            .update_state_by_key("totals", |_, v: Vec<i64>, old: Option<i64>| {
+                Some(old.unwrap_or(0) + v.iter().sum::<i64>())
+            });
         PostgresSink::new(
-            pg.as_str(),
+            pg,
             "totals",
             "INSERT INTO totals (key, total) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET total = EXCLUDED.total",
             |_, (k, t): &(String, i64)| vec![Box::new(k.clone()), Box::new(*t)],
         )
         .setup("CREATE TABLE IF NOT EXISTS totals (key TEXT PRIMARY KEY, total BIGINT NOT NULL)")
+        // Scaled out, every commit is recorded with its task and epoch: who wrote what.
+        .record_commits(self.opts.scale_out)
         .attach(&totals);
-        KafkaSink::new(brokers, "totals", out_topic, |b: &cairn::BatchInfo, (k, t): &(String, i64)| {
+        KafkaSink::new(brokers, "totals", &self.out_topic, |b: &cairn::BatchInfo, (k, t): &(String, i64)| {
             (Some(k.clone().into_bytes()), format!("{}:{k}:{t}", b.batch_id).into_bytes())
         })
         .timeout(Duration::from_secs(5))
         .attach(&totals);
         ctx.add_listener(std::sync::Arc::new(ReportRestarts));
         Ok(ctx)
-    })
-    .and_then(|ctx| ctx.run());
-    if let Err(e) = result {
-        eprintln!("error: {e}");
-        std::process::exit(1);
     }
+}
+
+fn number(s: &str) -> u64 {
+    s.parse().unwrap_or_else(|_| usage(&format!("{s:?} is not a whole number")))
 }
 
 /// Says on stderr when the job waits out a broker or database outage.
@@ -98,6 +163,7 @@ impl cairn::StreamingListener for ReportRestarts {
 fn usage(problem: &str) -> ! {
     eprintln!("kafka_to_postgres: {problem}");
     eprintln!("usage: kafka_to_postgres BROKERS TOPIC OUT_TOPIC POSTGRES_CONN CHECKPOINT [MAX_PER_PARTITION] [--available-now]");
+    eprintln!("       [--scale-out [--session-timeout-ms=N]] [--batch-interval-ms=N]");
     eprintln!("       kafka_to_postgres produce BROKERS TOPIC N");
     std::process::exit(2)
 }

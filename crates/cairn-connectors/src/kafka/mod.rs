@@ -6,6 +6,8 @@
 //!   goes to a dead-letter stream.
 //! - [`Membership`]: one process's place in a job that runs on several: the consumer group
 //!   assigns it tasks (partitions of the anchor topic) and reports every change.
+//! - [`ScaleOut`]: runs one process's share of a job that runs on several: the tasks the group
+//!   assigns, each restored from and fenced on its own location under the job's.
 //! - [`KafkaSink`]: each batch in one Kafka transaction that also records the batch id, so a
 //!   replayed batch is never written twice.
 //!
@@ -14,11 +16,13 @@
 mod decode;
 mod membership;
 mod plan;
+mod scale_out;
 mod sink;
 mod source;
 
 pub use decode::{DeadLetter, Decode};
 pub use membership::{Membership, MembershipConfig, Task, TaskChange};
+pub use scale_out::{BuildTask, ScaleOut, ScaleOutError, ScaleOutSummary};
 pub use sink::{KafkaSink, OutRecord, SinkOutcome};
 pub use source::{GroupCommitter, KafkaRecord, KafkaSource, KafkaSourceBuilder, StartFrom, Topics};
 

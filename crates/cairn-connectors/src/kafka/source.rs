@@ -129,6 +129,8 @@ pub struct KafkaSource {
     readers: Mutex<HashMap<Tp, Arc<Mutex<BaseConsumer>>>>,
     /// Next offset per partition after the ranges read so far (for consumer-group commits).
     read_upto: Arc<Mutex<BTreeMap<Tp, i64>>>,
+    /// In a scaled-out job: the task's partition number and the job's task count.
+    task: Option<(i32, u32)>,
 }
 
 /// Settings of a [`KafkaSource`]; [`build`](Self::build) checks them.
@@ -208,6 +210,7 @@ impl KafkaSourceBuilder {
             metadata: Mutex::new(metadata),
             readers: Mutex::new(HashMap::new()),
             read_upto: Arc::new(Mutex::new(BTreeMap::new())),
+            task: None,
         })
     }
 }
@@ -323,6 +326,23 @@ impl KafkaSource {
                 }
                 Some(e) => return Err(format!("topic {}: {e:?}", t.name()).into()),
             }
+            if let Some((task, tasks)) = self.task {
+                // Co-partitioned topics only: task p reads partition p of every topic, which
+                // puts a key's records in one task only when every topic has the same count.
+                if t.partitions().len() != tasks as usize {
+                    return Err(format!(
+                        "topic {} has {} partitions but the job has {tasks} tasks (its first topic's partition \
+                         count): a scaled-out job reads co-partitioned topics only",
+                        t.name(),
+                        t.partitions().len()
+                    )
+                    .into());
+                }
+                out.extend(
+                    t.partitions().iter().filter(|p| p.id() == task).map(|p| (t.name().to_string(), p.id())),
+                );
+                continue;
+            }
             out.extend(t.partitions().iter().map(|p| (t.name().to_string(), p.id())));
         }
         if let Topics::Names(names) = &self.topics {
@@ -363,6 +383,14 @@ impl Source for KafkaSource {
 
     fn legacy_partition(&self, key: &str) -> Result<SourcePartition, UserError> {
         parse_legacy_key(key).map(|(topic, partition)| SourcePartition::topic(topic, partition))
+    }
+
+    fn restrict_to_task(&mut self, task: cairn::TaskId, tasks: u32) -> Result<(), UserError> {
+        if task.0 >= tasks {
+            return Err(format!("task {} is out of range: the job has {tasks} tasks", task.0).into());
+        }
+        self.task = Some((task.0 as i32, tasks));
+        Ok(())
     }
 
     fn plan(&self, positions: &Positions) -> Result<Vec<OffsetRange>, UserError> {

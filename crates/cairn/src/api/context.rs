@@ -147,6 +147,18 @@ impl StreamingContextBuilder {
         self
     }
 
+    /// Runs the job as task `task` of `tasks` of a scaled-out job (set by the scale-out
+    /// runner, `cairn_connectors::kafka::ScaleOut`, which also picks the checkpoint location of
+    /// the task). Sources read only their task's partitions, sinks are told the task, every
+    /// stateful operator must read a task-aligned stream
+    /// ([`DStream::partitioned_like_source`]), and the checkpoint lease is taken over at once
+    /// instead of waiting for the previous holder's TTL: the consumer group has already decided
+    /// that the previous holder lost the task, and its writes from now on are fenced.
+    pub fn task(mut self, task: crate::TaskId, tasks: u32) -> Self {
+        self.cfg.task = Some(TaskAssignment { id: task, tasks });
+        self
+    }
+
     /// Checks the configuration and creates the context.
     pub fn build(self) -> Result<StreamingContext> {
         let cfg = self.cfg;
@@ -178,10 +190,20 @@ impl StreamingContextBuilder {
                 listeners: Listeners::default(),
                 restarts: Default::default(),
                 batch_began: Default::default(),
+                task_epoch: Default::default(),
             }),
             phase: Arc::new(Mutex::new(Phase::Defining)),
         })
     }
+}
+
+/// Which task of a scaled-out job a context runs (see [`StreamingContextBuilder::task`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskAssignment {
+    /// The task: the input partition number it reads.
+    pub id: crate::TaskId,
+    /// How many tasks the job has (its source topics' partition count).
+    pub tasks: u32,
 }
 
 enum Phase {
@@ -255,6 +277,7 @@ impl StreamingContext {
                 max_outage: Duration::from_secs(60),
                 storage_retries: Default::default(),
                 clock: clock::system(),
+                task: None,
             },
         }
     }
@@ -297,10 +320,27 @@ impl StreamingContext {
     }
 
     /// Adds a source under a stable name (its offsets are checkpointed under that name).
-    pub fn source<S: Source>(&self, name: &str, source: S) -> Result<DStream<S::Item>> {
+    ///
+    /// In a job that runs as a task of a scaled-out job ([`StreamingContextBuilder::task`]) the
+    /// source is first restricted to that task ([`Source::restrict_to_task`]); a source that
+    /// cannot be is an error here.
+    pub fn source<S: Source>(&self, name: &str, mut source: S) -> Result<DStream<S::Item>> {
         self.check_defining()?;
+        if let Some(t) = self.job.cfg.task {
+            source.restrict_to_task(t.id, t.tasks).map_err(|e| {
+                Error::Config(format!(
+                    "source {name:?} cannot run as task {} of a scaled-out job: {e}",
+                    t.id.0
+                ))
+            })?;
+        }
         let node = sources::register(&self.job.graph, name, source)?;
-        Ok(DStream::from_node(self.job.graph.clone(), node))
+        Ok(DStream { aligned: true, ..DStream::from_node(self.job.graph.clone(), node) })
+    }
+
+    /// The task this context runs, when it is one task of a scaled-out job.
+    pub fn task(&self) -> Option<TaskAssignment> {
+        self.job.cfg.task
     }
 
     /// A deterministic generator source: `rate` records per batch over `partitions`, record
@@ -436,6 +476,20 @@ impl StreamingContext {
             .map_err(|e| Error::Lifecycle(format!("cannot start the scheduler thread: {e}")))?;
         *phase = Phase::Running(handle);
         Ok(())
+    }
+
+    /// Whether the job was started and its scheduler has not finished yet (it may have stopped
+    /// on its own: an error, a signal, the end of input); [`await_termination`](Self::await_termination)
+    /// then says how it ended.
+    pub fn is_running(&self) -> bool {
+        matches!(&*self.phase(), Phase::Running(h) if !h.is_finished())
+    }
+
+    /// The checkpoint lease epoch this job took last, when it runs as a task of a scaled-out
+    /// job (`None` before it started): a newer epoch at its location means another process was
+    /// given the task.
+    pub fn task_epoch(&self) -> Option<u64> {
+        *self.job.task_epoch.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Requests a graceful stop (see [`StopHandle`]).

@@ -30,11 +30,15 @@ use std::sync::Arc;
 pub struct DStream<T> {
     pub(crate) node: Arc<Shared<T>>,
     pub(crate) graph: Arc<Graph>,
+    /// Whether every record is known to sit in the task of the Kafka partition its key maps to
+    /// (a source's own records, or the user said so): stateful operators of a scaled-out job
+    /// need that, since each task keeps the state of its own partition.
+    pub(crate) aligned: bool,
 }
 
 impl<T> Clone for DStream<T> {
     fn clone(&self) -> Self {
-        Self { node: self.node.clone(), graph: self.graph.clone() }
+        Self { node: self.node.clone(), graph: self.graph.clone(), aligned: self.aligned }
     }
 }
 
@@ -72,7 +76,30 @@ impl<T: Data> Node<T> for UnionNode<T> {
 
 impl<T: Data> DStream<T> {
     pub(crate) fn from_node(graph: Arc<Graph>, node: impl Node<T> + 'static) -> Self {
-        Self { node: Shared::new(node), graph }
+        Self { node: Shared::new(node), graph, aligned: false }
+    }
+
+    /// Declares that this stream is partitioned like its Kafka source: every record's key (the
+    /// key the stateful operators downstream use) maps to the Kafka partition the record came
+    /// from, typically because it *is* the record's Kafka key. In a scaled-out job each task
+    /// keeps the state of its own partition, so a stateful operator is refused at start unless
+    /// its input is a source's stream, a `filter` of one, or a stream declared so here. The
+    /// engine cannot check the declaration (it cannot tell a key-preserving `map` from a
+    /// re-keying one); a wrong one splits a key's state across tasks. In a job that runs as one
+    /// process it changes nothing.
+    ///
+    /// ```
+    /// # use cairn::StreamingContext;
+    /// # let ctx = StreamingContext::builder().build().unwrap();
+    /// # let (q, words) = ctx.queue_stream::<String>("words").unwrap();
+    /// let counts = words
+    ///     .map(|w| (w, 1u64))
+    ///     .partitioned_like_source()
+    ///     .update_state_by_key("counts", |_, v: Vec<u64>, old: Option<u64>| Some(old.unwrap_or(0) + v.len() as u64));
+    /// # let _ = counts;
+    /// ```
+    pub fn partitioned_like_source(&self) -> DStream<T> {
+        Self { aligned: true, ..self.clone() }
     }
 
     /// A child stream computed from this stream's whole batch.
@@ -161,10 +188,12 @@ impl<T: Data> DStream<T> {
 
     /// Keeps the elements for which `f` is true.
     pub fn filter(&self, f: impl Fn(&T) -> bool + Send + Sync + 'static) -> DStream<T> {
-        self.map_partitions(move |mut p| {
+        let kept = self.map_partitions(move |mut p| {
             p.retain(&f);
             p
-        })
+        });
+        // Dropping records moves none to another task.
+        DStream { aligned: self.aligned, ..kept }
     }
 
     /// Maps each element to any number of elements.
@@ -190,10 +219,11 @@ impl<T: Data> DStream<T> {
     pub fn union(&self, other: &DStream<T>) -> DStream<T> {
         self.node.add_consumer();
         other.node.add_consumer();
-        DStream::from_node(
+        let union = DStream::from_node(
             self.graph.clone(),
             UnionNode { parents: vec![self.node.clone(), other.node.clone()] },
-        )
+        );
+        DStream { aligned: self.aligned && other.aligned, ..union }
     }
 
     /// Replaces each batch with `f(batch info, partitions)`: arbitrary batch-level logic.

@@ -11,6 +11,9 @@ impl<T: Data> DStream<T> {
     /// Writes every batch to `sink`: open, each partition, commit (see [`Sink`]). A sink error
     /// fails the batch, which is not committed and replays with the same id after a restart.
     pub fn write_to(&self, sink: impl Sink<T>) {
+        if !sink.fences_tasks() {
+            self.graph.lock().unfenced_sinks.push(sink.name().to_string());
+        }
         self.output(move |parts, ctx| sinks::write_batch(&sink, parts, ctx));
     }
 

@@ -48,6 +48,8 @@ pub(crate) struct BatchCtx<'a> {
     pub records: std::sync::atomic::AtomicU64,
     /// The writer's ownership epoch, handed to sinks (see `BatchContext::epoch`).
     pub epoch: Option<u64>,
+    /// The task of a scaled-out job this batch belongs to (see `BatchContext::task`).
+    pub task: Option<crate::sinks::TaskId>,
     /// Unique per execution of a batch: a batch run again after a failure has a new one, so
     /// nothing computed by the failed attempt is served to it.
     pub run: u64,
@@ -154,6 +156,11 @@ pub(crate) struct GraphInner {
     names: BTreeSet<String>,
     /// Mistakes found while building the graph, reported together when the job starts.
     pub errors: Vec<String>,
+    /// Stateful operators whose input is not known to be partitioned like the job's Kafka
+    /// partitions: refused when the job runs as a task of a scaled-out job.
+    pub unaligned: Vec<String>,
+    /// Sinks that cannot fence a writer per task (refused in a scaled-out job).
+    pub unfenced_sinks: Vec<String>,
 }
 
 /// Shared by every DStream of a context.
@@ -175,9 +182,12 @@ impl Graph {
 
     /// Claims a name for a stateful operator, deferring any error to `start` so operator
     /// methods stay chainable.
-    pub(crate) fn claim_stateful(&self, name: &str) {
+    pub(crate) fn claim_stateful(&self, name: &str, aligned: bool) {
         if let Err(e) = self.claim_name(name) {
             self.defer_error(e.to_string());
+        }
+        if !aligned {
+            self.lock().unaligned.push(name.to_string());
         }
     }
 

@@ -280,7 +280,7 @@ impl<K: Key + StateData, V: Data> DStream<(K, V)> {
         f: impl Fn(&K, Vec<V>, Option<S>) -> Option<S> + Send + Sync + 'static,
         every_key: Option<fn(&S, &S) -> bool>,
     ) -> DStream<(K, S)> {
-        self.graph.claim_stateful(name.name());
+        self.graph.claim_stateful(name.name(), self.aligned);
         let op = Arc::new(KeyedOp {
             kind: OperatorKind::UpdateStateByKey,
             version: name.version(),
@@ -380,7 +380,7 @@ impl<K: Key + StateData, V: Data> DStream<(K, V)> {
         spec: StateSpec<K, V, S, U>,
     ) -> DStream<U> {
         let name = name.into();
-        self.graph.claim_stateful(name.name());
+        self.graph.claim_stateful(name.name(), self.aligned);
         let op = Arc::new(MapWithStateOp {
             inner: KeyedOp {
                 kind: OperatorKind::MapWithState,

@@ -41,6 +41,8 @@ pub(crate) struct Config {
     /// How the checkpoint store retries a transient failure of one request.
     pub storage_retries: cairn_checkpoint::retry::RetryPolicy,
     pub clock: Arc<dyn Clock>,
+    /// Set when the job runs as one task of a scaled-out job.
+    pub task: Option<crate::api::context::TaskAssignment>,
 }
 
 /// What the context hands the runtime: everything about a job except where it is in its
@@ -55,6 +57,9 @@ pub(crate) struct Job {
     /// When the batch now running (planning included) began: a failure's outage is counted from
     /// there, so time the clients spent retrying inside the batch is part of it.
     pub batch_began: std::sync::Mutex<Option<std::time::Instant>>,
+    /// The lease epoch a task of a scaled-out job took last: a restart in place takes the
+    /// location again only if nobody took it after that epoch.
+    pub task_epoch: std::sync::Mutex<Option<u64>>,
 }
 
 impl Job {

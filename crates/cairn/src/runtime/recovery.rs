@@ -94,6 +94,34 @@ fn check_compatible(
     Ok(dropped)
 }
 
+/// A job that runs as a task sees only its task's partitions: what would silently be wrong
+/// that way is refused before anything is written.
+fn check_task_ready(job: &Job, task: crate::TaskAssignment) -> Result<()> {
+    let g = job.graph.lock();
+    if !g.unaligned.is_empty() {
+        return Err(Error::Config(format!(
+            "stateful operator(s) {:?} read a stream that is not known to be partitioned like the Kafka source, \
+             so task {} would keep only part of a key's state: mark the stream with .partitioned_like_source() \
+             when its key is the record's Kafka key, or re-key through a Kafka topic first",
+            g.unaligned, task.id.0
+        )));
+    }
+    if !g.unfenced_sinks.is_empty() {
+        return Err(Error::Config(format!(
+            "sink(s) {:?} cannot keep the tasks of a scaled-out job apart or fence a process that lost its task; \
+             write to PostgreSQL or Kafka, or run the job as one process",
+            g.unfenced_sinks
+        )));
+    }
+    if job.cfg.checkpoint.is_none() {
+        return Err(Error::Config(format!(
+            "task {} of a scaled-out job needs a checkpoint location",
+            task.id.0
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn prepare(job: &Job) -> Result<Prepared> {
     let cfg = &job.cfg;
     let (errors, stateful_names, sources) = {
@@ -106,6 +134,9 @@ pub(crate) fn prepare(job: &Job) -> Result<Prepared> {
     };
     if !errors.is_empty() {
         return Err(Error::Config(errors.join("; ")));
+    }
+    if let Some(task) = cfg.task {
+        check_task_ready(job, task)?;
     }
     if job.graph.lock().outputs.is_empty() {
         return Err(Error::Config(
@@ -148,7 +179,16 @@ pub(crate) fn prepare(job: &Job) -> Result<Prepared> {
         Some(s) => s.clone(),
         None => CheckpointStore::open_with(&location, cfg.storage_retries)?,
     };
-    let lease = store.acquire_lease(cfg.lease_ttl)?;
+    // A task is assigned by the consumer group, which has already decided the previous holder
+    // lost it: take it at once (that holder's writes are fenced from here on).
+    let lease = if cfg.task.is_some() {
+        let mut held = job.task_epoch.lock().unwrap_or_else(|e| e.into_inner());
+        let lease = store.take_over_lease(cfg.lease_ttl, *held)?;
+        *held = Some(lease.epoch());
+        lease
+    } else {
+        store.acquire_lease(cfg.lease_ttl)?
+    };
     if failpoint::armed_name() == Some(failpoint::FREEZE_BEFORE_PLAN) {
         store.set_commit_hook(Some(Arc::new(|name| {
             if let cairn_checkpoint::paths::ObjectName::Plan(b) = name {
@@ -199,6 +239,16 @@ fn restore(
 ) -> Result<Prepared> {
     let cfg = &job.cfg;
     let interval = cfg.batch_interval.as_millis() as i64;
+    if cfg.task.is_none() {
+        let tasks = store.tasks()?;
+        if !tasks.is_empty() {
+            return Err(Error::Config(format!(
+                "{location} holds a scaled-out job ({} task(s) under tasks/): run it scaled out \
+                 (cairn_connectors::kafka::ScaleOut), or start this job on another location",
+                tasks.len()
+            )));
+        }
+    }
     let mut recovered = store.recover()?;
     let sources = job.graph.lock().sources.clone();
     upgrade_partitions(&mut recovered.replay, &sources)?;
@@ -232,7 +282,12 @@ fn restore(
             let m = JobMetadata {
                 format_version: FORMAT_VERSION,
                 app_name: cfg.app_name.clone(),
-                job_id: format!("{}-{:x}", cfg.app_name, now),
+                // A task's own id, stable across its owners: sinks key progress and transactional
+                // ids by it.
+                job_id: match cfg.task {
+                    Some(t) => format!("{}-{:x}-task{}", cfg.app_name, now, t.id.0),
+                    None => format!("{}-{:x}", cfg.app_name, now),
+                },
                 created_ms: now,
                 batch_interval_ms: cfg.batch_interval.as_millis() as u64,
                 start_time_ms: aligned_now,

@@ -292,6 +292,7 @@ impl Runner {
             records: Default::default(),
             // The lease epoch this process writes in: sinks that fence writers themselves use it.
             epoch: self.p.store.as_ref().map(|s| s.epoch()),
+            task: self.job.cfg.task.map(|t| t.id),
             run: crate::graph::next_run(),
         };
         let started_at_ms = self.job.cfg.clock.now_ms();

@@ -82,6 +82,16 @@ impl BatchContext {
     pub fn new(job_id: impl Into<Arc<str>>, batch_id: BatchId, batch_time_ms: i64) -> Self {
         Self { job_id: job_id.into(), batch_id, batch_time_ms, task: None, epoch: None }
     }
+
+    /// The same batch as written by `task` in ownership epoch `epoch` (tests, tools).
+    ///
+    /// ```
+    /// let b = cairn::BatchContext::new("j", cairn::checkpoint::BatchId(7), 0).as_task(cairn::TaskId(3), 2);
+    /// assert_eq!((b.task, b.epoch), (Some(cairn::TaskId(3)), Some(2)));
+    /// ```
+    pub fn as_task(self, task: TaskId, epoch: u64) -> Self {
+        Self { task: Some(task), epoch: Some(epoch), ..self }
+    }
 }
 
 /// Whether a batch still has to be written.
@@ -162,6 +172,16 @@ pub trait Sink<T>: Send + Sync + 'static {
         false
     }
 
+    /// Whether the sink keeps the tasks of a scaled-out job apart and fences a writer that lost
+    /// its task: it deduplicates on `(task, batch id)` ([`BatchContext::task`]) and refuses a
+    /// write whose [`BatchContext::epoch`] is older than one it already saw for the task. A
+    /// scaled-out job refuses to start with a sink that says no. Sinks written for one process
+    /// say yes by default: their output is keyed by batch id per job, and each task of a
+    /// scaled-out job has its own job id.
+    fn fences_tasks(&self) -> bool {
+        true
+    }
+
     /// Called instead of [`commit`](Sink::commit) when writing the batch failed, to release what
     /// it holds (roll back a transaction, drop staged data). Sinks that hold nothing between
     /// calls need not implement it.
@@ -189,6 +209,9 @@ impl<T, S: Sink<T>> Sink<T> for Arc<S> {
     fn parallel(&self) -> bool {
         (**self).parallel()
     }
+    fn fences_tasks(&self) -> bool {
+        (**self).fences_tasks()
+    }
     fn abort(&self, batch: &BatchContext) {
         (**self).abort(batch)
     }
@@ -205,7 +228,7 @@ pub(crate) fn write_batch<T: Send>(
         job_id: ctx.info.job_id.clone(),
         batch_id: ctx.info.batch_id,
         batch_time_ms: ctx.info.batch_time_ms,
-        task: None,
+        task: ctx.task,
         epoch: ctx.epoch,
     };
     let fail = |e: UserError| Error::Sink {

@@ -60,6 +60,10 @@ impl<T: Data + Display> Sink<T> for TextFileSink {
     fn name(&self) -> &str {
         &self.loc.label
     }
+    /// Every task would write the same `part-<batch>` names, and a directory has no fence.
+    fn fences_tasks(&self) -> bool {
+        false
+    }
     fn open(&self, _: &BatchContext) -> std::result::Result<BatchWrite, UserError> {
         // Replays rewrite the same object with the same lines: never "already committed".
         self.parts.clear();

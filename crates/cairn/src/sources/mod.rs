@@ -56,6 +56,15 @@ pub trait Source: Send + Sync + 'static {
     fn legacy_partition(&self, key: &str) -> std::result::Result<SourcePartition, UserError> {
         Ok(SourcePartition::named(key))
     }
+    /// Restricts the source to task `task` of `tasks` of a scaled-out job: from now on it plans
+    /// only that task's partitions (partition number `task` of each of its topics), and refuses
+    /// when its partitions do not divide into `tasks` tasks that way. Called once, before the
+    /// source joins the graph. The default refuses: only sources whose partitions the consumer
+    /// group assigns (Kafka topics) scale out.
+    fn restrict_to_task(&mut self, task: crate::TaskId, tasks: u32) -> std::result::Result<(), UserError> {
+        let _ = (task, tasks);
+        Err("only Kafka sources divide into tasks; run a job with this source as one process".into())
+    }
 }
 
 struct SourceNode<S> {

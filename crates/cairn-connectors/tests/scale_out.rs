@@ -1,0 +1,318 @@
+//! The seed job scaled out, against real parts only: nisshi (Kafka protocol, consumer group),
+//! PostgreSQL, and moto as the shared S3 checkpoint location, all on 127.0.0.1. Several
+//! processes of `kafka_to_postgres --scale-out` share a 12-partition topic; members are
+//! SIGKILLed, added, stopped with SIGTERM, and paused with SIGSTOP past the session timeout then
+//! resumed, in a seeded loop while the job runs. At the end the table and the output topic are
+//! compared with what the input alone implies, and the commit audit (`cairn_sink_commits`: who
+//! committed which task batch in which epoch) shows that every task batch was committed once and
+//! that no process committed for a task after a newer owner had.
+//!
+//! `CAIRN_SCALE_EVENTS` sets the number of events (default 20).
+
+use cairn::source::Source;
+use cairn_connectors::kafka::{KafkaSource, StartFrom};
+use cairn_sim::kafka::KafkaBroker;
+use cairn_sim::kafka_log::{committed_view, read_partition_log};
+use cairn_sim::postgres::PgServer;
+use cairn_sim::s3::S3Server;
+use cairn_sim::Rng;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const EXE: &str = env!("CARGO_BIN_EXE_kafka_to_postgres");
+const TASKS: i32 = 12;
+/// Records per partition per batch: batch `b` of task `p` reads offsets `[b*MAX, (b+1)*MAX)` of
+/// partition `p`, whoever runs it, so the output is known in advance.
+const MAX: u64 = 3;
+const BATCH_MS: u64 = 1000;
+/// nisshi's shortest session timeout.
+const SESSION_MS: u64 = 6000;
+
+/// Every partition's keys in offset order.
+fn input(brokers: &str) -> BTreeMap<i32, Vec<String>> {
+    let src = KafkaSource::new(brokers, "in", StartFrom::Earliest, 1_000_000).unwrap();
+    let mut out = BTreeMap::new();
+    for r in src.plan(&Default::default()).unwrap() {
+        for rec in src.read(&r).unwrap() {
+            out.entry(rec.partition)
+                .or_insert_with(Vec::new)
+                .push(String::from_utf8(rec.key.unwrap()).unwrap());
+        }
+    }
+    out
+}
+
+/// The output lines (`<task batch>:<key>:<total>`, for the keys a batch touched) and the final
+/// totals. A key lives in one partition, so its lines are those of its task's batches.
+fn expected(input: &BTreeMap<i32, Vec<String>>) -> (Vec<String>, BTreeMap<String, i64>) {
+    let mut totals = BTreeMap::new();
+    let mut lines = Vec::new();
+    for keys in input.values() {
+        for (b, chunk) in keys.chunks(MAX as usize).enumerate() {
+            let mut touched = BTreeSet::new();
+            for k in chunk {
+                *totals.entry(k.clone()).or_insert(0i64) += 1;
+                touched.insert(k.clone());
+            }
+            lines.extend(touched.iter().map(|k| format!("{b}:{k}:{}", totals[k])));
+        }
+    }
+    lines.sort();
+    (lines, totals)
+}
+
+/// One process of the job, its stderr kept in a file.
+struct Member {
+    child: Child,
+    log: PathBuf,
+    stopped: bool,
+}
+
+impl Member {
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap().success();
+        assert!(ok, "kill {sig} {}", self.child.id());
+    }
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        if self.stopped {
+            self.signal("-CONT");
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct World {
+    broker: KafkaBroker,
+    pg: PgServer,
+    s3: S3Server,
+    logs: tempfile::TempDir,
+    started: usize,
+}
+
+impl World {
+    fn start(records: u32) -> Self {
+        let broker = KafkaBroker::start();
+        let pg = PgServer::start();
+        let s3 = S3Server::start();
+        s3.create_bucket("cairn-scale");
+        broker.create_topic("in", TASKS);
+        broker.create_topic("out", 1);
+        let status = Command::new(EXE)
+            .args(["produce", &broker.bootstrap, "in", &records.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        Self { broker, pg, s3, logs: tempfile::tempdir().unwrap(), started: 0 }
+    }
+
+    fn member(&mut self) -> Member {
+        self.started += 1;
+        let log = self.logs.path().join(format!("member-{}.log", self.started));
+        let mut c = Command::new(EXE);
+        c.args([
+            &self.broker.bootstrap,
+            "in",
+            "out",
+            &self.pg.conn(),
+            "s3://cairn-scale/job",
+            &MAX.to_string(),
+            "--scale-out",
+            &format!("--session-timeout-ms={SESSION_MS}"),
+            &format!("--batch-interval-ms={BATCH_MS}"),
+        ]);
+        c.envs(self.s3.env()).env("RUST_LOG", "info,cairn=info");
+        c.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
+        Member { child: c.spawn().unwrap(), log, stopped: false }
+    }
+
+    fn db(&self) -> postgres::Client {
+        postgres::Client::connect(&self.pg.conn(), postgres::NoTls).unwrap()
+    }
+
+    /// The newest committed task batch per task (from the progress rows).
+    fn progress(&self) -> BTreeMap<i32, i64> {
+        let Ok(rows) =
+            self.db().query("SELECT task, batch_id FROM cairn_sink_progress WHERE sink = 'totals'", &[])
+        else {
+            return BTreeMap::new();
+        };
+        rows.iter().filter_map(|r| Some((r.get::<_, Option<i32>>(0)?, r.get(1)))).collect()
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+#[test]
+fn scaled_out_job_survives_kills_pauses_and_scaling_exactly() {
+    let events: usize = std::env::var("CAIRN_SCALE_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    // Enough input that the job is still busy when the last event happens: about 3 s of the
+    // loop per event, each task reading MAX records per second.
+    let per_partition = (events as u64 * 4 + 30) * MAX;
+    let mut world = World::start((per_partition * TASKS as u64) as u32);
+    let input = input(&world.broker.bootstrap);
+    let last_batch: BTreeMap<i32, i64> =
+        input.iter().map(|(p, keys)| (*p, (keys.len() as u64).div_ceil(MAX) as i64 - 1)).collect();
+    let done = |w: &World| {
+        let p = w.progress();
+        last_batch.iter().all(|(t, last)| p.get(t).is_some_and(|b| b >= last))
+    };
+    let mut members: Vec<Member> = (0..3).map(|_| world.member()).collect();
+    let t0 = Instant::now();
+    while world.progress().len() < TASKS as usize {
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "not every task committed a batch in 90 s:\n{}",
+            tail(&members[0].log)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("all {TASKS} tasks running after {:.1} s", t0.elapsed().as_secs_f64());
+
+    // The scripted events first (kill one, add a fourth, pause one past the session timeout),
+    // then seeded random ones, keeping two to four members.
+    let mut rng = Rng(0x5ca1e);
+    let mut log = Vec::new();
+    for i in 0..events {
+        let kind = match i {
+            0 => 0,
+            1 => 1,
+            2 => 3,
+            _ => rng.next_u64() % 4,
+        };
+        let pick = rng.next_u64() as usize % members.len();
+        match kind {
+            0 if members.len() > 2 => {
+                let m = members.remove(pick);
+                m.signal("-KILL");
+                log.push(format!("SIGKILL pid {}", m.pid()));
+            }
+            1 | 0 if members.len() < 4 => {
+                let m = world.member();
+                log.push(format!("start pid {}", m.pid()));
+                members.push(m);
+            }
+            2 if members.len() > 2 => {
+                let mut m = members.remove(pick);
+                m.signal("-TERM");
+                let status = m.child.wait().unwrap();
+                assert!(
+                    status.success(),
+                    "a member stopped with SIGTERM exits cleanly: {status}\n{}",
+                    tail(&m.log)
+                );
+                log.push(format!("SIGTERM pid {} (exited)", m.pid()));
+            }
+            _ => {
+                let m = &mut members[pick];
+                m.signal("-STOP");
+                m.stopped = true;
+                std::thread::sleep(Duration::from_millis(SESSION_MS + 3000));
+                m.signal("-CONT");
+                m.stopped = false;
+                log.push(format!("SIGSTOP pid {} for {} ms, then SIGCONT", m.pid(), SESSION_MS + 3000));
+            }
+        }
+        for m in &mut members {
+            if let Some(status) = m.child.try_wait().unwrap() {
+                panic!(
+                    "member {} exited on its own ({status}) after events {log:?}:\n{}",
+                    m.pid(),
+                    tail(&m.log)
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1000 + rng.next_u64() % 3000));
+    }
+    let busy_at_last_event = !done(&world);
+    eprintln!("{} events in {:.0} s: {log:#?}", log.len(), t0.elapsed().as_secs_f64());
+
+    let t1 = Instant::now();
+    while !done(&world) {
+        assert!(
+            t1.elapsed() < Duration::from_secs(180),
+            "the job did not finish its input within 180 s of the last event; progress {:?}, wanted {last_batch:?}\n{}",
+            world.progress(),
+            tail(&members[0].log)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for m in &members {
+        m.signal("-TERM");
+    }
+    for m in &mut members {
+        let status = m.child.wait().unwrap();
+        assert!(status.success(), "member {} on SIGTERM: {status}\n{}", m.pid(), tail(&m.log));
+    }
+    assert!(busy_at_last_event, "the input ran out before the last event: make it larger");
+
+    // The table and the output topic are exactly what the input implies.
+    let (lines, totals) = expected(&input);
+    let got: BTreeMap<String, i64> = world
+        .db()
+        .query("SELECT key, total FROM totals", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(got, totals, "PostgreSQL table");
+    let raw = read_partition_log(&world.broker.bootstrap, "out", 0).unwrap();
+    let (committed, _aborted) = committed_view(&raw).unwrap();
+    let mut committed: Vec<String> = committed.into_iter().map(|b| String::from_utf8(b).unwrap()).collect();
+    committed.sort();
+    if committed != lines {
+        let mut diff: BTreeMap<&String, i64> = BTreeMap::new();
+        committed.iter().for_each(|l| *diff.entry(l).or_default() += 1);
+        lines.iter().for_each(|l| *diff.entry(l).or_default() -= 1);
+        diff.retain(|_, n| *n != 0);
+        panic!(
+            "output topic: {} committed lines, expected {}; surplus (+) and missing (-): {diff:?}",
+            committed.len(),
+            lines.len()
+        );
+    }
+
+    // The audit, by epoch: each task batch committed once, and per task the epochs of its
+    // commits never go down (a process that lost the task wrote nothing after the new owner).
+    let audit = world
+        .db()
+        .query(
+            "SELECT task, batch_id, epoch, writer FROM cairn_sink_commits WHERE sink = 'totals' ORDER BY seq",
+            &[],
+        )
+        .unwrap();
+    let mut seen = BTreeSet::new();
+    let mut newest: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut writers: BTreeMap<i32, BTreeSet<String>> = BTreeMap::new();
+    for r in &audit {
+        let (task, batch, epoch, writer): (i32, i64, i64, String) = (r.get(0), r.get(1), r.get(2), r.get(3));
+        assert!(seen.insert((task, batch)), "task {task} batch {batch} committed twice");
+        let top = newest.entry(task).or_insert(epoch);
+        assert!(epoch >= *top, "task {task} batch {batch}: committed in epoch {epoch} after epoch {top} had");
+        *top = epoch;
+        writers.entry(task).or_default().insert(writer);
+    }
+    for (t, last) in &last_batch {
+        let missing: Vec<i64> = (0..=*last).filter(|b| !seen.contains(&(*t, *b))).collect();
+        assert!(missing.is_empty(), "task {t}: batches {missing:?} have no commit");
+    }
+    let moved = writers.values().filter(|w| w.len() > 1).count();
+    let epochs: BTreeMap<i32, i64> = newest;
+    eprintln!(
+        "{} commits audited; {moved} of {TASKS} tasks were committed by more than one process; newest epochs {epochs:?}",
+        audit.len()
+    );
+    assert!(moved > 0, "some task moved between processes");
+}
