@@ -161,6 +161,56 @@ pub fn list(store: &CheckpointStore, keep: usize) -> Result<Overview> {
     })
 }
 
+/// One task of a scaled-out job, as `cairn checkpoint ls` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskRow {
+    /// The task (its input partition number).
+    pub task: u32,
+    /// The task's own location ([`paths::task_location`]).
+    pub location: String,
+    /// The holder of the task's newest epoch (its owner now, or the last one if it released the
+    /// task); `None` before the task ever ran.
+    pub owner: Option<LeaseRecord>,
+    /// The newest planned task batch.
+    pub last_planned: Option<u64>,
+    /// Whether that batch is committed.
+    pub last_committed: bool,
+    /// The newest state checkpoint's batch.
+    pub last_checkpoint: Option<u64>,
+    /// Where the task's sources stand after its newest planned batch: `(source, partition, next
+    /// offset)`. With the brokers' high watermarks this is the task's lag.
+    pub positions: Vec<(String, String, u64)>,
+}
+
+/// The tasks of a scaled-out job at `store` (empty for a job that runs as one process).
+pub fn tasks(store: &CheckpointStore) -> Result<Vec<TaskRow>> {
+    let mut out = Vec::new();
+    for task in store.tasks()? {
+        let location = paths::task_location(store.location(), task);
+        let t = CheckpointStore::open(&location)?;
+        let listing = t.listing()?;
+        let last_planned = listing.plans().last().copied();
+        let positions = match last_planned.map(|b| t.read_plan(b)) {
+            Some(Ok(plan)) => plan
+                .sources
+                .iter()
+                .flat_map(|s| s.ranges.iter().map(|r| (s.source.clone(), r.partition.to_string(), r.end)))
+                .collect(),
+            _ => Vec::new(),
+        };
+        out.push(TaskRow {
+            task,
+            location,
+            owner: t.read_lease()?,
+            last_planned: last_planned.map(|b| b.0),
+            last_committed: last_planned.is_some_and(|b| protocol::is_committed(&listing, b)),
+            last_checkpoint: listing.checkpoints().last().map(|b| b.0),
+            positions,
+        });
+    }
+    Ok(out)
+}
+
 /// Size of one state table.
 #[derive(Debug, Clone, Serialize)]
 pub struct TableStat {

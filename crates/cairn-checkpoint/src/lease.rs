@@ -328,6 +328,10 @@ impl CheckpointStore {
                     match codec::decode_json::<LeaseRecord>(path.as_ref(), &old, ObjectKind::Lease) {
                         // A retried create whose first attempt landed: the claim is ours.
                         Ok(r) if r.owner == owner => break record,
+                        // Taking over as assigned: a racer (the previous holder restarting, say)
+                        // is fenced by the next epoch, unless this process must not go past
+                        // `after`, which the next round checks.
+                        Ok(_) if force => continue,
                         Ok(r) => return Err(self.locked(&r, wall_ms(), r.ttl_ms)),
                         Err(_) => continue, // a torn claim: that epoch is used up, try the next
                     }

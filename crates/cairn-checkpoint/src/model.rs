@@ -9,7 +9,10 @@ use serde::{Deserialize, Serialize};
 /// partitions ([`SourcePartition`]): a Kafka partition is `{topic, partition}` in plans and in
 /// the `$positions/<source>` tables, where versions 1 and 2 kept a `"topic-partition"` string
 /// (in `$source/<source>` tables), which a source maps with `Source::legacy_partition`.
-pub const FORMAT_VERSION: u16 = 3;
+/// Version 4 adds the scaled-out layout: a job that runs on several processes keeps one complete
+/// location per task under `tasks/<task>/` ([`crate::paths::task_location`]); the objects
+/// themselves are laid out as in version 3.
+pub const FORMAT_VERSION: u16 = 4;
 
 /// A lease epoch: every process that takes the location gets the next one (1, 2, ...). Objects
 /// written before epochs existed (format version 1) carry epoch 0.

@@ -175,7 +175,12 @@ pub fn run(cmd: CheckpointCmd) -> Result<ExitCode, Box<dyn std::error::Error>> {
 }
 
 fn ls(common: &Common, keep: usize) -> Res {
-    let o = admin::list(&open(&common.location)?, keep)?;
+    let store = open(&common.location)?;
+    let tasks = admin::tasks(&store)?;
+    if !tasks.is_empty() {
+        return ls_tasks(common, &tasks);
+    }
+    let o = admin::list(&store, keep)?;
     if common.json {
         print_json(&o)?;
         return Ok(ExitCode::SUCCESS);
@@ -214,6 +219,48 @@ fn ls(common: &Common, keep: usize) -> Res {
             c.reason
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A scaled-out job: one line per task (its owner, epoch and progress); `ls` on a task's own
+/// location (printed here) shows its batches and checkpoints.
+fn ls_tasks(common: &Common, tasks: &[admin::TaskRow]) -> Res {
+    if common.json {
+        print_json(&tasks)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    #[allow(clippy::disallowed_methods)] // an age for people to read
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    println!("scaled-out job: {} task(s)\n", tasks.len());
+    println!("TASK   EPOCH  OWNER                    HEARTBEAT  BATCH    CHECKPOINT  NEXT OFFSETS");
+    for t in tasks {
+        let owner = t.owner.as_ref().map_or("-".into(), |o| {
+            format!("pid {} on {}{}", o.pid, o.host, if o.released { " (released)" } else { "" })
+        });
+        let heartbeat = t
+            .owner
+            .as_ref()
+            .map_or("-".into(), |o| format!("{:.1}s ago", (now - o.heartbeat_ms).max(0) as f64 / 1e3));
+        let batch =
+            t.last_planned.map_or("-".into(), |b| format!("{b}{}", if t.last_committed { "" } else { "*" }));
+        let offsets: Vec<String> = t.positions.iter().map(|(_, p, o)| format!("{p}={o}")).collect();
+        println!(
+            "{:<6} {:<6} {:<24} {:<10} {:<8} {:<11} {}",
+            t.task,
+            t.owner.as_ref().map_or("-".into(), |o| o.epoch.to_string()),
+            owner,
+            heartbeat,
+            batch,
+            t.last_checkpoint.map_or("-".into(), |b| b.to_string()),
+            offsets.join(" ")
+        );
+    }
+    println!(
+        "\n(* planned, not committed yet) one task's batches and checkpoints: cairn checkpoint ls {}",
+        tasks[0].location
+    );
     Ok(ExitCode::SUCCESS)
 }
 

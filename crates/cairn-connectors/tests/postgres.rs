@@ -251,3 +251,50 @@ fn a_database_restart_is_ridden_out_exactly() {
     job(loc, &conn, None).run_available().expect("the database is back");
     check(&conn);
 }
+
+/// Fencing by epoch, as a task of a scaled-out job writes: a batch from an older epoch than the
+/// progress row's is refused and writes nothing; a new owner that replays a batch its
+/// predecessor committed raises the row's epoch, which fences the predecessor from then on; and
+/// the audit records who committed what.
+#[test]
+fn older_epochs_are_fenced_and_commits_are_audited() {
+    use cairn::{checkpoint::BatchId, BatchContext, TaskId};
+    let pg = PgServer::start();
+    let conn = pg.conn();
+    c_exec(&conn, "CREATE TABLE fenced (v BIGINT NOT NULL)");
+    let sink = || {
+        PostgresSink::new(&conn, "fenced", "INSERT INTO fenced (v) VALUES ($1)", |_, v: &i64| {
+            vec![Box::new(*v)]
+        })
+        .record_commits(true)
+    };
+    let (zombie, owner) = (sink(), sink());
+    let batch = |b: u64, epoch: u64| BatchContext::new("job-task3", BatchId(b), 0).as_task(TaskId(3), epoch);
+    zombie.write(&batch(0, 1), &[1]).unwrap();
+    // The new owner (epoch 2) replays batch 0: already there, but the row now says epoch 2.
+    assert_eq!(
+        owner.write(&batch(0, 2), &[1]).unwrap(),
+        cairn_connectors::postgres::Outcome::AlreadyCommitted
+    );
+    match zombie.write(&batch(1, 1), &[100]) {
+        Err(Error::Fenced { epoch: 1, newer: 2, batch: 1, .. }) => {}
+        other => panic!("the old epoch must be fenced: {other:?}"),
+    }
+    owner.write(&batch(1, 2), &[2]).unwrap();
+    let mut c = postgres::Client::connect(&conn, postgres::NoTls).unwrap();
+    let rows: Vec<i64> =
+        c.query("SELECT v FROM fenced ORDER BY v", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(rows, vec![1, 2], "the fenced batch wrote nothing");
+    let audit: Vec<(i32, i64, i64)> = c
+        .query("SELECT task, batch_id, epoch FROM cairn_sink_commits WHERE sink = 'fenced' ORDER BY seq", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(audit, vec![(3, 0, 1), (3, 1, 2)]);
+    let row: (i32, i64, i64) = c
+        .query_one("SELECT task, batch_id, epoch FROM cairn_sink_progress WHERE sink = 'fenced'", &[])
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .unwrap();
+    assert_eq!(row, (3, 1, 2));
+}

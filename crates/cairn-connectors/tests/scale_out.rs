@@ -7,7 +7,7 @@
 //! committed which task batch in which epoch) shows that every task batch was committed once and
 //! that no process committed for a task after a newer owner had.
 //!
-//! `CAIRN_SCALE_EVENTS` sets the number of events (default 20).
+//! `CAIRN_SCALE_EVENTS` sets the number of events (default 20), `CAIRN_SCALE_SEED` their seed.
 
 use cairn::source::Source;
 use cairn_connectors::kafka::{KafkaSource, StartFrom};
@@ -111,7 +111,13 @@ impl World {
             .status()
             .unwrap();
         assert!(status.success());
-        Self { broker, pg, s3, logs: tempfile::tempdir().unwrap(), started: 0 }
+        Self {
+            broker,
+            pg,
+            s3,
+            logs: tempfile::Builder::new().prefix("cairn-scale-out-").tempdir().unwrap(),
+            started: 0,
+        }
     }
 
     fn member(&mut self) -> Member {
@@ -183,7 +189,8 @@ fn scaled_out_job_survives_kills_pauses_and_scaling_exactly() {
 
     // The scripted events first (kill one, add a fourth, pause one past the session timeout),
     // then seeded random ones, keeping two to four members.
-    let mut rng = Rng(0x5ca1e);
+    let seed = std::env::var("CAIRN_SCALE_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x5ca1e);
+    let mut rng = Rng(seed);
     let mut log = Vec::new();
     for i in 0..events {
         let kind = match i {
@@ -277,10 +284,30 @@ fn scaled_out_job_survives_kills_pauses_and_scaling_exactly() {
         committed.iter().for_each(|l| *diff.entry(l).or_default() += 1);
         lines.iter().for_each(|l| *diff.entry(l).or_default() -= 1);
         diff.retain(|_, n| *n != 0);
+        // Where each wrong line sits in the raw log, with its producer's markers: which writer
+        // and epoch committed it.
+        let mut context = String::new();
+        for line in diff.keys() {
+            for r in raw.iter().filter(|r| r.value.as_deref() == Some(line.as_bytes())) {
+                context += &format!(
+                    "\n{line}: offset {} producer {} epoch {}; markers of that producer after it:",
+                    r.offset, r.producer_id, r.producer_epoch
+                );
+                for m in raw
+                    .iter()
+                    .filter(|m| m.control.is_some() && m.producer_id == r.producer_id && m.offset > r.offset)
+                    .take(3)
+                {
+                    context += &format!(" {:?}@{} epoch {}", m.control, m.offset, m.producer_epoch);
+                }
+            }
+        }
+        let kept = std::mem::replace(&mut world.logs, tempfile::tempdir().unwrap()).keep();
         panic!(
-            "output topic: {} committed lines, expected {}; surplus (+) and missing (-): {diff:?}",
+            "output topic: {} committed lines, expected {}; surplus (+) and missing (-): {diff:?}{context}\nevents: {log:?}\nmember logs kept in {}",
             committed.len(),
-            lines.len()
+            lines.len(),
+            kept.display()
         );
     }
 

@@ -260,6 +260,14 @@ pub type Values = Vec<Vec<u8>>;
 /// open at the end of the log, a control record of another type, a non-transactional control
 /// record, or a transactional record without a producer id. A marker with nothing held (a
 /// transaction that wrote no record to this partition) is allowed.
+///
+/// A marker ends only the transaction of its own producer epoch: records of an older epoch still
+/// held when it arrives are aborted. Kafka's transaction coordinator aborts the open transaction
+/// of a producer whose epoch was bumped (`init_transactions` by a new instance with the same
+/// transactional id) before the new epoch writes anything, so those records can never be part
+/// of the new epoch's transaction; nisshi 0.7.0 sometimes bumps the epoch without writing that
+/// ABORT marker, and a view by producer id alone would count the fenced instance's records as
+/// committed by its successor.
 pub fn committed_view(log: &[LogRecord]) -> Result<(Values, Values), String> {
     // Per producer id: indices into `log` of its open transaction's records.
     let mut open: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
@@ -282,7 +290,7 @@ pub fn committed_view(log: &[LogRecord]) -> Result<(Values, Values), String> {
             }
             (true, Some(c)) => {
                 for j in open.remove(&r.producer_id).unwrap_or_default() {
-                    fate.insert(j, c == ControlType::Commit);
+                    fate.insert(j, c == ControlType::Commit && log[j].producer_epoch >= r.producer_epoch);
                 }
             }
         }
@@ -341,6 +349,14 @@ mod tests {
     fn view(log: &[LogRecord]) -> (Vec<String>, Vec<String>) {
         let (c, a) = committed_view(log).unwrap();
         (strings(c), strings(a))
+    }
+
+    #[test]
+    fn a_newer_epochs_commit_does_not_commit_a_fenced_epochs_records() {
+        let fenced = LogRecord { producer_epoch: 5, ..data(0, 7, "zombie") };
+        let new = LogRecord { producer_epoch: 6, ..data(1, 7, "owner") };
+        let commit = LogRecord { producer_epoch: 6, ..marker(2, 7, ControlType::Commit) };
+        assert_eq!(view(&[fenced, new, commit]), (vec!["owner".into()], vec!["zombie".into()]));
     }
 
     #[test]

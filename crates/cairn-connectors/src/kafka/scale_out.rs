@@ -230,7 +230,11 @@ impl ScaleOut {
                         let started = self.start_tasks(&ts, build, tasks)?;
                         for (t, r) in started {
                             *summary.started.entry(t).or_default() += 1;
-                            lock(engines).insert(t, r);
+                            // Given a task it still runs (a loss it was not told about): the
+                            // old run is fenced by the new one's epoch; stop it.
+                            if let Some(old) = lock(engines).insert(t, r) {
+                                stop_all(vec![(t, old)], "assigned again");
+                            }
                         }
                     }
                     TaskChange::Revoked(ts) | TaskChange::Lost(ts) => {

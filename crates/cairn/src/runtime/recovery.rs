@@ -293,8 +293,15 @@ fn restore(
                 start_time_ms: aligned_now,
                 graph: graph_desc.clone(),
             };
-            store.create_metadata(&m)?;
-            m
+            match store.create_metadata(&m) {
+                Ok(()) => m,
+                // A task's previous holder created it between this process's claim and its
+                // listing (it was fenced right after): the task is that job, go on with it.
+                Err(e @ cairn_checkpoint::Error::Conflict { .. }) if cfg.task.is_some() => {
+                    store.read_metadata()?.ok_or(Error::Checkpoint(e))?
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
     };
     // Staging files of crashed writers that nobody touched for a while go now (retention
