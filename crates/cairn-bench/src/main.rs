@@ -8,6 +8,7 @@
 //! `cairn-bench kafka`: Kafka through a stateful job into each sink (see `kafka.rs`).
 
 mod kafka;
+mod scale_out;
 
 use cairn::checkpoint::object_store::{local::LocalFileSystem, path::Path as ObjPath};
 use cairn::checkpoint::CheckpointStore;
@@ -34,6 +35,8 @@ enum Cmd {
     Kra(KraArgs),
     /// Kafka -> per-key running totals -> no sink / PostgreSQL / Kafka, a checkpoint every batch.
     Kafka(kafka::KafkaArgs),
+    /// The seed job scaled out: throughput on 1, 2, 3 processes, and the failover split.
+    ScaleOut(scale_out::ScaleOutArgs),
     /// (internal) one KRA job process, driven by the recovery measurement.
     #[command(hide = true)]
     KraWorker { input: PathBuf, checkpoint: PathBuf },
@@ -77,6 +80,7 @@ fn main() -> ExitCode {
     let r = match Cli::parse().command {
         Cmd::Kra(a) => kra(a),
         Cmd::Kafka(a) => kafka::kafka(a),
+        Cmd::ScaleOut(a) => scale_out::scale_out(a),
         Cmd::KraWorker { input, checkpoint } => worker(&input, &checkpoint),
     };
     match r {

@@ -4,8 +4,7 @@
 //! transactional records, so the output topic is checked on its raw log with the transaction
 //! markers applied (`cairn_sim::kafka_log`).
 
-use cairn::source::Source;
-use cairn_connectors::kafka::{KafkaSource, StartFrom};
+mod support;
 use cairn_sim::kafka::KafkaBroker;
 use cairn_sim::kafka_log::{committed_view, read_partition_log, ControlType};
 use cairn_sim::postgres::PgServer;
@@ -13,6 +12,7 @@ use cairn_sim::Rng;
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::Duration;
+use support::input;
 
 const MAX: u64 = 5;
 const RECORDS: u32 = 450;
@@ -20,20 +20,6 @@ const RECORDS: u32 = 450;
 fn topics(broker: &KafkaBroker) {
     broker.create_topic("in", 3);
     broker.create_topic("out", 1);
-}
-
-/// Every partition's records in offset order: (partition, key).
-fn input(brokers: &str) -> BTreeMap<i32, Vec<String>> {
-    let src = KafkaSource::new(brokers, "in", StartFrom::Earliest, 1_000_000).unwrap();
-    let mut out = BTreeMap::new();
-    for r in src.plan(&Default::default()).unwrap() {
-        for rec in src.read(&r).unwrap() {
-            out.entry(rec.partition)
-                .or_insert_with(Vec::new)
-                .push(String::from_utf8(rec.key.unwrap()).unwrap());
-        }
-    }
-    out
 }
 
 /// Batch b takes offsets [b*MAX, (b+1)*MAX) of every partition: the output lines per batch and

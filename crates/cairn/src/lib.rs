@@ -66,7 +66,7 @@ pub use runtime::progress::{
 };
 pub use runtime::scheduler::RunSummary;
 pub use runtime::writer::WriterStats;
-pub use sinks::{read_text_output, BatchContext, BatchWrite, Sink, TaskId, TextFileSink};
+pub use sinks::{read_text_output, BatchContext, BatchWrite, FenceCheck, Sink, TaskId, TextFileSink};
 // Listed once more at the top for short paths; documented under `source`.
 #[doc(no_inline)]
 pub use source::{Generator, Malformed, QueueHandle, Source, TextFiles};

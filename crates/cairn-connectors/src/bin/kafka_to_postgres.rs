@@ -62,6 +62,9 @@ fn main() {
         let (brokers, topic) = (job.brokers.clone(), job.topic.clone());
         ScaleOut::new(&brokers, &topic, &ckpt)
             .session_timeout(job.opts.session_timeout)
+            // One JSON line per rebalance step on stderr: tasks assigned, started (restore and
+            // replay time), first batch, stopped, fenced.
+            .on_rebalance(|e| eprintln!("rebalance {}", serde_json::to_string(e).unwrap_or_default()))
             .run(move |builder| job.build(builder))
             .map(|s| eprintln!("stopped: {s:?}"))
             .map_err(|e| e.to_string())

@@ -64,6 +64,82 @@ pub struct ScaleOutSummary {
     pub fenced: BTreeMap<Task, u64>,
 }
 
+/// What happened to this process's tasks, reported to [`ScaleOut::on_rebalance`] as it
+/// happens. Times are wall-clock milliseconds since the Unix epoch (`at_ms`) and durations in
+/// milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum RebalanceEvent {
+    /// The group gave this process tasks.
+    Assigned {
+        /// The tasks.
+        tasks: Vec<Task>,
+        /// When the assignment arrived.
+        at_ms: i64,
+    },
+    /// The tasks restored their state and replayed their logged batches and now run.
+    Started {
+        /// The tasks.
+        tasks: Vec<Task>,
+        /// From the assignment to running: restore and replay, for all of them at once.
+        took_ms: u64,
+    },
+    /// A started task committed its first batch since the assignment.
+    FirstBatch {
+        /// The task.
+        task: Task,
+        /// The task batch.
+        batch: u64,
+        /// From the assignment to that commit.
+        since_assigned_ms: u64,
+    },
+    /// Tasks stopped: handed over (`revoked`), lost with the session (`lost`), or this process
+    /// stopping.
+    Stopped {
+        /// The tasks.
+        tasks: Vec<Task>,
+        /// `handed over`, `lost`, `stopping`, ...
+        why: String,
+        /// Finishing the batch and the final checkpoint.
+        took_ms: u64,
+    },
+    /// A task this process ran was taken over by another process (its writes were fenced).
+    Fenced {
+        /// The task.
+        task: Task,
+        /// The fenced error the task stopped with.
+        error: String,
+    },
+}
+
+type OnRebalance = Arc<dyn Fn(&RebalanceEvent) + Send + Sync>;
+
+#[allow(clippy::disallowed_methods)] // event times are for people and other processes
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Reports a task's first committed batch after it started.
+struct FirstBatch {
+    task: Task,
+    assigned: Instant,
+    done: AtomicBool,
+    report: OnRebalance,
+}
+
+impl cairn::StreamingListener for FirstBatch {
+    fn on_batch_completed(&self, p: &cairn::BatchProgress) {
+        if !self.done.swap(true, Ordering::SeqCst) {
+            (self.report)(&RebalanceEvent::FirstBatch {
+                task: self.task,
+                batch: p.batch_id.0,
+                since_assigned_ms: self.assigned.elapsed().as_millis() as u64,
+            });
+        }
+    }
+}
+
 /// One process of a job that runs on several. See the module documentation.
 ///
 /// ```no_run
@@ -84,6 +160,7 @@ pub struct ScaleOut {
     location: String,
     stop_on_signals: bool,
     stop: Arc<AtomicBool>,
+    report: OnRebalance,
 }
 
 /// A task this process runs.
@@ -118,6 +195,7 @@ impl ScaleOut {
             location: location.trim_end_matches('/').to_string(),
             stop_on_signals: true,
             stop: Arc::new(AtomicBool::new(false)),
+            report: Arc::new(|e: &RebalanceEvent| tracing::info!("rebalance: {e:?}")),
         }
     }
 
@@ -145,6 +223,13 @@ impl ScaleOut {
     /// move to the other processes with nothing to replay.
     pub fn stop_on_signals(mut self, yes: bool) -> Self {
         self.stop_on_signals = yes;
+        self
+    }
+
+    /// Called with every [`RebalanceEvent`] (default: logged at info level). The seed job prints
+    /// them as JSON lines on stderr.
+    pub fn on_rebalance(mut self, f: impl Fn(&RebalanceEvent) + Send + Sync + 'static) -> Self {
+        self.report = Arc::new(f);
         self
     }
 
@@ -184,12 +269,13 @@ impl ScaleOut {
         }
         let engines: Engines = Arc::default();
         let hook_engines = engines.clone();
+        let hook_report = self.report.clone();
         let membership = Membership::join(&self.membership, move |revoked: &BTreeSet<Task>| {
             // A handover: checkpoint and release before the group gives the tasks away, so the
             // next owner replays nothing.
             let stopping: Vec<(Task, Running)> =
                 revoked.iter().filter_map(|t| lock(&hook_engines).remove(t).map(|r| (*t, r))).collect();
-            stop_all(stopping, "handed over");
+            stop_all(stopping, "handed over", &hook_report);
         })
         .map_err(|e| ScaleOutError::Membership(e.to_string()))?;
         tracing::info!(
@@ -204,7 +290,7 @@ impl ScaleOut {
         // Checkpoint and release every task before leaving: once this process leaves, the
         // group gives its tasks to others, whose takeover would fence a final checkpoint.
         let all: Vec<(Task, Running)> = std::mem::take(&mut *lock(&engines)).into_iter().collect();
-        stop_all(all, "stopping");
+        stop_all(all, "stopping", &self.report);
         if let Err(e) = membership.leave() {
             tracing::warn!("leaving group {}: {e}", self.membership.group);
         }
@@ -224,23 +310,28 @@ impl ScaleOut {
                 .poll(Duration::from_millis(100))
                 .map_err(|e| ScaleOutError::Membership(e.to_string()))?;
             for change in changes {
-                match change {
+                match &change {
                     TaskChange::Assigned(ts) => {
                         summary.assignments += 1;
+                        (self.report)(&RebalanceEvent::Assigned {
+                            tasks: ts.iter().copied().collect(),
+                            at_ms: wall_ms(),
+                        });
                         let started = self.start_tasks(&ts, build, tasks)?;
                         for (t, r) in started {
                             *summary.started.entry(t).or_default() += 1;
                             // Given a task it still runs (a loss it was not told about): the
                             // old run is fenced by the new one's epoch; stop it.
                             if let Some(old) = lock(engines).insert(t, r) {
-                                stop_all(vec![(t, old)], "assigned again");
+                                stop_all(vec![(t, old)], "assigned again", &self.report);
                             }
                         }
                     }
                     TaskChange::Revoked(ts) | TaskChange::Lost(ts) => {
+                        let why = if matches!(change, TaskChange::Lost(_)) { "lost" } else { "revoked" };
                         let stopping: Vec<(Task, Running)> =
                             ts.iter().filter_map(|t| lock(engines).remove(t).map(|r| (*t, r))).collect();
-                        stop_all(stopping, "taken by the group");
+                        stop_all(stopping, why, &self.report);
                     }
                 }
             }
@@ -259,6 +350,7 @@ impl ScaleOut {
                     Err(e) if self.superseded(t, held) => {
                         *summary.fenced.entry(t).or_default() += 1;
                         tracing::warn!("task {t} was taken over by another process: {e}");
+                        (self.report)(&RebalanceEvent::Fenced { task: t, error: e.to_string() });
                     }
                     Err(error) => return Err(ScaleOutError::Task { task: t, error }),
                 }
@@ -282,7 +374,13 @@ impl ScaleOut {
                 .map(|&t| {
                     let build = build.clone();
                     let loc = task_location(&self.location, t as u32);
-                    (t, s.spawn(move || start_task(&*build, &loc, t, tasks)))
+                    let first = Arc::new(FirstBatch {
+                        task: t,
+                        assigned: t0,
+                        done: AtomicBool::new(false),
+                        report: self.report.clone(),
+                    });
+                    (t, s.spawn(move || start_task(&*build, &loc, t, tasks, first)))
                 })
                 .collect();
             handles
@@ -308,14 +406,13 @@ impl ScaleOut {
                 Err(e) => failed = failed.or(Some(ScaleOutError::Task { task: t, error: e })),
             }
         }
-        tracing::info!(
-            "started task(s) {:?} in {:.0} ms (restore and replay included)",
-            out.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
-            t0.elapsed().as_secs_f64() * 1e3
-        );
+        (self.report)(&RebalanceEvent::Started {
+            tasks: out.iter().map(|(t, _)| *t).collect(),
+            took_ms: t0.elapsed().as_millis() as u64,
+        });
         match failed {
             Some(e) => {
-                stop_all(out, "a sibling task failed to start");
+                stop_all(out, "a sibling task failed to start", &self.report);
                 Err(e)
             }
             None => Ok(out),
@@ -363,8 +460,15 @@ impl ScaleOut {
     }
 }
 
-fn start_task(build: &BuildTask, loc: &str, t: Task, tasks: u32) -> cairn::Result<StreamingContext> {
+fn start_task(
+    build: &BuildTask,
+    loc: &str,
+    t: Task,
+    tasks: u32,
+    first: Arc<FirstBatch>,
+) -> cairn::Result<StreamingContext> {
     let ctx = build(StreamingContext::builder().checkpoint(loc).task(TaskId(t as u32), tasks))?;
+    ctx.add_listener(first);
     if ctx.task().map(|a| a.id) != Some(TaskId(t as u32)) {
         return Err(cairn::Error::Config(format!(
             "the job built for task {t} does not run as that task: build it from the builder ScaleOut::run passes"
@@ -376,7 +480,7 @@ fn start_task(build: &BuildTask, loc: &str, t: Task, tasks: u32) -> cairn::Resul
 
 /// Stops tasks gracefully (each finishes its batch and checkpoints; one whose lease is gone
 /// just stops), all at once.
-fn stop_all(tasks: Vec<(Task, Running)>, why: &str) {
+fn stop_all(tasks: Vec<(Task, Running)>, why: &str, report: &OnRebalance) {
     if tasks.is_empty() {
         return;
     }
@@ -390,5 +494,9 @@ fn stop_all(tasks: Vec<(Task, Running)>, why: &str) {
             tracing::info!("task {t} ended with: {e}");
         }
     }
-    tracing::info!("stopped task(s) {names:?} ({why}) in {:.0} ms", t0.elapsed().as_secs_f64() * 1e3);
+    report(&RebalanceEvent::Stopped {
+        tasks: names,
+        why: why.to_string(),
+        took_ms: t0.elapsed().as_millis() as u64,
+    });
 }

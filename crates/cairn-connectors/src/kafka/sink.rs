@@ -153,7 +153,18 @@ impl<T: cairn::Data> KafkaSink<T> {
 
     /// Writes one batch in one transaction, or skips it if an earlier attempt committed it.
     pub fn write_batch(&self, info: &cairn::BatchInfo, rows: &[T]) -> Result<SinkOutcome, UserError> {
+        self.write(&BatchContext::new(info.job_id.clone(), info.batch_id, info.batch_time_ms), rows)
+    }
+
+    /// Like [`write_batch`](Self::write_batch), for a batch the engine hands over: right before
+    /// the transaction commits, the batch's fence is checked ([`BatchContext::check_fence`]), and
+    /// a process that lost its task meanwhile aborts the transaction instead. The new owner's
+    /// `init_transactions` fences the old producer too, but a broker's transaction coordinator is
+    /// not the only guard (the test broker, nisshi, sometimes accepts a fenced producer's late
+    /// commit).
+    pub fn write(&self, batch: &BatchContext, rows: &[T]) -> Result<SinkOutcome, UserError> {
         use rdkafka::producer::{BaseRecord, Producer};
+        let info = &batch.info();
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.as_ref().is_none_or(|c| c.job_id != info.job_id) {
             *state = Some(self.connect(&info.job_id)?);
@@ -211,10 +222,19 @@ impl<T: cairn::Data> KafkaSink<T> {
                 "no consumer group metadata for the sink".into(),
             ))?;
             producer.send_offsets_to_transaction(&marker_tpl, &cgm, self.timeout)?;
-            producer.commit_transaction(self.timeout)
+            if let Err(fenced) = batch.check_fence() {
+                return Ok(Err(fenced));
+            }
+            producer.commit_transaction(self.timeout).map(Ok)
         })();
         match result {
-            Ok(()) => {
+            Ok(Err(fenced)) => {
+                let _ = producer.abort_transaction(self.timeout);
+                *state = None;
+                Err(format!("Kafka sink {:?}: batch {} not committed: {fenced}", self.name, info.batch_id)
+                    .into())
+            }
+            Ok(Ok(())) => {
                 c.done = Some(info.batch_id.0 as i64 + 1);
                 Ok(SinkOutcome::Written { records: rows.len() as u64 })
             }
@@ -261,7 +281,7 @@ impl<T: cairn::Data> Sink<T> for KafkaSink<T> {
     }
     fn commit(&self, batch: &BatchContext) -> Result<(), UserError> {
         let rows = self.pending.take_in_order();
-        self.write_batch(&batch.info(), &rows).map(|_| ())
+        self.write(batch, &rows).map(|_| ())
     }
     fn abort(&self, _: &BatchContext) {
         self.pending.clear();

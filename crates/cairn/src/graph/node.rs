@@ -50,6 +50,8 @@ pub(crate) struct BatchCtx<'a> {
     pub epoch: Option<u64>,
     /// The task of a scaled-out job this batch belongs to (see `BatchContext::task`).
     pub task: Option<crate::sinks::TaskId>,
+    /// See `BatchContext::fence`.
+    pub fence: Option<crate::sinks::FenceCheck>,
     /// Unique per execution of a batch: a batch run again after a failure has a new one, so
     /// nothing computed by the failed attempt is served to it.
     pub run: u64,

@@ -284,17 +284,21 @@ impl Runner {
             batch_id: plan.batch_id,
             batch_time_ms: plan.batch_time_ms,
         };
-        let ctx = BatchCtx {
-            info: info.clone(),
-            plan,
-            parallelism: self.job.graph.parallelism,
-            start_time_ms: self.p.start_time_ms,
-            records: Default::default(),
-            // The lease epoch this process writes in: sinks that fence writers themselves use it.
-            epoch: self.p.store.as_ref().map(|s| s.epoch()),
-            task: self.job.cfg.task.map(|t| t.id),
-            run: crate::graph::next_run(),
-        };
+        let ctx =
+            BatchCtx {
+                info: info.clone(),
+                plan,
+                parallelism: self.job.graph.parallelism,
+                start_time_ms: self.p.start_time_ms,
+                records: Default::default(),
+                // The lease epoch this process writes in: sinks that fence writers themselves use it.
+                epoch: self.p.store.as_ref().map(|s| s.epoch()),
+                task: self.job.cfg.task.map(|t| t.id),
+                fence: self.p.store.clone().map(|s| {
+                    crate::sinks::FenceCheck::new(move || s.check_lease().map_err(|e| e.to_string()))
+                }),
+                run: crate::graph::next_run(),
+            };
         let started_at_ms = self.job.cfg.clock.now_ms();
         let started = BatchStarted { batch_id: info.batch_id, batch_time_ms: info.batch_time_ms, replayed };
         self.job.listeners.each(|l| l.on_batch_started(&started));

@@ -65,7 +65,35 @@ pub struct BatchContext {
     /// The ownership epoch of the process writing the batch, for sinks that fence a writer that
     /// lost its right to write; `None` when the job has no checkpoint location (no lease).
     pub epoch: Option<u64>,
+    /// Checks, with one read of the checkpoint location, that no newer epoch has taken the
+    /// job (or task) over; `None` without a checkpoint location. See [`BatchContext::check_fence`].
+    pub fence: Option<FenceCheck>,
 }
+
+/// The check behind [`BatchContext::check_fence`].
+#[derive(Clone)]
+pub struct FenceCheck(Arc<dyn Fn() -> std::result::Result<(), String> + Send + Sync>);
+
+impl FenceCheck {
+    /// A check that runs `f` (tests, tools).
+    pub fn new(f: impl Fn() -> std::result::Result<(), String> + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for FenceCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FenceCheck")
+    }
+}
+
+impl PartialEq for FenceCheck {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for FenceCheck {}
 
 impl BatchContext {
     /// The batch's identity as operators and closures see it.
@@ -80,7 +108,28 @@ impl BatchContext {
     /// assert_eq!((b.batch_id.0, b.task, b.epoch), (7, None, None));
     /// ```
     pub fn new(job_id: impl Into<Arc<str>>, batch_id: BatchId, batch_time_ms: i64) -> Self {
-        Self { job_id: job_id.into(), batch_id, batch_time_ms, task: None, epoch: None }
+        Self { job_id: job_id.into(), batch_id, batch_time_ms, task: None, epoch: None, fence: None }
+    }
+
+    /// `Err` when another process has taken this batch's job or task over since this process
+    /// took it (a newer lease epoch exists): a sink whose target cannot fence a writer by
+    /// itself, or cannot be trusted to, calls it right before it makes a batch visible, so a
+    /// process that lost its task while paused does not commit after the new owner started. A
+    /// context without a checkpoint location has nothing to check.
+    ///
+    /// ```
+    /// let b = cairn::BatchContext::new("j", cairn::checkpoint::BatchId(7), 0);
+    /// assert!(b.check_fence().is_ok());
+    /// let fenced = b.with_fence(cairn::FenceCheck::new(|| Err("epoch 3 took over".into())));
+    /// assert_eq!(fenced.check_fence().unwrap_err(), "epoch 3 took over");
+    /// ```
+    pub fn check_fence(&self) -> std::result::Result<(), String> {
+        self.fence.as_ref().map_or(Ok(()), |f| (f.0)())
+    }
+
+    /// The same batch with another fence check (tests, tools).
+    pub fn with_fence(self, fence: FenceCheck) -> Self {
+        Self { fence: Some(fence), ..self }
     }
 
     /// The same batch as written by `task` in ownership epoch `epoch` (tests, tools).
@@ -230,6 +279,7 @@ pub(crate) fn write_batch<T: Send>(
         batch_time_ms: ctx.info.batch_time_ms,
         task: ctx.task,
         epoch: ctx.epoch,
+        fence: ctx.fence.clone(),
     };
     let fail = |e: UserError| Error::Sink {
         sink: sink.name().to_string(),
