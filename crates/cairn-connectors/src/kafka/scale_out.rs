@@ -317,7 +317,7 @@ impl ScaleOut {
                             tasks: ts.iter().copied().collect(),
                             at_ms: wall_ms(),
                         });
-                        let started = self.start_tasks(&ts, build, tasks)?;
+                        let started = self.start_tasks(ts, build, tasks)?;
                         for (t, r) in started {
                             *summary.started.entry(t).or_default() += 1;
                             // Given a task it still runs (a loss it was not told about): the
