@@ -142,7 +142,7 @@ impl World {
 }
 
 /// Where a committed output line sits: (producer id, producer epoch, offset).
-type Copy = (i64, i16, i64);
+type LineCopy = (i64, i16, i64);
 
 fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -271,7 +271,7 @@ fn scaled_out_job_survives_kills_pauses_and_scaling_exactly() {
     // fenced predecessor's copy of a batch its successor wrote again. The same line twice within
     // one epoch would be cairn writing a batch twice, and fails.
     let raw = read_partition_log(&world.broker.bootstrap, "out", 0).unwrap();
-    let mut copies: BTreeMap<String, Vec<Copy>> = BTreeMap::new();
+    let mut copies: BTreeMap<String, Vec<LineCopy>> = BTreeMap::new();
     for r in committed_records(&raw).unwrap() {
         let line = String::from_utf8(r.value.clone().unwrap_or_default()).unwrap();
         copies.entry(line).or_default().push((r.producer_id, r.producer_epoch, r.offset));
@@ -279,7 +279,7 @@ fn scaled_out_job_survives_kills_pauses_and_scaling_exactly() {
     let distinct: Vec<&String> = copies.keys().collect();
     let wanted: Vec<&String> = lines.iter().collect();
     let fenced_copies: usize = copies.values().map(|c| c.len() - 1).sum();
-    let bad: Vec<(&String, &Vec<Copy>)> = copies
+    let bad: Vec<(&String, &Vec<LineCopy>)> = copies
         .iter()
         .filter(|(_, c)| {
             let epochs: BTreeSet<(i64, i16)> = c.iter().map(|(p, e, _)| (*p, *e)).collect();
