@@ -51,6 +51,7 @@ struct Families {
     scheduling_delay_seconds: FloatGauge,
     checkpoint_queue_depth: Gauge,
     checkpoint_chain: Gauge,
+    checkpoint_restore_estimate_seconds: FloatGauge,
     input_rows_per_second: FloatGauge,
     processed_rows_per_second: FloatGauge,
     state_keys: Family<OperatorLabels, Gauge>,
@@ -79,6 +80,7 @@ impl Families {
             scheduling_delay_seconds: FloatGauge::default(),
             checkpoint_queue_depth: Gauge::default(),
             checkpoint_chain: Gauge::default(),
+            checkpoint_restore_estimate_seconds: FloatGauge::default(),
             input_rows_per_second: FloatGauge::default(),
             processed_rows_per_second: FloatGauge::default(),
             state_keys: Family::default(),
@@ -148,6 +150,11 @@ impl Families {
             "checkpoint_chain",
             "Objects a restore of the newest checkpoint would read (its chain through a full snapshot)",
             f.checkpoint_chain.clone(),
+        );
+        r.register(
+            "checkpoint_restore_estimate_seconds",
+            "What a restore of the newest checkpoint would take now: its chain at the measured read latency and bandwidth",
+            f.checkpoint_restore_estimate_seconds.clone(),
         );
         r.register(
             "input_rows_per_second",
@@ -303,6 +310,9 @@ impl StreamingListener for Metrics {
         f.scheduling_delay_seconds.set(p.scheduling_delay_ms / 1e3);
         f.checkpoint_queue_depth.set(i64::try_from(p.checkpoint_queue_depth).unwrap_or(i64::MAX));
         f.checkpoint_chain.set(i64::try_from(p.checkpoint_chain).unwrap_or(i64::MAX));
+        if let Some(ms) = p.checkpoint_restore_estimate_ms {
+            f.checkpoint_restore_estimate_seconds.set(ms / 1e3);
+        }
         f.input_rows_per_second.set(p.input_rows_per_s);
         f.processed_rows_per_second.set(p.processed_rows_per_s);
         for op in &p.operators {
@@ -371,6 +381,7 @@ mod tests {
             replayed: false,
             restarts: 0,
             checkpoint_chain: 1,
+            checkpoint_restore_estimate_ms: Some(30.0),
         }
     }
 
@@ -426,6 +437,7 @@ mod tests {
         assert_eq!(f.scheduling_delay_seconds.get(), 0.25);
         assert_eq!(f.checkpoint_queue_depth.get(), 2);
         assert_eq!(f.checkpoint_chain.get(), 1);
+        assert_eq!(f.checkpoint_restore_estimate_seconds.get(), 0.03);
         let l = OperatorLabels { operator: "op".into() };
         assert_eq!(f.state_keys.get_or_create(&l).get(), 3);
         assert_eq!(f.state_checkpoint_bytes.get_or_create(&l).get(), 40);

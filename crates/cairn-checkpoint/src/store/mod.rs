@@ -18,12 +18,14 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
 mod open;
+mod reads;
 mod recovery;
 
 /// Deletes a retention pass keeps in flight at once.
 const RETENTION_CONCURRENCY: usize = 16;
 
 pub use open::{block_on_io, io_runtime, open_location, open_location_with, open_store, OpenedLocation};
+pub use reads::ReadRates;
 pub use recovery::{DamagedCopy, Recovered, RestoredState};
 
 /// Bytes and objects written by one call.
@@ -58,6 +60,8 @@ pub struct CheckpointStore {
     /// threads commit under the scheduler's lease).
     held: Arc<RwLock<Option<Held>>>,
     hook: Arc<RwLock<Option<CommitHook>>>,
+    /// How long this store's reads took (shared by clones).
+    reads: Arc<reads::ReadTimes>,
 }
 
 /// The lease epoch a store holds, and the batch it took the location over from.
@@ -81,6 +85,7 @@ impl Clone for CheckpointStore {
             local_dir: self.local_dir.clone(),
             held: self.held.clone(),
             hook: self.hook.clone(),
+            reads: self.reads.clone(),
         }
     }
 }
@@ -147,6 +152,7 @@ impl CheckpointStore {
             local_dir: None,
             held: Arc::new(RwLock::new(None)),
             hook: Arc::new(RwLock::new(None)),
+            reads: Arc::default(),
         }
     }
 
@@ -222,10 +228,20 @@ impl CheckpointStore {
         block_on_io(f)
     }
 
+    /// Measured read latency and bandwidth of this location over the reads this store (and its
+    /// clones) made so far; `None` before the first read.
+    pub fn read_rates(&self) -> Option<ReadRates> {
+        self.reads.rates()
+    }
+
     pub(crate) fn get(&self, path: &Path) -> Result<Option<Vec<u8>>> {
+        let t0 = std::time::Instant::now();
         let r = self.block_on(async { self.store.get(path).await?.bytes().await });
         match r {
-            Ok(b) => Ok(Some(b.to_vec())),
+            Ok(b) => {
+                self.reads.record(b.len() as u64, t0.elapsed());
+                Ok(Some(b.to_vec()))
+            }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(Error::storage(path, e)),
         }

@@ -62,6 +62,11 @@ pub struct BatchProgress {
     /// Objects a restore of the newest checkpoint cut would read (its chain through a full
     /// snapshot; 0 before the first checkpoint): what a crash now costs to recover.
     pub checkpoint_chain: u64,
+    /// What a restore of that checkpoint would take on this storage now, in milliseconds: its
+    /// chain's objects at the measured read latency plus its bytes at the measured read bandwidth
+    /// (reads of recovery, compaction and the log so far). `None` before the first checkpoint or
+    /// the first read. Decoding is not counted.
+    pub checkpoint_restore_estimate_ms: Option<f64>,
 }
 
 /// A batch is about to run.

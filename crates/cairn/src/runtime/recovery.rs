@@ -47,6 +47,9 @@ pub(crate) struct Prepared {
     /// Objects in the restored checkpoint's chain (0 without one): the next delta's chain is one
     /// longer.
     pub restored_chain: usize,
+    /// Bytes of the restored state (merged, uncompressed): what a restore of it transfers, at
+    /// most.
+    pub restored_bytes: u64,
 }
 
 pub(crate) fn describe_graph(job: &Job) -> GraphDescription {
@@ -173,6 +176,7 @@ pub(crate) fn prepare(job: &Job) -> Result<Prepared> {
             force_full: false,
             last_plan: None,
             restored_chain: 0,
+            restored_bytes: 0,
         });
     };
     let store = match &cfg.store {
@@ -318,6 +322,8 @@ fn restore(
     let mut last_checkpoint = None;
     let mut force_full = false;
     let restored_chain = recovered.state.as_ref().map_or(0, |s| s.chain.len());
+    let restored_bytes =
+        recovered.state.as_ref().map_or(0, |s| s.tables.iter().map(|t| t.data.len() as u64).sum());
     // Damaged state objects recovery worked around are removed, and the next checkpoint is a full
     // one: new checkpoints must not chain onto them, nor retention count them as a restore point.
     for name in &recovered.damaged_state {
@@ -396,5 +402,6 @@ fn restore(
         force_full,
         last_plan: recovered.last_plan,
         restored_chain,
+        restored_bytes,
     })
 }

@@ -91,10 +91,14 @@ struct Runner {
     /// Per operator: uncompressed bytes in the latest checkpoint cut.
     op_bytes: BTreeMap<String, u64>,
     summary: RunSummary,
-    /// Delta checkpoints cut after the newest full snapshot known to be stored.
-    deltas: Vec<BatchId>,
+    /// Delta checkpoints cut after the newest full snapshot known to be stored, with their
+    /// bytes.
+    deltas: Vec<(BatchId, u64)>,
     /// Objects in the chain of the newest checkpoint cut.
     last_chain: usize,
+    /// Bytes of the chain's base: the restored state, a full snapshot cut on the batch path, or
+    /// one compacted in the background (as stored).
+    base_bytes: u64,
 }
 
 /// Runs the job once from `p`: what it did, and how it ended.
@@ -146,7 +150,9 @@ pub(crate) fn run(job: Arc<Job>, p: Prepared, trigger: Trigger) -> (RunSummary, 
         summary,
         deltas: Vec::new(),
         last_chain: 0,
+        base_bytes: 0,
     };
+    r.base_bytes = r.p.restored_bytes;
     let result = r.run_loop(trigger);
     let finish = r.finish(result.is_ok());
     (r.summary, result.and(finish))
@@ -396,6 +402,7 @@ impl Runner {
             replayed,
             restarts: self.job.restarts.load(Ordering::SeqCst),
             checkpoint_chain: self.last_chain as u64,
+            checkpoint_restore_estimate_ms: self.restore_estimate_ms(),
         };
         if wait_ms > 50.0 {
             tracing::warn!(
@@ -471,8 +478,9 @@ impl Runner {
         if full {
             self.deltas.clear();
             self.p.restored_chain = 1;
+            self.base_bytes = bytes;
         } else {
-            self.deltas.push(batch);
+            self.deltas.push((batch, bytes));
         }
         self.last_chain = if full { 1 } else { chain_if_delta };
         self.p.last_checkpoint = Some(batch);
@@ -485,13 +493,27 @@ impl Runner {
     /// newest full snapshot stored (by the writer, or compacted in the background), else through
     /// the restored chain.
     fn chain_if_delta(&mut self) -> usize {
-        if let Some(f) = self.writer.as_ref().and_then(|w| w.newest_full()) {
+        if let Some((f, f_bytes)) = self.writer.as_ref().and_then(|w| w.newest_full()) {
             // A snapshot this run stored is at or after the restored checkpoint: chains of later
             // deltas start there.
-            self.deltas.retain(|d| *d > f);
+            if self.deltas.first().is_some_and(|(d, _)| *d <= f) {
+                self.base_bytes = f_bytes;
+            }
+            self.deltas.retain(|(d, _)| *d > f);
             self.p.restored_chain = 1;
         }
         self.p.restored_chain.max(1) + self.deltas.len() + 1
+    }
+
+    /// What restoring the newest checkpoint cut would take on this location now: its chain's
+    /// objects at the measured read latency, its bytes at the measured read bandwidth.
+    fn restore_estimate_ms(&self) -> Option<f64> {
+        if self.last_chain == 0 {
+            return None;
+        }
+        let rates = self.p.store.as_ref()?.read_rates()?;
+        let bytes = self.base_bytes + self.deltas.iter().map(|(_, b)| b).sum::<u64>();
+        Some(rates.estimate_ms(self.last_chain as u64, bytes))
     }
 
     /// Final checkpoint (on a clean stop), drain the writer, release the lease.

@@ -36,6 +36,8 @@ struct Shared {
     /// The newest full snapshot known to be stored (written, or compacted by maintenance):
     /// later deltas' chains start there.
     newest_full: Option<BatchId>,
+    /// Stored bytes of `newest_full`.
+    newest_full_bytes: u64,
 }
 
 fn lock(s: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
@@ -87,9 +89,10 @@ impl CheckpointWriter {
         Ok(Self { tx: Some(tx), shared, threads, capacity: capacity.max(1) })
     }
 
-    /// The newest full snapshot known to be stored by this writer.
-    pub(crate) fn newest_full(&self) -> Option<BatchId> {
-        lock(&self.shared).newest_full
+    /// The newest full snapshot known to be stored by this writer, and its stored bytes.
+    pub(crate) fn newest_full(&self) -> Option<(BatchId, u64)> {
+        let s = lock(&self.shared);
+        s.newest_full.map(|b| (b, s.newest_full_bytes))
     }
 
     /// Checkpoints submitted and not yet written.
@@ -179,8 +182,9 @@ fn write_loop(
                 s.stats.written += 1;
                 s.stats.bytes += w.bytes;
                 s.stats.objects += w.objects;
-                if ckpt.kind == CheckpointKind::Full {
-                    s.newest_full = s.newest_full.max(Some(batch));
+                if ckpt.kind == CheckpointKind::Full && s.newest_full < Some(batch) {
+                    s.newest_full = Some(batch);
+                    s.newest_full_bytes = w.bytes;
                 }
                 drop(s);
                 let e = CheckpointWritten {
@@ -232,7 +236,10 @@ fn maintenance_loop(
                     let mut s = lock(shared);
                     s.stats.bytes += w.bytes;
                     s.stats.objects += w.objects;
-                    s.newest_full = s.newest_full.max(Some(batch));
+                    if s.newest_full < Some(batch) {
+                        s.newest_full = Some(batch);
+                        s.newest_full_bytes = w.bytes;
+                    }
                 }
                 Ok(None) => {
                     let mut s = lock(shared);
