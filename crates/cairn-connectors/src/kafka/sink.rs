@@ -229,7 +229,11 @@ impl<T: cairn::Data> KafkaSink<T> {
         })();
         match result {
             Ok(Err(fenced)) => {
-                let _ = producer.abort_transaction(self.timeout);
+                // No abort: this producer's epoch is stale. Apache Kafka refuses its EndTxn, but
+                // a broker that does not check epochs (nisshi) writes the abort marker for the
+                // transactional id, which also aborts the records the new owner has in flight
+                // (seen: a replayed batch lost from the output while its marker said written).
+                // The successor's `init_transactions` or the transaction timeout ends this one.
                 *state = None;
                 Err(format!("Kafka sink {:?}: batch {} not committed: {fenced}", self.name, info.batch_id)
                     .into())
@@ -239,7 +243,11 @@ impl<T: cairn::Data> KafkaSink<T> {
                 Ok(SinkOutcome::Written { records: rows.len() as u64 })
             }
             Err(e) => {
-                let _ = producer.abort_transaction(self.timeout);
+                // Same reason as above: a process that lost its task leaves the transaction to
+                // its successor.
+                if batch.check_fence().is_ok() {
+                    let _ = producer.abort_transaction(self.timeout);
+                }
                 *state = None; // start afresh (a fenced producer cannot be reused)
                 Err(fail(e))
             }
