@@ -8,10 +8,12 @@
 //! The PostgreSQL table `totals (key TEXT PRIMARY KEY, total BIGINT)` is created if missing.
 //! With `--available-now` it stops when the topic is drained. With `--scale-out` the process is
 //! one of any number started with the same arguments: they share the topic's partitions as tasks
-//! through a consumer group, and a killed or paused process's tasks move to the others.
+//! through a consumer group, and a killed or paused process's tasks move to the others. With
+//! `--per-value-through=TOPIC` it keeps totals per record value instead of per key, re-keying
+//! the records through TOPIC (created beforehand with as many partitions as TOPIC).
 
 use cairn::{StreamingContext, StreamingContextBuilder, Trigger};
-use cairn_connectors::kafka::{KafkaSink, KafkaSource, ScaleOut, StartFrom};
+use cairn_connectors::kafka::{KafkaSink, KafkaSource, Repartition, RepartitionThrough, ScaleOut, StartFrom};
 use cairn_connectors::postgres::PostgresSink;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -30,6 +32,7 @@ fn main() {
         scale_out: false,
         session_timeout: Duration::from_secs(10),
         batch: Duration::from_millis(200),
+        per_value_through: None,
     };
     while let Some(flag) = args.last().filter(|a| a.starts_with("--")).cloned() {
         args.pop();
@@ -38,6 +41,9 @@ fn main() {
             None if flag == "--scale-out" => opts.scale_out = true,
             Some(("--session-timeout-ms", ms)) => opts.session_timeout = Duration::from_millis(number(ms)),
             Some(("--batch-interval-ms", ms)) => opts.batch = Duration::from_millis(number(ms)),
+            Some(("--per-value-through", topic)) if !topic.is_empty() => {
+                opts.per_value_through = Some(topic.to_string())
+            }
             _ => usage(&format!("unknown option {flag}")),
         }
     }
@@ -85,6 +91,8 @@ struct Options {
     scale_out: bool,
     session_timeout: Duration,
     batch: Duration,
+    /// Totals per record value instead of per key, re-keyed through this topic.
+    per_value_through: Option<String>,
 }
 
 struct Job {
@@ -117,13 +125,22 @@ impl Job {
             .map_err(|e| cairn::Error::User(e.to_string()))?;
         let records = ctx.source("kafka", source)?;
         records.count().print(1);
-        let totals = records
-            .map(|r| (String::from_utf8_lossy(&r.key.unwrap_or_default()).into_owned(), 1i64))
-            // The key is the record's Kafka key, so each key's total lives in one task.
-            .partitioned_like_source()
-            .update_state_by_key("totals", |_, v: Vec<i64>, old: Option<i64>| {
-                Some(old.unwrap_or(0) + v.iter().sum::<i64>())
-            });
+        let ones = match &self.opts.per_value_through {
+            None => records
+                .map(|r| (String::from_utf8_lossy(&r.key.unwrap_or_default()).into_owned(), 1i64))
+                // The key is the record's Kafka key, so each key's total lives in one task.
+                .partitioned_like_source(),
+            // Values are spread over every partition: through a topic keyed by value, so each
+            // value's total lives in one task.
+            Some(topic) => records
+                .map(|r| String::from_utf8_lossy(&r.value.unwrap_or_default()).into_owned())
+                .repartition_through(&Repartition::new(&ctx, brokers, topic), |v: &String| v.clone())?
+                .map(|(v, _)| (v, 1i64))
+                .partitioned_like_source(),
+        };
+        let totals = ones.update_state_by_key("totals", |_, v: Vec<i64>, old: Option<i64>| {
+            Some(old.unwrap_or(0) + v.iter().sum::<i64>())
+        });
         PostgresSink::new(
             pg,
             "totals",
@@ -166,7 +183,9 @@ impl cairn::StreamingListener for ReportRestarts {
 fn usage(problem: &str) -> ! {
     eprintln!("kafka_to_postgres: {problem}");
     eprintln!("usage: kafka_to_postgres BROKERS TOPIC OUT_TOPIC POSTGRES_CONN CHECKPOINT [MAX_PER_PARTITION] [--available-now]");
-    eprintln!("       [--scale-out [--session-timeout-ms=N]] [--batch-interval-ms=N]");
+    eprintln!(
+        "       [--scale-out [--session-timeout-ms=N]] [--batch-interval-ms=N] [--per-value-through=TOPIC]"
+    );
     eprintln!("       kafka_to_postgres produce BROKERS TOPIC N");
     std::process::exit(2)
 }

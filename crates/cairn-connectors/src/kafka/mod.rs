@@ -8,6 +8,8 @@
 //!   assigns it tasks (partitions of the anchor topic) and reports every change.
 //! - [`ScaleOut`]: runs one process's share of a job that runs on several: the tasks the group
 //!   assigns, each restored from and fenced on its own location under the job's.
+//! - [`RepartitionThrough`]: re-keys a stream through a topic, so a stateful operator after it
+//!   sees every record of a key in one task.
 //! - [`KafkaSink`]: each batch in one Kafka transaction that also records the batch id, so a
 //!   replayed batch is never written twice.
 //!
@@ -16,12 +18,14 @@
 mod decode;
 mod membership;
 mod plan;
+mod repartition;
 mod scale_out;
 mod sink;
 mod source;
 
 pub use decode::{DeadLetter, Decode};
 pub use membership::{Membership, MembershipConfig, Task, TaskChange};
+pub use repartition::{Repartition, RepartitionThrough};
 pub use scale_out::{BuildTask, ScaleOut, ScaleOutError, ScaleOutSummary};
 pub use sink::{KafkaSink, OutRecord, SinkOutcome};
 pub use source::{GroupCommitter, KafkaRecord, KafkaSource, KafkaSourceBuilder, StartFrom, Topics};
