@@ -382,6 +382,8 @@ mod tests {
             restarts: 0,
             checkpoint_chain: 1,
             checkpoint_restore_estimate_ms: Some(30.0),
+            task: None,
+            epoch: 1,
         }
     }
 

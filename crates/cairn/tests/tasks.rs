@@ -95,7 +95,15 @@ fn a_task_reads_its_partition_and_sinks_see_task_and_epoch() {
         .foreach_batch(|_, _| Ok(()));
     let seen = Recording::default();
     records.write_to(seen.clone());
+    let progress = Arc::new(Mutex::new(Vec::new()));
+    let p = progress.clone();
+    ctx.on_batch(move |b| p.lock().unwrap().push((b.task, b.epoch)));
     ctx.run_available().unwrap();
+    let progress = progress.lock().unwrap();
+    assert!(
+        !progress.is_empty() && progress.iter().all(|te| *te == (Some(1), 1)),
+        "progress records name task and epoch: {progress:?}"
+    );
     let seen = seen.0.lock().unwrap();
     let read: Vec<(u32, u64)> = seen.iter().flat_map(|(_, _, d)| d.clone()).collect();
     assert_eq!(read, vec![(1, 0), (1, 1), (1, 2), (1, 3)], "task 1 reads partition 1 only");

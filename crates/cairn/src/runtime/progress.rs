@@ -67,6 +67,11 @@ pub struct BatchProgress {
     /// (reads of recovery, compaction and the log so far). `None` before the first checkpoint or
     /// the first read. Decoding is not counted.
     pub checkpoint_restore_estimate_ms: Option<f64>,
+    /// In a scaled-out job: the task this batch belongs to (its batch ids are the task's own).
+    pub task: Option<u32>,
+    /// The ownership epoch this process holds its checkpoint location (or task) in: it grows by
+    /// one at every takeover, so a change shows that the task moved.
+    pub epoch: u64,
 }
 
 /// A batch is about to run.

@@ -403,6 +403,8 @@ impl Runner {
             restarts: self.job.restarts.load(Ordering::SeqCst),
             checkpoint_chain: self.last_chain as u64,
             checkpoint_restore_estimate_ms: self.restore_estimate_ms(),
+            task: self.job.cfg.task.map(|t| t.id.0),
+            epoch: self.p.lease.as_ref().map_or(0, |l| l.epoch()),
         };
         if wait_ms > 50.0 {
             tracing::warn!(
