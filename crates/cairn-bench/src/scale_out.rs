@@ -147,6 +147,13 @@ fn stop(children: &mut [Child]) {
     }
 }
 
+/// The last lines of a member's stderr.
+fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
 /// The rebalance events (JSON lines after `rebalance `) in a member's stderr.
 fn events(log: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(log)
@@ -174,6 +181,7 @@ fn throughput(w: &mut World, a: &ScaleOutArgs, n: usize) -> Result<(f64, f64), B
     }
     let t0 = Instant::now();
     let mut first = None;
+    let (mut last, mut moved_at) = (0, Instant::now());
     loop {
         let c = w.counted();
         if c > 0 && first.is_none() {
@@ -182,11 +190,19 @@ fn throughput(w: &mut World, a: &ScaleOutArgs, n: usize) -> Result<(f64, f64), B
         if c >= a.records as i64 {
             break;
         }
-        if t0.elapsed() > Duration::from_secs(900) {
+        if c != last {
+            (last, moved_at) = (c, Instant::now());
+        }
+        if moved_at.elapsed() > Duration::from_secs(60) {
             stop(&mut children);
-            return Err(
-                format!("{n} process(es): only {c} of {} records counted in 15 min", a.records).into()
-            );
+            let logs: Vec<String> =
+                (0..n).map(|i| tail(&w.dir.path().join(format!("tp-{n}-{i}.log")))).collect();
+            return Err(format!(
+                "{n} process(es): stuck at {c} of {} records counted for 60 s; the members' last lines:\n{}",
+                a.records,
+                logs.join("\n---\n")
+            )
+            .into());
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -268,3 +268,33 @@ fn records_that_do_not_decode_fail_the_batch_or_go_to_a_dead_letter_topic() {
     assert_eq!(header("cairn.topic").as_deref(), Some("nums"));
     assert!(header("cairn.error").unwrap().contains("invalid digit"), "{:?}", header("cairn.error"));
 }
+
+/// Each progress record says, per partition, how many records the plan left unread: the lag
+/// falls by the per-partition limit every batch and is zero once the backlog is read.
+#[test]
+fn progress_records_report_the_lag_per_partition() {
+    let broker = KafkaBroker::start();
+    broker.create_topic("backlog", 2);
+    produce(&broker, "backlog", 0, &numbers("a", 0..10));
+    produce(&broker, "backlog", 1, &numbers("b", 0..4));
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(dir.path().to_str().unwrap(), None);
+    let source = KafkaSource::builder(&broker.bootstrap, "backlog")
+        .start(StartFrom::Earliest)
+        .max_per_partition(3)
+        .build()
+        .unwrap();
+    ctx.source("kafka", source).unwrap().count().foreach_batch(|_, _| Ok(()));
+    let lags = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let l = lags.clone();
+    ctx.on_batch(move |b| {
+        let by_partition: BTreeMap<String, u64> =
+            b.source_lag.iter().map(|x| (format!("{}/{}", x.source, x.partition), x.records)).collect();
+        l.lock().unwrap().push(by_partition);
+    });
+    ctx.run_available().unwrap();
+    let lags = lags.lock().unwrap();
+    let of = |p: &str| lags.iter().map(|m| m[&format!("kafka/backlog[{p}]")]).collect::<Vec<u64>>();
+    assert_eq!(of("0"), vec![7, 4, 1, 0], "{lags:?}");
+    assert_eq!(of("1"), vec![1, 0, 0, 0], "{lags:?}");
+}

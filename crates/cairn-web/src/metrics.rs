@@ -31,6 +31,13 @@ struct OperatorLabels {
     operator: String,
 }
 
+/// The labels that tell source partitions apart.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PartitionLabels {
+    source: String,
+    partition: String,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// Every metric of one job, each registered once in the job's own registry.
@@ -55,6 +62,7 @@ struct Families {
     input_rows_per_second: FloatGauge,
     processed_rows_per_second: FloatGauge,
     state_keys: Family<OperatorLabels, Gauge>,
+    source_lag_records: Family<PartitionLabels, Gauge>,
     state_checkpoint_bytes: Family<OperatorLabels, Gauge>,
     batch_processing_seconds: Histogram,
     checkpoint_write_seconds: Histogram,
@@ -84,6 +92,7 @@ impl Families {
             input_rows_per_second: FloatGauge::default(),
             processed_rows_per_second: FloatGauge::default(),
             state_keys: Family::default(),
+            source_lag_records: Family::default(),
             state_checkpoint_bytes: Family::default(),
             batch_processing_seconds: Histogram::new(BUCKETS),
             checkpoint_write_seconds: Histogram::new(BUCKETS),
@@ -167,6 +176,11 @@ impl Families {
             f.processed_rows_per_second.clone(),
         );
         r.register("state_keys", "Live keys per stateful operator", f.state_keys.clone());
+        r.register(
+            "source_lag_records",
+            "Records of a source partition left unread after the latest batch's plan (Kafka: end offset minus planned end)",
+            f.source_lag_records.clone(),
+        );
         r.register_with_unit(
             "state_checkpoint",
             "Uncompressed bytes of each stateful operator's state in the latest checkpoint cut",
@@ -315,6 +329,10 @@ impl StreamingListener for Metrics {
         }
         f.input_rows_per_second.set(p.input_rows_per_s);
         f.processed_rows_per_second.set(p.processed_rows_per_s);
+        for lag in &p.source_lag {
+            let l = PartitionLabels { source: lag.source.clone(), partition: lag.partition.clone() };
+            f.source_lag_records.get_or_create(&l).set(i64::try_from(lag.records).unwrap_or(i64::MAX));
+        }
         for op in &p.operators {
             let l = OperatorLabels { operator: op.name.clone() };
             f.state_keys.get_or_create(&l).set(i64::try_from(op.keys).unwrap_or(i64::MAX));
@@ -382,6 +400,7 @@ mod tests {
             restarts: 0,
             checkpoint_chain: 1,
             checkpoint_restore_estimate_ms: Some(30.0),
+            source_lag: vec![cairn::SourceLag { source: "in".into(), partition: "in[0]".into(), records: 7 }],
             task: None,
             epoch: 1,
         }
@@ -442,6 +461,8 @@ mod tests {
         assert_eq!(f.checkpoint_restore_estimate_seconds.get(), 0.03);
         let l = OperatorLabels { operator: "op".into() };
         assert_eq!(f.state_keys.get_or_create(&l).get(), 3);
+        let lag = PartitionLabels { source: "in".into(), partition: "in[0]".into() };
+        assert_eq!(f.source_lag_records.get_or_create(&lag).get(), 7);
         assert_eq!(f.state_checkpoint_bytes.get_or_create(&l).get(), 40);
         let text = m.encode();
         assert!(text.contains("cairn_checkpoint_backpressure_seconds_total{app=\"unit\"} 1.5"), "{text}");

@@ -62,7 +62,7 @@ pub use ops::stateful::{OpName, State, StateSpec};
 pub use runtime::job::Trigger;
 pub use runtime::progress::{
     BatchProgress, BatchStarted, CheckpointFailed, CheckpointWritten, LeaseLost, OperatorProgress,
-    RecoveryFinished, RestartScheduled, StreamingListener,
+    RecoveryFinished, RestartScheduled, SourceLag, StreamingListener,
 };
 pub use runtime::scheduler::RunSummary;
 pub use runtime::writer::WriterStats;

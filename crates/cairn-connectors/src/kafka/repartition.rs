@@ -155,6 +155,7 @@ impl<T: Serialize + DeserializeOwned + cairn::Data> RepartitionThrough<T> for DS
             topic: through.topic.clone(),
             timeout: through.timeout,
             markers: Mutex::new(HashMap::new()),
+            held_back: Mutex::new(HashMap::new()),
             _types: PhantomData,
         };
         Ok(through.ctx.source(&format!("repartition-{}", through.topic), source)?.partitioned_like_source())
@@ -259,6 +260,8 @@ struct RepartitionSource<K, T> {
     /// Per writer (job id): its marker consumer and the batches it has committed (one past the
     /// last), as last read.
     markers: Mutex<HashMap<String, (BaseConsumer, u64)>>,
+    /// Per partition, offsets scanned by the latest plan but left for a later batch.
+    held_back: Mutex<HashMap<SourcePartition, u64>>,
     _types: PhantomData<fn() -> (K, T)>,
 }
 
@@ -340,6 +343,10 @@ impl<K, T> RepartitionSource<K, T> {
         if let Some(start) = run {
             out.push(range(start, stop));
         }
+        self.held_back
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(scanned.partition.clone(), scanned.end - stop);
         if out.last().is_none_or(|r| r.end < stop) {
             out.push(range(stop, stop));
         }
@@ -365,6 +372,17 @@ where
 
     fn restrict_to_task(&mut self, task: cairn::TaskId, tasks: u32) -> Result<(), UserError> {
         self.inner.restrict_to_task(task, tasks)
+    }
+
+    /// The topic's records past the scan, plus those scanned but left for a later batch (their
+    /// writer's batch was not committed yet).
+    fn backlog(&self) -> Vec<(SourcePartition, u64)> {
+        let held = self.held_back.lock().unwrap_or_else(|e| e.into_inner());
+        self.inner
+            .backlog()
+            .into_iter()
+            .map(|(p, n)| (p.clone(), n + held.get(&p).copied().unwrap_or(0)))
+            .collect()
     }
 
     fn plan(&self, positions: &Positions) -> Result<Vec<OffsetRange>, UserError> {

@@ -129,6 +129,9 @@ pub struct KafkaSource {
     readers: Mutex<HashMap<Tp, Arc<Mutex<BaseConsumer>>>>,
     /// Next offset per partition after the ranges read so far (for consumer-group commits).
     read_upto: Arc<Mutex<BTreeMap<Tp, i64>>>,
+    /// Per partition, records past the end of the latest plan (its high watermark minus the
+    /// planned end), as of that plan.
+    backlog: Mutex<Vec<(SourcePartition, u64)>>,
     /// In a scaled-out job: the task's partition number and the job's task count.
     task: Option<(i32, u32)>,
 }
@@ -163,7 +166,8 @@ impl KafkaSourceBuilder {
         self.skip_lost = yes;
         self
     }
-    /// How long a metadata request or a range read may take before the batch fails (default 30 s).
+    /// How long a metadata request may take, or a range read may go without receiving a record,
+    /// before the batch fails (default 30 s).
     pub fn timeout(mut self, t: Duration) -> Self {
         self.timeout = t;
         self
@@ -210,6 +214,7 @@ impl KafkaSourceBuilder {
             metadata: Mutex::new(metadata),
             readers: Mutex::new(HashMap::new()),
             read_upto: Arc::new(Mutex::new(BTreeMap::new())),
+            backlog: Mutex::new(Vec::new()),
             task: None,
         })
     }
@@ -385,6 +390,10 @@ impl Source for KafkaSource {
         parse_legacy_key(key).map(|(topic, partition)| SourcePartition::topic(topic, partition))
     }
 
+    fn backlog(&self) -> Vec<(SourcePartition, u64)> {
+        self.backlog.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     fn restrict_to_task(&mut self, task: cairn::TaskId, tasks: u32) -> Result<(), UserError> {
         if task.0 >= tasks {
             return Err(format!("task {} is out of range: the job has {tasks} tasks", task.0).into());
@@ -396,6 +405,7 @@ impl Source for KafkaSource {
     fn plan(&self, positions: &Positions) -> Result<Vec<OffsetRange>, UserError> {
         let md = self.metadata.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::new();
+        let mut backlog = Vec::new();
         let mut lost = 0;
         for (topic, partition) in self.partitions(&md)? {
             let (low, high) = md.fetch_watermarks(&topic, partition, self.timeout).map_err(|e| {
@@ -412,8 +422,14 @@ impl Source for KafkaSource {
                 self.skip_lost,
             )?;
             lost += p.lost;
+            if let Some(r) = &p.range {
+                backlog.push((key.clone(), (high.max(0) as u64).saturating_sub(r.end)));
+            } else if let Some(next) = positions.get(&key) {
+                backlog.push((key.clone(), (high.max(0) as u64).saturating_sub(*next)));
+            }
             out.extend(p.range);
         }
+        *self.backlog.lock().unwrap_or_else(|e| e.into_inner()) = backlog;
         if lost > 0 {
             tracing::warn!("this batch skips {lost} record(s) deleted by retention in all");
         }
@@ -444,7 +460,11 @@ impl Source for KafkaSource {
         c.assign(&tpl)?;
         let result = (|| -> Result<Vec<KafkaRecord>, UserError> {
             let mut out = Vec::with_capacity((range.end - range.start) as usize);
-            let deadline = Instant::now() + self.timeout;
+            // The timeout is for a read that stops making progress, not for the whole range: a
+            // large range on a loaded broker takes longer than a short timeout while records keep
+            // arriving, and failing it then would restart the batch for ever (seen: twelve tasks
+            // reading 5000 records each from one broker on two cores, 2 s timeout).
+            let mut deadline = Instant::now() + self.timeout;
             let mut next = range.start as i64;
             // librdkafka reports a lost broker connection as an error while it reconnects: a
             // blip shorter than a second is absorbed here; a longer outage fails the read as
@@ -457,7 +477,7 @@ impl Source for KafkaSource {
                     // deliver them in time is unreachable or overloaded, which may pass.
                     let why = last_error.map_or(String::new(), |e| format!(" (last error: {e})"));
                     return Err(cairn::Transient::wrap(format!(
-                        "read only up to offset {next} of [{}, {}) within {:?}{why}",
+                        "read only up to offset {next} of [{}, {}): nothing more arrived within {:?}{why}",
                         range.start, range.end, self.timeout
                     )));
                 }
@@ -493,6 +513,7 @@ impl Source for KafkaSource {
                     continue;
                 }
                 next = m.offset() + 1;
+                deadline = Instant::now() + self.timeout;
                 out.push(KafkaRecord {
                     topic: m.topic().to_string(),
                     partition: m.partition(),

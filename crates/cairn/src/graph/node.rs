@@ -127,6 +127,8 @@ pub(crate) trait SourceDyn: Send + Sync {
     fn plan(&self, positions: &Positions) -> Result<Vec<OffsetRange>>;
     /// This source's partition that format versions 1 and 2 stored as `key`.
     fn legacy_partition(&self, key: &str) -> Result<SourcePartition>;
+    /// Records left past the most recent plan, per partition.
+    fn backlog(&self) -> Vec<(SourcePartition, u64)>;
 }
 
 /// The scheduler's view of an operator with checkpointed state.

@@ -16,6 +16,18 @@ pub struct OperatorProgress {
     pub checkpoint_bytes: u64,
 }
 
+/// Input not yet read from one source partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SourceLag {
+    /// The source's stable name.
+    pub source: String,
+    /// The partition (`topic[p]` for Kafka).
+    pub partition: String,
+    /// Records available past what the batch planned, as of its plan: for Kafka, the
+    /// partition's end offset minus the planned end offset.
+    pub records: u64,
+}
+
 /// One structured record per batch (in the spirit of Spark's StreamingQueryProgress).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BatchProgress {
@@ -67,6 +79,9 @@ pub struct BatchProgress {
     /// (reads of recovery, compaction and the log so far). `None` before the first checkpoint or
     /// the first read. Decoding is not counted.
     pub checkpoint_restore_estimate_ms: Option<f64>,
+    /// Per source partition, the records left unread after this batch's plan (sources that can
+    /// tell: Kafka). Empty for a replayed batch (its plan was logged earlier).
+    pub source_lag: Vec<SourceLag>,
     /// In a scaled-out job: the task this batch belongs to (its batch ids are the task's own).
     pub task: Option<u32>,
     /// The ownership epoch this process holds its checkpoint location (or task) in: it grows by

@@ -4,7 +4,9 @@
 
 use super::failpoint;
 use super::job::{Job, Trigger};
-use super::progress::{BatchProgress, BatchStarted, LeaseLost, OperatorProgress, RecoveryFinished};
+use super::progress::{
+    BatchProgress, BatchStarted, LeaseLost, OperatorProgress, RecoveryFinished, SourceLag,
+};
 use super::recovery::Prepared;
 use super::writer::{CheckpointWriter, WriterStats};
 use crate::error::{Error, Result};
@@ -99,6 +101,8 @@ struct Runner {
     /// Bytes of the chain's base: the restored state, a full snapshot cut on the batch path, or
     /// one compacted in the background (as stored).
     base_bytes: u64,
+    /// Per source partition, what the latest plan left unread.
+    lag: Vec<SourceLag>,
 }
 
 /// Runs the job once from `p`: what it did, and how it ended.
@@ -151,6 +155,7 @@ pub(crate) fn run(job: Arc<Job>, p: Prepared, trigger: Trigger) -> (RunSummary, 
         deltas: Vec::new(),
         last_chain: 0,
         base_bytes: 0,
+        lag: Vec::new(),
     };
     r.base_bytes = r.p.restored_bytes;
     let result = r.run_loop(trigger);
@@ -212,10 +217,16 @@ impl Runner {
             self.job.mark_batch_began(t0);
             let mut sources = Vec::new();
             let all_sources = self.job.graph.lock().sources.clone();
+            self.lag.clear();
             for s in &all_sources {
                 let pos = self.p.positions.entry(s.name().to_string()).or_default();
                 let ranges = s.plan(&pos.positions)?;
                 sources.push(SourcePlan { source: s.name().to_string(), ranges });
+                self.lag.extend(s.backlog().into_iter().map(|(p, records)| SourceLag {
+                    source: s.name().to_string(),
+                    partition: p.to_string(),
+                    records,
+                }));
             }
             if trigger == Trigger::AvailableNow
                 && sources.iter().all(|s| s.ranges.iter().all(|r| r.start == r.end))
@@ -403,6 +414,7 @@ impl Runner {
             restarts: self.job.restarts.load(Ordering::SeqCst),
             checkpoint_chain: self.last_chain as u64,
             checkpoint_restore_estimate_ms: self.restore_estimate_ms(),
+            source_lag: if replayed { Vec::new() } else { self.lag.clone() },
             task: self.job.cfg.task.map(|t| t.id.0),
             epoch: self.p.lease.as_ref().map_or(0, |l| l.epoch()),
         };

@@ -56,6 +56,13 @@ pub trait Source: Send + Sync + 'static {
     fn legacy_partition(&self, key: &str) -> std::result::Result<SourcePartition, UserError> {
         Ok(SourcePartition::named(key))
     }
+    /// The input lag as of the most recent [`plan`](Source::plan): per partition, the records
+    /// known to be available past the planned end (for Kafka, the end offset minus the planned
+    /// end). It goes into each batch's progress record and `/metrics`. Sources that cannot tell
+    /// return nothing (the default).
+    fn backlog(&self) -> Vec<(SourcePartition, u64)> {
+        Vec::new()
+    }
     /// Restricts the source to task `task` of `tasks` of a scaled-out job: from now on it plans
     /// only that task's partitions (partition number `task` of each of its topics), and refuses
     /// when its partitions do not divide into `tasks` tasks that way. Called once, before the
@@ -87,6 +94,9 @@ impl<S: Source> SourceDyn for SourceNode<S> {
     }
     fn legacy_partition(&self, key: &str) -> Result<SourcePartition> {
         self.source.legacy_partition(key).map_err(|e| Error::source(&self.name, e))
+    }
+    fn backlog(&self) -> Vec<(SourcePartition, u64)> {
+        self.source.backlog()
     }
 }
 
