@@ -153,14 +153,16 @@ fn scan_records(buf: &[u8], mut f: impl FnMut(u64, i64)) -> Result<(), String> {
             let end = buf[i.min(n)..].iter().position(|&b| b == b'\n').map_or(n, |e| i.min(n) + e);
             format!("expected key,value, got {:?}", String::from_utf8_lossy(&buf[start..end]))
         };
-        let mut key = 0u64;
-        while i < n && buf[i].is_ascii_digit() {
-            key = key
-                .checked_mul(10)
-                .and_then(|k| k.checked_add(u64::from(buf[i] - b'0')))
-                .ok_or_else(|| bad(i))?;
-            i += 1;
-        }
+        // Digits from `i` on, as a number (None on overflow); moves `i` past them.
+        let number = |i: &mut usize| -> Option<u64> {
+            let mut x = 0u64;
+            while *i < n && buf[*i].is_ascii_digit() {
+                x = x.checked_mul(10)?.checked_add(u64::from(buf[*i] - b'0'))?;
+                *i += 1;
+            }
+            Some(x)
+        };
+        let key = number(&mut i).ok_or_else(|| bad(i))?;
         if i == start || i >= n || buf[i] != b',' {
             return Err(bad(i));
         }
@@ -170,14 +172,7 @@ fn scan_records(buf: &[u8], mut f: impl FnMut(u64, i64)) -> Result<(), String> {
             i += 1;
         }
         let digits = i;
-        let mut magnitude = 0u64;
-        while i < n && buf[i].is_ascii_digit() {
-            magnitude = magnitude
-                .checked_mul(10)
-                .and_then(|m| m.checked_add(u64::from(buf[i] - b'0')))
-                .ok_or_else(|| bad(i))?;
-            i += 1;
-        }
+        let magnitude = number(&mut i).ok_or_else(|| bad(i))?;
         if i == digits || (i < n && buf[i] != b'\n') {
             return Err(bad(i));
         }

@@ -215,7 +215,9 @@ fn a_storage_outage_is_ridden_out_in_place_exactly() {
     let restarts = seen.0.load(Ordering::SeqCst);
     assert!(restarts >= 1, "the job restarted to ride the outage out");
     assert_eq!(summary.restarts, restarts, "the summary counts what the events announced");
-    assert!(summary.replayed_batches >= 1, "the failed batch ran again from its logged plan");
+    // Whether a logged batch is replayed depends on which request the outage hits first: the
+    // next plan's write (nothing logged, nothing to replay) or the background checkpoint write
+    // racing it; either way the output below must be exact.
     assert_eq!(summary.next_batch.0, p.batches);
     let causes = seen.1.lock().unwrap();
     assert!(causes.iter().all(|c| c.contains("503 Slow Down")), "each restart names its cause: {causes:?}");

@@ -167,6 +167,11 @@ impl<T: cairn::Data> KafkaSink<T> {
         let info = &batch.info();
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.as_ref().is_none_or(|c| c.job_id != info.job_id) {
+            // A process that lost its task must not init the task's transactional id: that
+            // would fence the new owner's producer in the middle of its batch.
+            batch.check_fence().map_err(|f| {
+                format!("Kafka sink {:?}: batch {} not written: {f}", self.name, info.batch_id)
+            })?;
             *state = Some(self.connect(&info.job_id)?);
         }
         let c = state.as_mut().expect("connected above");
@@ -245,14 +250,30 @@ impl<T: cairn::Data> KafkaSink<T> {
             Err(e) => {
                 // Same reason as above: a process that lost its task leaves the transaction to
                 // its successor.
-                if batch.check_fence().is_ok() {
+                let still_owner = batch.check_fence().is_ok();
+                if still_owner {
                     let _ = producer.abort_transaction(self.timeout);
                 }
                 *state = None; // start afresh (a fenced producer cannot be reused)
+                if still_owner && is_fenced(&e) {
+                    // The broker fenced this producer although the task is still ours: a stale
+                    // process initialised the transactional id before it noticed it had lost the
+                    // task. Reconnecting (a restart in place) fences it back.
+                    return Err(cairn::Transient::wrap(format!(
+                        "Kafka sink {:?}: batch {}: the producer was fenced by a process that no longer owns the task ({e}); reconnecting",
+                        self.name, info.batch_id
+                    )));
+                }
                 Err(fail(e))
             }
         }
     }
+}
+
+/// Whether the broker refused the producer because another one took its transactional id.
+fn is_fenced(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode::{Fenced, InvalidProducerEpoch, ProducerFenced};
+    matches!(e.rdkafka_error_code(), Some(Fenced | InvalidProducerEpoch | ProducerFenced))
 }
 
 impl KafkaSink<DeadLetter> {
