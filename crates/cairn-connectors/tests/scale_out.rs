@@ -237,12 +237,19 @@ fn scaled_out_job_survives_kills_pauses_and_scaling_exactly() {
 
     let t1 = Instant::now();
     while !done(&world) {
-        assert!(
-            t1.elapsed() < Duration::from_secs(180),
-            "the job did not finish its input within 180 s of the last event; progress {:?}, wanted {last_batch:?}\n{}",
-            world.progress(),
-            tail(&members[0].log)
-        );
+        if t1.elapsed() > Duration::from_secs(180) {
+            let exited: Vec<String> = members
+                .iter_mut()
+                .filter_map(|m| m.child.try_wait().unwrap().map(|s| format!("pid {} {s}", m.pid())))
+                .collect();
+            let kept = std::mem::replace(&mut world.logs, tempfile::tempdir().unwrap()).keep();
+            panic!(
+                "the job did not finish its input within 180 s of the last event; progress {:?}, wanted {last_batch:?}; exited: {exited:?}; member logs kept in {}\n{}",
+                world.progress(),
+                kept.display(),
+                tail(&members[0].log)
+            );
+        }
         std::thread::sleep(Duration::from_millis(500));
     }
     for m in &members {
