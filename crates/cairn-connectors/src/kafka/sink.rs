@@ -221,15 +221,21 @@ impl<T: cairn::Data> KafkaSink<T> {
                 producer.poll(Duration::ZERO);
             }
             producer.flush(self.timeout)?;
+            // The fence is checked before the batch marker joins the transaction, not between the
+            // two: a process paused after its marker was sent and then found fenced leaves a
+            // marker the broker may already show (nisshi applies transactional offset commits
+            // unreliably), which would make the new owner skip a batch whose records never
+            // commit. This narrows that window to the two requests below; on Apache Kafka, where
+            // transactional offsets apply only at commit, there is no such window.
+            if let Err(fenced) = batch.check_fence() {
+                return Ok(Err(fenced));
+            }
             let mut marker_tpl = TopicPartitionList::new();
             marker_tpl.add_partition_offset(&self.topic, 0, Offset::Offset(info.batch_id.0 as i64 + 1))?;
             let cgm = marker.group_metadata().ok_or(rdkafka::error::KafkaError::ClientCreation(
                 "no consumer group metadata for the sink".into(),
             ))?;
             producer.send_offsets_to_transaction(&marker_tpl, &cgm, self.timeout)?;
-            if let Err(fenced) = batch.check_fence() {
-                return Ok(Err(fenced));
-            }
             producer.commit_transaction(self.timeout).map(Ok)
         })();
         match result {
