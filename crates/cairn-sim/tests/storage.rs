@@ -86,8 +86,10 @@ fn full_disk_stops_with_a_clear_error_and_loses_nothing() {
 fn slow_checkpoint_storage_is_backpressure_not_loss() {
     let p = JobParams { batches: 15, rate: 100, keys: 11 };
     let s = setup("state/");
-    s.faulty.set_delay(Duration::from_millis(150));
-    s.faulty.set_spikes(4, Duration::from_millis(300)); // and every 4th write a latency spike
+    // Slow enough that eleven batches (ten deferrals, then a due checkpoint) finish before the
+    // first write does even when every core is busy with other tests (150 ms was not, once).
+    s.faulty.set_delay(Duration::from_millis(500));
+    s.faulty.set_spikes(4, Duration::from_millis(600)); // and every 4th write a latency spike
     let ctx = context_with(&s, &p, |b| b.max_checkpoint_deferral(10));
     let waited = Arc::new(AtomicU64::new(0));
     let w = waited.clone();
@@ -99,7 +101,7 @@ fn slow_checkpoint_storage_is_backpressure_not_loss() {
     ctx.run_available().expect("slow storage is not an error");
     assert!(
         waited.load(Ordering::SeqCst) > 0,
-        "checkpointing every 10 ms batch on 150 ms writes must report waiting"
+        "checkpointing every 10 ms batch on 500 ms writes must report waiting"
     );
     assert!(s.faulty.puts() > 0, "state writes went through the slow store");
     check_exact(&s, &p);
