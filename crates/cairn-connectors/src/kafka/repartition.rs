@@ -21,7 +21,6 @@ use cairn::source::{Positions, Source};
 use cairn::{
     BatchContext, BatchWrite, DStream, OffsetRange, Sink, SourcePartition, StreamingContext, UserError,
 };
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::de::DeserializeOwned;
@@ -277,12 +276,8 @@ impl<K, T> RepartitionSource<K, T> {
         }
         if !markers.contains_key(job) {
             // The writer's sink commits its batch marker for this group, with each batch.
-            let c: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &self.brokers)
-                .set("group.id", format!("cairn-sink-{job}-{}", self.sink_name))
-                .set("enable.auto.commit", "false")
-                .set("broker.address.family", "v4")
-                .create()?;
+            let c =
+                super::source::client(&self.brokers, &format!("cairn-sink-{job}-{}", self.sink_name), &[])?;
             markers.insert(job.to_string(), (c, 0));
         }
         let (c, done) = markers.get_mut(job).expect("inserted above");

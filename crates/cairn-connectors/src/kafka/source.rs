@@ -258,7 +258,11 @@ impl cairn::StreamingListener for GroupCommitter {
 
 /// A consumer that never commits on its own and only talks IPv4 (the brokers listen on
 /// 127.0.0.1 in tests; librdkafka would otherwise also try `::1`).
-fn client(brokers: &str, group: &str, extra: &[(String, String)]) -> Result<BaseConsumer, UserError> {
+pub(super) fn client(
+    brokers: &str,
+    group: &str,
+    extra: &[(String, String)],
+) -> Result<BaseConsumer, UserError> {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", brokers)
         .set("group.id", group)
