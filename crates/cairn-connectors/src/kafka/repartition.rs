@@ -41,7 +41,7 @@ const SEQ: &str = "cairn.seq";
 /// use cairn_connectors::kafka::{KafkaSource, Repartition, RepartitionThrough, StartFrom};
 /// # fn main() -> cairn::Result<()> {
 /// let ctx = cairn::StreamingContext::builder().checkpoint("ckpt").build()?;
-/// let clicks = ctx.source("clicks", KafkaSource::new("127.0.0.1:9092", "clicks", StartFrom::Earliest).unwrap())?;
+/// let clicks = ctx.source("clicks", KafkaSource::new("127.0.0.1:9092", "clicks", StartFrom::Earliest, 10_000).unwrap())?;
 /// // Clicks are keyed by user; count them per page.
 /// let pages = clicks.map(|r| String::from_utf8_lossy(&r.value.unwrap_or_default()).into_owned());
 /// let per_page = pages
