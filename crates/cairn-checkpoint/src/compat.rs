@@ -36,6 +36,16 @@ pub enum Change {
         /// Each change, in words, naming the stored value and then the new one.
         differences: Vec<String>,
     },
+    /// The state version or type changed and the new code declares a migration that reads the
+    /// stored version: the state is converted at restore. Compatible.
+    Migrated {
+        /// The operator's stable name.
+        operator: String,
+        /// The stored state version.
+        from_version: u32,
+        /// The new code's state version.
+        to_version: u32,
+    },
     /// The number of partitions changed: state is redistributed by key. Compatible.
     Parallelism {
         /// The parallelism the checkpoint was written with.
@@ -61,7 +71,8 @@ impl Change {
             Change::Added { operator, .. }
             | Change::Removed { operator, .. }
             | Change::SourceRemoved { operator }
-            | Change::Retyped { operator, .. } => Some(operator),
+            | Change::Retyped { operator, .. }
+            | Change::Migrated { operator, .. } => Some(operator),
             Change::Parallelism { .. } => None,
         }
     }
@@ -78,8 +89,12 @@ impl std::fmt::Display for Change {
             Change::SourceRemoved { operator } => write!(f, "source {operator:?} was removed; its offsets are dropped"),
             Change::Retyped { operator, differences } => write!(
                 f,
-                "operator {operator:?}: {}; the stored state cannot be read as the new type (use a new operator name, or drop that state)",
+                "operator {operator:?}: {}; the stored state cannot be read as the new type: raise the state version and declare a migration from the stored one (OpName::migrate_from), drop that state (drop_state), or use a new operator name",
                 differences.join(", ")
+            ),
+            Change::Migrated { operator, from_version, to_version } => write!(
+                f,
+                "operator {operator:?}: state migrated from version {from_version} to version {to_version} at restore"
             ),
             Change::Parallelism { from, to } => {
                 write!(f, "parallelism changed from {from} to {to}: state is redistributed by key")
@@ -117,7 +132,7 @@ fn differences(old: &OperatorDescription, new: &OperatorDescription) -> Vec<Stri
 /// use cairn_checkpoint::{GraphDescription, OperatorDescription, OperatorKind};
 /// let op = |name: &str, state: &str| OperatorDescription {
 ///     name: name.into(), kind: OperatorKind::MapWithState, key_type: "u64".into(),
-///     state_type: state.into(), state_version: 1 };
+///     state_type: state.into(), state_version: 1, migrations: vec![] };
 /// let old = GraphDescription { operators: vec![op("a", "u64"), op("b", "u64")], parallelism: 2 };
 /// let new = GraphDescription { operators: vec![op("a", "i64"), op("c", "u64")], parallelism: 2 };
 /// let changes = diff(&old, &new);
@@ -137,10 +152,35 @@ pub fn diff(stored: &GraphDescription, new: &GraphDescription) -> Vec<Change> {
             }
             None => removed.push(Change::Removed { operator: old.name.clone(), kind: old.kind.clone() }),
             Some(n) => {
-                let differences = differences(old, n);
-                if !differences.is_empty() {
-                    retyped.push(Change::Retyped { operator: old.name.clone(), differences });
+                let mut differences = differences(old, n);
+                if differences.is_empty() {
+                    continue;
                 }
+                // Only the state changed (same kind and key) and a declared migration reads
+                // what is stored: converted at restore.
+                let same_key = old.kind == n.kind && old.key_identity().matches(&n.key_identity());
+                if same_key && n.migrations.iter().any(|m| m.reads(old)) {
+                    other.push(Change::Migrated {
+                        operator: old.name.clone(),
+                        from_version: old.state_version,
+                        to_version: n.state_version,
+                    });
+                    continue;
+                }
+                if !n.migrations.is_empty() {
+                    let versions: Vec<u32> = n.migrations.iter().map(|m| m.from_version).collect();
+                    differences.push(if same_key {
+                        format!(
+                            "none of its migrations (from versions {versions:?}) reads what is stored: state version {} of type {}",
+                            old.state_version,
+                            old.state_identity()
+                        )
+                    } else {
+                        "a migration converts state values only, but the key type or the operator kind changed too"
+                            .to_string()
+                    });
+                }
+                retyped.push(Change::Retyped { operator: old.name.clone(), differences });
             }
         }
     }
@@ -167,6 +207,7 @@ mod tests {
             key_type,
             state_type,
             state_version: 1,
+            migrations: Vec::new(),
         }
     }
 
@@ -212,5 +253,35 @@ mod tests {
         assert!(matches!(&changes[..], [Change::Retyped { operator, differences }]
             if operator == "totals" && differences.len() == 1 && differences[0].starts_with("state type changed from Tally (shape ")));
         assert!(!changes[0].is_compatible(&[]));
+    }
+
+    /// A version bump with a migration that reads the stored version and shape is a compatible
+    /// `Migrated`; a migration from another version or shape leaves it refused, saying why.
+    #[test]
+    fn a_migration_that_reads_the_stored_state_makes_a_retyping_compatible() {
+        let key = StateSchema::of::<u64>().type_text("u64");
+        let tally = StateSchema::of::<Tally>().type_text("Tally");
+        let stored = graph(op(key.clone(), tally.clone()));
+        let with = |from_version: u32, state_type: &str| {
+            let mut n = op(key.clone(), StateSchema::of::<Tally2>().type_text("Tally2"));
+            n.state_version = 2;
+            n.migrations = vec![crate::MigrationSource { from_version, state_type: state_type.into() }];
+            graph(n)
+        };
+        let changes = diff(&stored, &with(1, &tally));
+        assert!(
+            matches!(&changes[..], [Change::Migrated { operator, from_version: 1, to_version: 2 }] if operator == "totals")
+        );
+        assert!(changes[0].is_compatible(&[]));
+        assert_eq!(
+            changes[0].to_string(),
+            "operator \"totals\": state migrated from version 1 to version 2 at restore"
+        );
+        for refused in [with(3, &tally), with(1, &StateSchema::of::<u64>().type_text("u64"))] {
+            let changes = diff(&stored, &refused);
+            assert!(!changes[0].is_compatible(&[]));
+            let text = changes[0].to_string();
+            assert!(text.contains("reads what is stored: state version 1 of type Tally (shape "), "{text}");
+        }
     }
 }

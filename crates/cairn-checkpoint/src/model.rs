@@ -138,6 +138,29 @@ pub struct OperatorDescription {
     pub state_type: String,
     /// User-controlled schema version of the state value (`OpName::with_version`).
     pub state_version: u32,
+    /// Older state versions the code can convert from (`OpName::migrate_from`). Describes the
+    /// code, not the stored state: a job's printed graph carries it so that `cairn checkpoint
+    /// diff` can tell a migrated operator from a refused one. Absent when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub migrations: Vec<MigrationSource>,
+}
+
+/// What a declared state migration reads: an older state version and that version's state type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationSource {
+    /// The state version it converts from.
+    pub from_version: u32,
+    /// The identity of the state type at that version (as [`OperatorDescription::state_type`]).
+    pub state_type: String,
+}
+
+impl MigrationSource {
+    /// Whether this migration reads the state `stored` describes: the same version, and a state
+    /// type of the same shape.
+    pub fn reads(&self, stored: &OperatorDescription) -> bool {
+        stored.state_version == self.from_version
+            && stored.state_identity().matches(&crate::schema::TypeIdentity::parse(&self.state_type))
+    }
 }
 
 impl OperatorDescription {
@@ -146,7 +169,7 @@ impl OperatorDescription {
     /// ```
     /// use cairn_checkpoint::{schema::TypeIdentity, OperatorDescription};
     /// let d = OperatorDescription { name: "in".into(), kind: cairn_checkpoint::OperatorKind::Source, key_type: String::new(),
-    ///     state_type: "offsets".into(), state_version: 1 };
+    ///     state_type: "offsets".into(), state_version: 1, migrations: vec![] };
     /// assert_eq!(d.key_identity(), TypeIdentity::Legacy(""));
     /// assert_eq!(d.state_identity(), TypeIdentity::Legacy("offsets"));
     /// ```
@@ -167,7 +190,7 @@ impl OperatorDescription {
     /// let schema = StateSchema::of::<(u64, i64)>();
     /// let d = OperatorDescription { name: "totals".into(), kind: cairn_checkpoint::OperatorKind::MapWithState,
     ///     key_type: StateSchema::of::<u64>().type_text("u64"),
-    ///     state_type: schema.type_text("(u64, i64)"), state_version: 2 };
+    ///     state_type: schema.type_text("(u64, i64)"), state_version: 2, migrations: vec![] };
     /// assert_eq!(d.state_schema(), Some(schema.with_version(2)));
     /// ```
     pub fn state_schema(&self) -> Option<crate::schema::StateSchema> {

@@ -25,6 +25,7 @@ fn arb_graph() -> impl Strategy<Value = GraphDescription> {
                     key_type,
                     state_type,
                     state_version,
+                    migrations: Vec::new(),
                 })
                 .collect(),
             parallelism,

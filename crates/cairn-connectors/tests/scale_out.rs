@@ -297,10 +297,8 @@ fn scaled_out_job_survives_kills_pauses_and_scaling_exactly() {
     }
     let wanted: BTreeMap<&String, i32> = lines.iter().map(|(l, p)| (l, *p)).collect();
     let missing: Vec<&&String> = wanted.keys().filter(|l| !copies.contains_key(**l)).collect();
-    let wrong: Vec<(&String, &Vec<LineCopy>)> = copies
-        .iter()
-        .filter(|(l, c)| c.len() != 1 || wanted.get(l).is_none_or(|p| c[0].0 != *p))
-        .collect();
+    let wrong: Vec<(&String, &Vec<LineCopy>)> =
+        copies.iter().filter(|(l, c)| c.len() != 1 || wanted.get(l).is_none_or(|p| c[0].0 != *p)).collect();
     if !missing.is_empty() || !wrong.is_empty() {
         let kept = std::mem::replace(&mut world.logs, tempfile::tempdir().unwrap()).keep();
         // The whole raw log beside the member logs: which producer epoch wrote each copy and

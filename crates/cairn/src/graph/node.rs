@@ -142,6 +142,10 @@ pub(crate) trait StatefulOp: Send + Sync {
     fn restore(&self, tables: &[&TableData]) -> Result<()>;
     /// Number of live keys (for progress reports).
     fn key_count(&self) -> usize;
+    /// Conversions from older state versions this operator accepts at restore.
+    fn migrations(&self) -> &[crate::ops::migration::Migration] {
+        &[]
+    }
     /// Forgets everything, back to the state of a job that starts without a checkpoint: a
     /// restart in the same process then restores into it exactly as a new process would.
     fn reset(&self);

@@ -248,7 +248,7 @@ impl<K: Key + StateData, S: StateData> KeyedState<K, S> {
 /// The identity text of a key or state type (see `cairn_checkpoint::schema`). Tracing a type
 /// takes several passes over its `Deserialize` impl, and descriptions are built at every
 /// checkpoint, so each type is traced once per process.
-fn type_identity<T: StateData>() -> String {
+pub(crate) fn type_identity<T: StateData>() -> String {
     static CACHE: Mutex<Option<FxHashMap<std::any::TypeId, String>>> = Mutex::new(None);
     let id = std::any::TypeId::of::<T>();
     if let Some(t) = CACHE.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_default().get(&id) {
@@ -278,6 +278,7 @@ pub(crate) fn describe<K: StateData, S: StateData>(
         key_type: type_identity::<K>(),
         state_type: type_identity::<S>(),
         state_version: version,
+        migrations: Vec::new(),
     }
 }
 

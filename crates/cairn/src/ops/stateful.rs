@@ -4,6 +4,7 @@ use crate::api::dstream::DStream;
 use crate::error::Result;
 use crate::graph::state::{describe, table, KeyedState, Slot, StateData, StatePart};
 use crate::graph::{partition_of, shuffle, Data, Key, Partitions, StatefulOp};
+use crate::ops::migration::{self, Migration};
 use crate::runtime::failpoint;
 use cairn_checkpoint::OperatorKind;
 use cairn_checkpoint::{OperatorDescription, TableData};
@@ -13,9 +14,12 @@ use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A stateful operator's stable name (its id in checkpoints) and the version of its state's
-/// schema. Bump the version when the state type's encoding changes: a restart then refuses to
-/// load the old state instead of misreading it.
+/// A stateful operator's stable name (its id in checkpoints), the version of its state's
+/// schema, and how to convert state stored by older versions.
+///
+/// Bump the version when the meaning or the type of the state changes: a restart then refuses
+/// to load the old state instead of misreading it, unless a migration from the stored version
+/// is declared ([`migrate_from`](Self::migrate_from)).
 ///
 /// ```
 /// use cairn::OpName;
@@ -23,20 +27,46 @@ use std::time::Duration;
 /// assert_eq!(a.version(), 1);
 /// assert_eq!(OpName::new("totals").with_version(2).version(), 2);
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct OpName {
     name: String,
     version: u32,
+    migrations: Vec<Migration>,
 }
 
 impl OpName {
     /// A name with state version 1.
     pub fn new(name: impl Into<String>) -> Self {
-        Self { name: name.into(), version: 1 }
+        Self { name: name.into(), version: 1, migrations: Vec::new() }
     }
     /// Sets the state schema version.
     pub fn with_version(mut self, version: u32) -> Self {
         self.version = version;
+        self
+    }
+    /// Declares how state stored at an older `version`, of type `O`, becomes the operator's
+    /// current state type `S`: `f` maps each stored value (returning `None` drops the key).
+    /// Applies to `update_state_by_key`, `update_state_by_key_every_batch` and
+    /// `map_with_state`. At restore, a checkpoint holding the operator's state at `version`
+    /// with `O`'s shape is converted value by value, and the next checkpoint is a full snapshot
+    /// at the new version. Declare one migration per older version still in use; a
+    /// migration whose `S` is not the operator's state type, or whose `version` is not older
+    /// than the operator's, stops the job at start with an error naming it.
+    ///
+    /// ```
+    /// use cairn::OpName;
+    /// #[derive(serde::Serialize, serde::Deserialize, Clone)]
+    /// struct Stats { count: u64, sum: i64 }
+    /// // Version 1 kept a count alone; version 2 keeps the sum too (unknown for old keys: 0).
+    /// let name = OpName::new("stats").with_version(2).migrate_from(1, |count: u64| Some(Stats { count, sum: 0 }));
+    /// assert_eq!(name.version(), 2);
+    /// ```
+    pub fn migrate_from<O: StateData, S: StateData>(
+        mut self,
+        version: u32,
+        f: impl Fn(O) -> Option<S> + Send + Sync + 'static,
+    ) -> Self {
+        self.migrations.push(Migration::new(version, f));
         self
     }
     /// The name.
@@ -46,6 +76,23 @@ impl OpName {
     /// The state schema version.
     pub fn version(&self) -> u32 {
         self.version
+    }
+    /// The declared migrations, checked against the operator's state type `S`; mistakes are
+    /// recorded on the graph, reported when the job starts.
+    pub(crate) fn migrations_for<S: 'static>(&self, graph: &crate::graph::Graph) -> Vec<Migration> {
+        for e in migration::check::<S>(&self.name, self.version, &self.migrations) {
+            graph.defer_error(e);
+        }
+        self.migrations.clone()
+    }
+    /// For operators whose state cannot be migrated (yet): declaring a migration is a mistake.
+    pub(crate) fn refuse_migrations(&self, graph: &crate::graph::Graph, kind: OperatorKind) {
+        if !self.migrations.is_empty() {
+            graph.defer_error(format!(
+                "operator {:?}: {kind} state cannot be migrated; migrations apply to update_state_by_key and map_with_state",
+                self.name
+            ));
+        }
     }
 }
 
@@ -64,12 +111,16 @@ impl From<String> for OpName {
 struct KeyedOp<K, S> {
     kind: OperatorKind,
     version: u32,
+    migrations: Vec<Migration>,
     state: KeyedState<K, S>,
 }
 
 impl<K: Key + StateData, S: StateData> StatefulOp for KeyedOp<K, S> {
     fn describe(&self) -> OperatorDescription {
-        describe::<K, S>(&self.state.name, self.kind.clone(), self.version)
+        OperatorDescription {
+            migrations: self.migrations.iter().map(Migration::source).collect(),
+            ..describe::<K, S>(&self.state.name, self.kind.clone(), self.version)
+        }
     }
     fn snapshot(&self, full: bool) -> Result<Vec<TableData>> {
         Ok(vec![self.state.snapshot(&self.state.name, full)?])
@@ -82,6 +133,9 @@ impl<K: Key + StateData, S: StateData> StatefulOp for KeyedOp<K, S> {
     }
     fn key_count(&self) -> usize {
         self.state.len()
+    }
+    fn migrations(&self) -> &[Migration] {
+        &self.migrations
     }
     fn reset(&self) {
         self.state.clear();
@@ -284,6 +338,7 @@ impl<K: Key + StateData, V: Data> DStream<(K, V)> {
         let op = Arc::new(KeyedOp {
             kind: OperatorKind::UpdateStateByKey,
             version: name.version(),
+            migrations: name.migrations_for::<S>(&self.graph),
             state: KeyedState::<K, S>::new(name.name(), self.graph.parallelism),
         });
         self.graph.add_stateful(op.clone());
@@ -385,6 +440,7 @@ impl<K: Key + StateData, V: Data> DStream<(K, V)> {
             inner: KeyedOp {
                 kind: OperatorKind::MapWithState,
                 version: name.version(),
+                migrations: name.migrations_for::<S>(&self.graph),
                 state: KeyedState::<K, S>::new(name.name(), self.graph.parallelism),
             },
             timeout_ms: spec.timeout.map(|d| d.as_millis() as i64),
@@ -539,6 +595,9 @@ impl<K: Key + StateData, S: StateData> StatefulOp for MapWithStateOp<K, S> {
     }
     fn key_count(&self) -> usize {
         self.inner.key_count()
+    }
+    fn migrations(&self) -> &[Migration] {
+        &self.inner.migrations
     }
     fn reset(&self) {
         self.inner.reset();

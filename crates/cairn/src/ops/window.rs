@@ -196,6 +196,7 @@ impl<T: StateData + Data> DStream<T> {
     pub fn window(&self, name: impl Into<OpName>, window: Duration, slide: Duration) -> DStream<T> {
         let name = name.into();
         self.graph.claim_stateful(name.name(), self.aligned);
+        name.refuse_migrations(&self.graph, OperatorKind::Window);
         let (w, s) = window_params(self, name.name(), window, slide);
         let n = self.graph.parallelism;
         let op = Arc::new(WindowOp { slices: Slices::new(name.name()), n, version: name.version() });
@@ -461,6 +462,7 @@ impl<K: Key + StateData, V: StateData + Data> DStream<(K, V)> {
         I: Fn(V, V) -> V + Send + Sync + 'static,
     {
         self.graph.claim_stateful(name.name(), self.aligned);
+        name.refuse_migrations(&self.graph, OperatorKind::ReduceByKeyAndWindow);
         let (w, s) = window_params(self, name.name(), window, slide);
         let n = self.graph.parallelism;
         let (reduced, reduce) = self.reduce_by_key_inner(reduce);

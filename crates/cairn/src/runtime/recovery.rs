@@ -7,6 +7,7 @@ use super::job::Job;
 use crate::error::{Error, Result};
 use crate::graph::state::decode;
 use crate::graph::{Positions, SourceDyn, StatefulOp};
+use crate::ops::migration::Migration;
 use cairn_checkpoint::lease::Lease;
 use cairn_checkpoint::paths::{legacy_source_table, source_table as source_table_id, table_of_operator};
 use cairn_checkpoint::{
@@ -62,24 +63,43 @@ pub(crate) fn describe_graph(job: &Job) -> GraphDescription {
             key_type: String::new(),
             state_type: "offsets".into(),
             state_version: 1,
+            migrations: Vec::new(),
         });
     }
     GraphDescription { operators, parallelism: job.graph.parallelism as u32 }
 }
 
+/// What the graph check decided about stored state.
+struct Compatibility {
+    /// Operators whose stored state is dropped (removed or retyped, and named in `drop_state`);
+    /// their tables are not restored.
+    dropped: Vec<String>,
+    /// Operators whose stored state is converted by a declared migration before it is loaded.
+    migrated: BTreeMap<String, Migration>,
+}
+
 /// Compares the stored graph with the code's. Removing or retyping a stateful operator would
-/// silently drop or misread its state, so it is refused (unless the user drops that state).
-/// Returns the operators whose stored state is dropped (removed or retyped, and named in
-/// `drop_state`); their tables are not restored.
+/// silently drop or misread its state, so it is refused, unless a declared migration reads the
+/// stored version or the user drops that state.
 fn check_compatible(
     stored: &GraphDescription,
     current: &GraphDescription,
     drop: &[String],
-) -> Result<Vec<String>> {
-    let mut dropped = Vec::new();
+    migrations: &BTreeMap<String, Vec<Migration>>,
+) -> Result<Compatibility> {
+    let mut out = Compatibility { dropped: Vec::new(), migrated: BTreeMap::new() };
     for change in cairn_checkpoint::compat::diff(stored, current) {
+        if let cairn_checkpoint::compat::Change::Migrated { operator, from_version, .. } = &change {
+            let m =
+                migrations.get(operator).and_then(|ms| ms.iter().find(|m| m.from_version == *from_version));
+            if let Some(m) = m {
+                tracing::info!("{change}");
+                out.migrated.insert(operator.clone(), m.clone());
+                continue;
+            }
+        }
         if !change.is_compatible(&[]) && change.is_compatible(drop) {
-            dropped.extend(change.operator().map(str::to_string));
+            out.dropped.extend(change.operator().map(str::to_string));
         }
         if !change.is_compatible(drop) {
             return Err(Error::Incompatible {
@@ -94,7 +114,7 @@ fn check_compatible(
             _ => tracing::info!("{change}"),
         }
     }
-    Ok(dropped)
+    Ok(out)
 }
 
 /// A job that runs as a task sees only its task's partitions: what would silently be wrong
@@ -317,7 +337,14 @@ fn restore(
         store.write_plan(p)?;
     }
     let stored_graph = recovered.state.as_ref().map(|s| &s.graph).unwrap_or(&metadata.graph);
-    let dropped = check_compatible(stored_graph, &graph_desc, &cfg.drop_state)?;
+    let ops: Vec<Arc<dyn StatefulOp>> = job.graph.lock().stateful.clone();
+    let migrations: BTreeMap<String, Vec<Migration>> = ops
+        .iter()
+        .map(|op| (op.describe().name, op.migrations().to_vec()))
+        .filter(|(_, m)| !m.is_empty())
+        .collect();
+    let Compatibility { dropped, migrated } =
+        check_compatible(stored_graph, &graph_desc, &cfg.drop_state, &migrations)?;
 
     let mut last_checkpoint = None;
     let mut force_full = false;
@@ -334,7 +361,6 @@ fn restore(
     if let Some(state) = &recovered.state {
         let mut taken = std::collections::HashSet::new();
         let t0 = Instant::now();
-        let ops: Vec<Arc<dyn StatefulOp>> = job.graph.lock().stateful.clone();
         for op in &ops {
             let name = op.describe().name;
             if dropped.contains(&name) {
@@ -343,7 +369,16 @@ fn restore(
             let tables: Vec<&TableData> =
                 state.tables.iter().filter(|t| table_of_operator(&t.id, &name)).collect();
             taken.extend(tables.iter().map(|t| t.id.clone()));
-            op.restore(&tables)?;
+            match migrated.get(&name) {
+                Some(m) => {
+                    let converted: Vec<TableData> =
+                        tables.iter().map(|t| m.apply(&name, t)).collect::<Result<_>>()?;
+                    op.restore(&converted.iter().collect::<Vec<_>>())?;
+                    // The chain below holds the old encoding: new deltas must not build on it.
+                    force_full = true;
+                }
+                None => op.restore(&tables)?,
+            }
         }
         for s in &sources {
             let (source, pos) = (s.name(), positions.entry(s.name().to_string()).or_default());

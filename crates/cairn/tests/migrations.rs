@@ -1,0 +1,263 @@
+//! State migrations across a code upgrade: a job runs and checkpoints with version 1 of an
+//! operator's state, the same location restarts with version 2 code and a declared migration,
+//! and the output from then on equals a run of the version 2 code from scratch over the same
+//! input. Changes without a migration that reads the stored state are refused by name.
+
+use cairn::{Error, OpName, StateSpec, StreamingContext, Trigger};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const SEC: Duration = Duration::from_secs(1);
+const BATCHES: usize = 10;
+
+/// Batch id -> that batch's output, sorted.
+type Rec<T> = Arc<Mutex<BTreeMap<u64, Vec<T>>>>;
+
+fn record<T: Ord + Clone + Send + Sync + 'static>(s: &cairn::DStream<T>) -> Rec<T> {
+    let rec: Rec<T> = Arc::default();
+    let r = rec.clone();
+    s.foreach_batch(move |info, mut data| {
+        data.sort();
+        r.lock().unwrap().insert(info.batch_id.0, data);
+        Ok(())
+    });
+    rec
+}
+
+/// Deterministic input: batch `b` holds 12 records over keys 0..5.
+fn input() -> Vec<Vec<(u8, i64)>> {
+    (0..BATCHES as i64)
+        .map(|b| (0..12).map(|i| (((b * 7 + i * 3) % 5) as u8, b * 10 + i)).collect())
+        .collect()
+}
+
+/// Version 2 of the state: the count and sum of version 1, and the largest value seen.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+struct Stats {
+    count: u64,
+    sum: i64,
+    /// Version 1 did not keep it: migrated keys start from `None` and pick it up from new data.
+    max: Option<i64>,
+}
+
+/// Which code a run uses.
+#[derive(Clone, Copy, PartialEq)]
+enum Code {
+    /// `(count, sum)` tuples, state version 1.
+    V1,
+    /// `Stats`, state version 2, with a migration from version 1.
+    V2,
+    /// `Stats`, state version 2, no migration.
+    V2Unmigrated,
+    /// `Stats`, state version 2, a migration from version 1 that expects another old type.
+    V2WrongMigration,
+}
+
+/// The job: per key, `update_state_by_key("stats")` over the first `batches` batches, stopping
+/// after `stop` batches of this run's location, checkpointing every other batch (so a restart
+/// replays the batch after the last checkpoint).
+fn run(dir: &str, code: Code, stop: u64) -> cairn::Result<Rec<(u8, Stats)>> {
+    let ctx = StreamingContext::builder()
+        .checkpoint(dir)
+        .batch_interval(SEC)
+        .checkpoint_interval(SEC * 2)
+        .max_checkpoint_deferral(0)
+        .parallelism(2)
+        .stop_after_batches(stop)
+        .trigger(Trigger::AvailableNow)
+        .build()?;
+    let (q, s) = ctx.queue_stream::<(u8, i64)>("in")?;
+    for b in input() {
+        q.push(b);
+    }
+    let out = match code {
+        Code::V1 => {
+            let v1 = s.update_state_by_key("stats", |_, vs: Vec<i64>, old: Option<(u64, i64)>| {
+                let (c, t) = old.unwrap_or((0, 0));
+                Some((c + vs.len() as u64, t + vs.iter().sum::<i64>()))
+            });
+            record(&v1.map(|(k, (count, sum))| (k, Stats { count, sum, max: None })))
+        }
+        _ => {
+            let name = OpName::new("stats").with_version(2);
+            let name = match code {
+                Code::V2 => {
+                    name.migrate_from(1, |(count, sum): (u64, i64)| Some(Stats { count, sum, max: None }))
+                }
+                Code::V2WrongMigration => {
+                    name.migrate_from(1, |count: u64| Some(Stats { count, sum: 0, max: None }))
+                }
+                _ => name,
+            };
+            record(&s.update_state_by_key(name, |_, vs: Vec<i64>, old: Option<Stats>| {
+                let old = old.unwrap_or(Stats { count: 0, sum: 0, max: None });
+                Some(Stats {
+                    count: old.count + vs.len() as u64,
+                    sum: old.sum + vs.iter().sum::<i64>(),
+                    max: vs.iter().copied().chain(old.max).max(),
+                })
+            }))
+        }
+    };
+    let summary = ctx.run_available()?;
+    assert_eq!(summary.next_batch.0, stop);
+    Ok(out)
+}
+
+/// `max` is what version 1 could not know: compared separately.
+fn counts(r: &Rec<(u8, Stats)>) -> BTreeMap<u64, Vec<(u8, u64, i64)>> {
+    r.lock()
+        .unwrap()
+        .iter()
+        .map(|(b, v)| (*b, v.iter().map(|(k, s)| (*k, s.count, s.sum)).collect()))
+        .collect()
+}
+
+#[test]
+fn a_v1_location_restarts_with_v2_code_and_a_migration_and_matches_a_v2_run_from_scratch() {
+    let scratch = tempfile::tempdir().unwrap();
+    let v2_alone = run(scratch.path().to_str().unwrap(), Code::V2, BATCHES as u64).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let loc = dir.path().to_str().unwrap();
+    run(loc, Code::V1, 5).unwrap();
+    let migrated = run(loc, Code::V2, 8).unwrap();
+    // The first checkpoint after the migration is a full snapshot at version 2, so the next
+    // restart needs no migration: version 2 code without one continues.
+    let fulls: Vec<u64> = std::fs::read_dir(dir.path().join("state"))
+        .unwrap()
+        .filter_map(|e| {
+            e.unwrap().file_name().to_string_lossy().strip_suffix(".full").map(|b| b.parse().unwrap())
+        })
+        .collect();
+    assert!(fulls.iter().any(|b| *b >= 5), "no full snapshot after the migration: {fulls:?}");
+    let continued = run(loc, Code::V2Unmigrated, BATCHES as u64).unwrap();
+
+    // The version 1 run stopped cleanly after batch 4 (its final checkpoint holds it); from
+    // batch 5 on, counts and sums equal the version 2 run's.
+    let mut got = counts(&migrated);
+    got.extend(counts(&continued));
+    assert_eq!(got.keys().copied().collect::<Vec<_>>(), (5..BATCHES as u64).collect::<Vec<_>>());
+    let want: BTreeMap<u64, _> = counts(&v2_alone).into_iter().filter(|(b, _)| *b >= 5).collect();
+    assert_eq!(got, want);
+    // The new field starts empty for migrated keys and is filled by the data that follows.
+    for rec in [&migrated, &continued] {
+        for (b, rows) in rec.lock().unwrap().iter() {
+            for (k, s) in rows {
+                assert!(s.max.is_some(), "batch {b} key {k}: a key updated by new data has its max");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_version_change_without_a_migration_that_reads_the_stored_state_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let loc = dir.path().to_str().unwrap();
+    run(loc, Code::V1, 3).unwrap();
+    match run(loc, Code::V2Unmigrated, 6) {
+        Err(Error::Incompatible { operator, difference }) => {
+            assert_eq!(operator, "stats");
+            assert!(difference.contains("state version changed from 1 to 2"), "{difference}");
+            assert!(difference.contains("migrate_from"), "says how to migrate: {difference}");
+            assert!(difference.contains("drop_state"), "says how to drop: {difference}");
+        }
+        other => panic!("expected Error::Incompatible, got {:?}", other.map(|_| ())),
+    }
+    match run(loc, Code::V2WrongMigration, 6) {
+        Err(Error::Incompatible { operator, difference }) => {
+            assert_eq!(operator, "stats");
+            assert!(difference.contains("from versions [1]"), "{difference}");
+            assert!(
+                difference.contains("state version 1 of type (u64, i64)"),
+                "names what is stored: {difference}"
+            );
+        }
+        other => panic!("expected Error::Incompatible, got {:?}", other.map(|_| ())),
+    }
+    // Nothing was written by the refused starts: the right code still migrates and runs.
+    run(loc, Code::V2, 6).unwrap();
+}
+
+#[test]
+fn a_migration_can_drop_keys_and_migrates_map_with_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let loc = dir.path().to_str().unwrap();
+    let start = |version: u32, stop: u64| -> cairn::Result<Rec<(u8, i64)>> {
+        let ctx = StreamingContext::builder()
+            .checkpoint(loc)
+            .batch_interval(SEC)
+            .checkpoint_interval(SEC)
+            .parallelism(2)
+            .stop_after_batches(stop)
+            .trigger(Trigger::AvailableNow)
+            .build()?;
+        let (q, s) = ctx.queue_stream::<(u8, i64)>("in")?;
+        for b in input() {
+            q.push(b);
+        }
+        let out = if version == 1 {
+            // Version 1 keeps the sum as a string (a mistake version 2 fixes).
+            let spec = StateSpec::function(|k: &u8, v: Option<i64>, st: &mut cairn::State<'_, String>| {
+                let t = st.get().map_or(0, |s| s.parse::<i64>().unwrap()) + v.unwrap_or(0);
+                st.update(t.to_string());
+                (*k, t)
+            });
+            s.map_with_state("sums", spec)
+        } else {
+            let name = OpName::new("sums")
+                .with_version(2)
+                .migrate_from(1, |old: String| (old.parse::<i64>().ok()).filter(|t| t % 2 == 0));
+            let spec = StateSpec::function(|k: &u8, v: Option<i64>, st: &mut cairn::State<'_, i64>| {
+                let t = st.get().copied().unwrap_or(0) + v.unwrap_or(0);
+                st.update(t);
+                (*k, t)
+            });
+            s.map_with_state(name, spec)
+        };
+        let rec = record(&out.reduce_by_key(|a, b| a.max(b)));
+        ctx.run_available()?;
+        Ok(rec)
+    };
+    let v1 = start(1, 3).unwrap();
+    let before: BTreeMap<u8, i64> = v1.lock().unwrap()[&2].iter().copied().collect();
+    let v2 = start(2, 4).unwrap();
+    let after: BTreeMap<u8, i64> = v2.lock().unwrap()[&3].iter().copied().collect();
+    let batch3: Vec<(u8, i64)> = input()[3].clone();
+    for (k, total) in after {
+        let added: i64 = batch3.iter().filter(|(x, _)| *x == k).map(|(_, v)| v).sum();
+        // Odd totals were dropped by the migration and start again from this batch's values.
+        let kept = before.get(&k).copied().filter(|t| t % 2 == 0).unwrap_or(0);
+        assert_eq!(total, kept + added, "key {k}: before {:?}", before.get(&k));
+    }
+}
+
+#[test]
+fn migration_mistakes_are_refused_at_start_naming_the_operator() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = StreamingContext::builder().checkpoint(dir.path().to_str().unwrap()).build().unwrap();
+    let (_q, s) = ctx.queue_stream::<(u8, i64)>("in").unwrap();
+    // Produces a u32 where the state is an i64; migrates from the current version; migrates a
+    // window.
+    s.update_state_by_key(
+        OpName::new("a").with_version(2).migrate_from(1, |x: u64| Some(x as u32)),
+        |_, v: Vec<i64>, o: Option<i64>| Some(o.unwrap_or(0) + v.len() as i64),
+    )
+    .print(1);
+    s.update_state_by_key(
+        OpName::new("b").with_version(2).migrate_from(2, |x: i64| Some(x)),
+        |_, v: Vec<i64>, o: Option<i64>| Some(o.unwrap_or(0) + v.len() as i64),
+    )
+    .print(1);
+    s.window(OpName::new("c").with_version(2).migrate_from(1, |x: i64| Some(x)), SEC * 2, SEC).print(1);
+    let err = ctx.run_available().unwrap_err().to_string();
+    for want in [
+        "operator \"a\": the migration from version 1 produces u32 but the operator's state is i64",
+        "operator \"b\" is at state version 2: a migration from version 2 must come from an older one",
+        "operator \"c\": window state cannot be migrated",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in: {err}");
+    }
+}
