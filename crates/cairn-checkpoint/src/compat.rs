@@ -132,7 +132,7 @@ fn differences(old: &OperatorDescription, new: &OperatorDescription) -> Vec<Stri
 /// use cairn_checkpoint::{GraphDescription, OperatorDescription, OperatorKind};
 /// let op = |name: &str, state: &str| OperatorDescription {
 ///     name: name.into(), kind: OperatorKind::MapWithState, key_type: "u64".into(),
-///     state_type: state.into(), state_version: 1, migrations: vec![] };
+///     state_type: state.into(), state_version: 1, key_shape: None, state_shape: None, migrations: vec![] };
 /// let old = GraphDescription { operators: vec![op("a", "u64"), op("b", "u64")], parallelism: 2 };
 /// let new = GraphDescription { operators: vec![op("a", "i64"), op("c", "u64")], parallelism: 2 };
 /// let changes = diff(&old, &new);
@@ -207,6 +207,8 @@ mod tests {
             key_type,
             state_type,
             state_version: 1,
+            key_shape: None,
+            state_shape: None,
             migrations: Vec::new(),
         }
     }

@@ -18,9 +18,11 @@ pub mod model;
 pub mod paths;
 pub mod protocol;
 pub mod retry;
+pub mod savepoint;
 pub mod schema;
 pub mod store;
 pub mod table;
+pub mod typed;
 
 pub use error::{Error, Result};
 pub use model::*;

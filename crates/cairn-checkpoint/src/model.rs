@@ -138,6 +138,13 @@ pub struct OperatorDescription {
     pub state_type: String,
     /// User-controlled schema version of the state value (`OpName::with_version`).
     pub state_version: u32,
+    /// The key type's structure, for tools that read and write state as data
+    /// ([`crate::typed`]); absent in checkpoints written before it was stored and for sources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_shape: Option<crate::schema::TypeShape>,
+    /// The state type's structure, likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_shape: Option<crate::schema::TypeShape>,
     /// Older state versions the code can convert from (`OpName::migrate_from`). Describes the
     /// code, not the stored state: a job's printed graph carries it so that `cairn checkpoint
     /// diff` can tell a migrated operator from a refused one. Absent when empty.
@@ -169,7 +176,7 @@ impl OperatorDescription {
     /// ```
     /// use cairn_checkpoint::{schema::TypeIdentity, OperatorDescription};
     /// let d = OperatorDescription { name: "in".into(), kind: cairn_checkpoint::OperatorKind::Source, key_type: String::new(),
-    ///     state_type: "offsets".into(), state_version: 1, migrations: vec![] };
+    ///     state_type: "offsets".into(), state_version: 1, key_shape: None, state_shape: None, migrations: vec![] };
     /// assert_eq!(d.key_identity(), TypeIdentity::Legacy(""));
     /// assert_eq!(d.state_identity(), TypeIdentity::Legacy("offsets"));
     /// ```
@@ -190,7 +197,7 @@ impl OperatorDescription {
     /// let schema = StateSchema::of::<(u64, i64)>();
     /// let d = OperatorDescription { name: "totals".into(), kind: cairn_checkpoint::OperatorKind::MapWithState,
     ///     key_type: StateSchema::of::<u64>().type_text("u64"),
-    ///     state_type: schema.type_text("(u64, i64)"), state_version: 2, migrations: vec![] };
+    ///     state_type: schema.type_text("(u64, i64)"), state_version: 2, key_shape: None, state_shape: None, migrations: vec![] };
     /// assert_eq!(d.state_schema(), Some(schema.with_version(2)));
     /// ```
     pub fn state_schema(&self) -> Option<crate::schema::StateSchema> {

@@ -104,6 +104,161 @@ impl std::fmt::Display for StateSchema {
     }
 }
 
+/// A type's structure as graph descriptions store it (`key_shape`, `state_shape`): what
+/// [`crate::typed`] needs to decode and encode the type's stored values without the Rust type,
+/// so that `cairn checkpoint export` and `import` read and write state as data. Unlike the
+/// fingerprint, it keeps container names (for people, and to resolve recursion).
+///
+/// ```
+/// use cairn_checkpoint::schema::TypeShape;
+/// #[derive(serde::Deserialize)]
+/// #[allow(dead_code)]
+/// struct Session { clicks: u64, last_page: Option<String> }
+/// let shape = TypeShape::of::<Session>();
+/// assert_eq!(serde_json::to_string(&shape).unwrap(),
+///     r#"{"struct":{"name":"Session","fields":[["clicks",{"prim":"u64"}],["last_page",{"option":{"prim":"str"}}]]}}"#);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TypeShape {
+    /// Not reached by tracing (a variant or element the tracer could not enter).
+    Unknown,
+    /// `bool`, `i8`..`i128`, `u8`..`u128`, `f32`, `f64`, `char`, `str`, `bytes`, `unit`.
+    Prim(String),
+    /// `Option<T>`.
+    Option(Box<TypeShape>),
+    /// A sequence (`Vec<T>`, sets, ...).
+    Seq(Box<TypeShape>),
+    /// A map: key and value.
+    Map(Box<TypeShape>, Box<TypeShape>),
+    /// A tuple.
+    Tuple(Vec<TypeShape>),
+    /// A newtype struct (encoded as its content).
+    Newtype {
+        /// The struct's name.
+        name: String,
+        /// Its content.
+        inner: Box<TypeShape>,
+    },
+    /// A tuple struct.
+    TupleStruct {
+        /// The struct's name.
+        name: String,
+        /// Its fields in order.
+        fields: Vec<TypeShape>,
+    },
+    /// A struct (or a struct variant, named like its enum).
+    Struct {
+        /// The struct's name.
+        name: String,
+        /// Field names and shapes, in order.
+        fields: Vec<(String, TypeShape)>,
+    },
+    /// An enum: variants in declaration order (a variant's index is its position). A unit
+    /// variant is `unit`, a newtype variant its content, a tuple variant a tuple, a struct
+    /// variant a struct.
+    Enum {
+        /// The enum's name.
+        name: String,
+        /// Variant names and contents.
+        variants: Vec<(String, TypeShape)>,
+    },
+    /// The nearest enclosing container of this name again (a recursive type).
+    Recursive(String),
+    /// Something the tracer cannot follow (a type that needs a self-describing format).
+    Opaque(String),
+}
+
+impl TypeShape {
+    /// The shape of `T`, traced from its `Deserialize` impl.
+    pub fn of<T: DeserializeOwned>() -> Self {
+        Self::convert(&trace::<T>(), &mut Vec::new())
+    }
+
+    /// Converts a traced shape. Tracing stops a recursive type at its second nesting, where
+    /// parts are left unknown; the outermost copy is complete (every pass is merged into it),
+    /// so an inner copy that agrees with an enclosing container of the same name becomes a
+    /// reference to it. A generic wrapper nested in itself (`W<W<u64>>`) disagrees with its
+    /// outer copy and stays as it is.
+    fn convert<'s>(s: &'s Shape, enclosing: &mut Vec<&'s Shape>) -> Self {
+        if let Some(name) = container_name(s) {
+            if enclosing.iter().rev().any(|outer| container_name(outer) == Some(name) && agrees(outer, s)) {
+                return TypeShape::Recursive(name.to_string());
+            }
+            enclosing.push(s);
+            let t = Self::convert_node(s, enclosing);
+            enclosing.pop();
+            return t;
+        }
+        Self::convert_node(s, enclosing)
+    }
+
+    fn convert_node<'s>(s: &'s Shape, enclosing: &mut Vec<&'s Shape>) -> Self {
+        let mut one = |x: &'s Shape| Box::new(Self::convert(x, enclosing));
+        match s {
+            Shape::Unknown => TypeShape::Unknown,
+            Shape::Prim(p) => TypeShape::Prim(p.to_string()),
+            Shape::Option(x) => TypeShape::Option(one(x)),
+            Shape::Seq(x) => TypeShape::Seq(one(x)),
+            Shape::Map(k, v) => {
+                let k = one(k);
+                TypeShape::Map(k, Box::new(Self::convert(v, enclosing)))
+            }
+            Shape::Newtype(n, x) => TypeShape::Newtype { name: n.to_string(), inner: one(x) },
+            Shape::Tuple(xs) => TypeShape::Tuple(xs.iter().map(|x| Self::convert(x, enclosing)).collect()),
+            Shape::TupleStruct(n, xs) => TypeShape::TupleStruct {
+                name: n.to_string(),
+                fields: xs.iter().map(|x| Self::convert(x, enclosing)).collect(),
+            },
+            Shape::Struct(n, fs) => TypeShape::Struct {
+                name: n.to_string(),
+                fields: fs.iter().map(|(f, x)| (f.to_string(), Self::convert(x, enclosing))).collect(),
+            },
+            Shape::Enum(n, vs) => TypeShape::Enum {
+                name: n.to_string(),
+                variants: vs.iter().map(|(v, x)| (v.to_string(), Self::convert(x, enclosing))).collect(),
+            },
+            Shape::Recursive(n) => TypeShape::Recursive(n.to_string()),
+            Shape::Opaque(n) => TypeShape::Opaque(n.to_string()),
+        }
+    }
+}
+
+fn container_name(s: &Shape) -> Option<&'static str> {
+    match s {
+        Shape::Newtype(n, _) | Shape::TupleStruct(n, _) | Shape::Struct(n, _) | Shape::Enum(n, _) => Some(n),
+        _ => None,
+    }
+}
+
+/// Whether two traced copies can be the same type: the same structure wherever both were
+/// traced (an unknown part or a recursion marker agrees with anything).
+fn agrees(a: &Shape, b: &Shape) -> bool {
+    match (a, b) {
+        (Shape::Unknown | Shape::Recursive(_), _) | (_, Shape::Unknown | Shape::Recursive(_)) => true,
+        (Shape::Prim(x), Shape::Prim(y)) | (Shape::Opaque(x), Shape::Opaque(y)) => x == y,
+        (Shape::Option(x), Shape::Option(y)) | (Shape::Seq(x), Shape::Seq(y)) => agrees(x, y),
+        (Shape::Newtype(n, x), Shape::Newtype(m, y)) => n == m && agrees(x, y),
+        (Shape::Map(k, v), Shape::Map(j, w)) => agrees(k, j) && agrees(v, w),
+        (Shape::Tuple(xs), Shape::Tuple(ys)) => {
+            xs.len() == ys.len() && xs.iter().zip(ys).all(|(x, y)| agrees(x, y))
+        }
+        (Shape::TupleStruct(n, xs), Shape::TupleStruct(m, ys)) => {
+            n == m && xs.len() == ys.len() && xs.iter().zip(ys).all(|(x, y)| agrees(x, y))
+        }
+        (Shape::Struct(n, xs), Shape::Struct(m, ys)) | (Shape::Enum(n, xs), Shape::Enum(m, ys)) => {
+            n == m && xs.len() == ys.len() && xs.iter().zip(ys).all(|((f, x), (g, y))| f == g && agrees(x, y))
+        }
+        _ => false,
+    }
+}
+
+impl From<&Shape> for TypeShape {
+    fn from(s: &Shape) -> Self {
+        Self::convert(s, &mut Vec::new())
+    }
+}
+
 /// A key or state type as a graph description records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TypeIdentity<'a> {

@@ -25,6 +25,8 @@ fn arb_graph() -> impl Strategy<Value = GraphDescription> {
                     key_type,
                     state_type,
                     state_version,
+                    key_shape: None,
+                    state_shape: None,
                     migrations: Vec::new(),
                 })
                 .collect(),

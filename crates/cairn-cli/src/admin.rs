@@ -1,6 +1,7 @@
 //! `cairn checkpoint ...`: tables for people, `--json` for scripts.
 
 use cairn::checkpoint::admin::{self, describe_key, guess};
+use cairn::checkpoint::savepoint;
 use cairn::checkpoint::{BatchId, CheckpointStore, GraphDescription};
 use clap::{Args, Subcommand, ValueEnum};
 use std::io::Write;
@@ -49,6 +50,32 @@ pub enum CheckpointCmd {
         batch: Option<u64>,
         #[arg(long, value_enum, default_value_t = Format::Csv)]
         format: Format,
+    },
+    /// A keyed operator's state in the newest restorable checkpoint as JSON lines
+    /// (`{"key":..,"state":..,"seen_ms":..}`), decoded with the shapes the checkpoint stores.
+    Export {
+        /// Checkpoint location.
+        location: String,
+        #[arg(long)]
+        operator: String,
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Create a new location: LOCATION's newest restore point with OPERATOR's state replaced by
+    /// the rows of FILE (JSON lines as `export` writes them); the job resumes there with the
+    /// next batch, as a new job for its sinks.
+    Import {
+        /// The location whose newest restore point is copied.
+        location: String,
+        #[arg(long)]
+        operator: String,
+        /// JSON lines, one key per line.
+        #[arg(long)]
+        file: std::path::PathBuf,
+        /// The new location (must not exist yet, or be empty).
+        #[arg(long)]
+        to: String,
     },
     /// Which stateful operators a new build adds, removes or retypes (exit 0 only if compatible).
     Diff {
@@ -112,14 +139,34 @@ pub fn run(cmd: CheckpointCmd) -> Result<ExitCode, Box<dyn std::error::Error>> {
             Ok(ExitCode::SUCCESS)
         }
         CheckpointCmd::DumpState { common, operator, batch, format } => {
-            let rows = admin::dump_state(&open(&common.location)?, &operator, batch.map(BatchId))?;
+            let store = open(&common.location)?;
+            let rows = admin::dump_state(&store, &operator, batch.map(BatchId))?;
+            // Keys and values read with the shapes the checkpoint stores, where it stores them;
+            // otherwise a best guess from the bytes.
+            let shapes = admin::show(&store, batch.map(BatchId))?.graph.and_then(|g| {
+                g.operators
+                    .into_iter()
+                    .find(|o| o.name == operator)
+                    .and_then(|o| o.key_shape.zip(o.state_shape))
+            });
+            let read = |table: &str, bytes: &[u8], key: bool| -> Option<String> {
+                let decoded = shapes.as_ref().filter(|_| table == operator).and_then(|(k, s)| {
+                    let shape = if key { k.clone() } else { savepoint::value_shape(s) };
+                    cairn::checkpoint::typed::decode(&shape, bytes).ok()
+                });
+                match decoded {
+                    Some(v) => Some(v.to_string()),
+                    None if key => describe_key(table, bytes),
+                    None => guess(bytes),
+                }
+            };
             // A closed pipe (`| head`) ends the output quietly instead of failing.
             let mut out = std::io::stdout().lock();
             let written = match (format, common.json) {
                 (Format::Jsonl, _) | (_, true) => rows.iter().try_for_each(|r| {
                     let v = serde_json::json!({
                         "table": r.table, "key_hex": hex(&r.key), "value_hex": hex(&r.value),
-                        "key": describe_key(&r.table, &r.key), "value": guess(&r.value),
+                        "key": read(&r.table, &r.key, true), "value": read(&r.table, &r.value, false),
                     });
                     writeln!(out, "{v}")
                 }),
@@ -133,8 +180,8 @@ pub fn run(cmd: CheckpointCmd) -> Result<ExitCode, Box<dyn std::error::Error>> {
                                 r.table,
                                 hex(&r.key),
                                 hex(&r.value),
-                                q(describe_key(&r.table, &r.key)),
-                                q(guess(&r.value))
+                                q(read(&r.table, &r.key, true)),
+                                q(read(&r.table, &r.value, false))
                             )
                         })
                     })
@@ -144,6 +191,52 @@ pub fn run(cmd: CheckpointCmd) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
                 _ => Ok(ExitCode::SUCCESS),
             }
+        }
+        CheckpointCmd::Export { location, operator, out } => {
+            let (batch, rows) = savepoint::export(&open(&location)?, &operator)?;
+            let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+                    eprintln!(
+                        "{} keys of {operator:?} at batch {batch} written to {}",
+                        rows.len(),
+                        path.display()
+                    );
+                }
+                None => {
+                    let mut o = std::io::stdout().lock();
+                    if let Err(e) = o.write_all(text.as_bytes()) {
+                        if e.kind() != std::io::ErrorKind::BrokenPipe {
+                            return Err(e.into());
+                        }
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CheckpointCmd::Import { location, operator, file, to } => {
+            let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let rows = text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+                .map(|(i, l)| {
+                    serde_json::from_str(l)
+                        .map_err(|e| format!("{} line {}: not JSON: {e}", file.display(), i + 1))
+                })
+                .collect::<Result<Vec<serde_json::Value>, _>>()?;
+            if !to.contains("://") {
+                std::fs::create_dir_all(&to).map_err(|e| format!("{to}: {e}"))?;
+            }
+            #[allow(clippy::disallowed_methods)] // the new job id is a wall-clock stamp, like the engine's
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
+            let r = savepoint::import(&open(&location)?, &open(&to)?, &operator, &rows, now)?;
+            println!(
+                "{to}: {} keys of {operator:?} imported; state after batch {}, job id {} (start the job on this location)",
+                r.rows, r.batch, r.job_id
+            );
+            Ok(ExitCode::SUCCESS)
         }
         CheckpointCmd::Diff { common, graph } => {
             let text = std::fs::read_to_string(&graph).map_err(|e| format!("{}: {e}", graph.display()))?;

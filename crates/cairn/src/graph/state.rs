@@ -6,7 +6,7 @@
 
 use super::data::{partition_of, Key};
 use crate::error::{Error, Result};
-use cairn_checkpoint::schema::StateSchema;
+use cairn_checkpoint::schema::{StateSchema, TypeShape};
 use cairn_checkpoint::OperatorKind;
 use cairn_checkpoint::{OperatorDescription, TableData, TableWriter};
 use rayon::prelude::*;
@@ -245,11 +245,13 @@ impl<K: Key + StateData, S: StateData> KeyedState<K, S> {
     }
 }
 
-/// The identity text of a key or state type (see `cairn_checkpoint::schema`). Tracing a type
-/// takes several passes over its `Deserialize` impl, and descriptions are built at every
-/// checkpoint, so each type is traced once per process.
-pub(crate) fn type_identity<T: StateData>() -> String {
-    static CACHE: Mutex<Option<FxHashMap<std::any::TypeId, String>>> = Mutex::new(None);
+/// What a checkpoint records of a key or state type: its identity text (see
+/// `cairn_checkpoint::schema`) and its structure for tools. Tracing a type takes several passes
+/// over its `Deserialize` impl, and descriptions are built at every checkpoint, so each type is
+/// traced once per process.
+fn type_record<T: StateData>() -> (String, Option<TypeShape>) {
+    type Cache = FxHashMap<std::any::TypeId, (String, Option<TypeShape>)>;
+    static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
     let id = std::any::TypeId::of::<T>();
     if let Some(t) = CACHE.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_default().get(&id) {
         return t.clone();
@@ -259,11 +261,16 @@ pub(crate) fn type_identity<T: StateData>() -> String {
     // minimal values (one that unwraps a parse, say) leaves the type identified by its path
     // alone, as before schema identities, rather than failing the job.
     let path = std::any::type_name::<T>();
-    let text = std::panic::catch_unwind(StateSchema::of::<T>)
-        .map(|schema| schema.type_text(path))
-        .unwrap_or_else(|_| path.to_string());
-    CACHE.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_default().insert(id, text.clone());
-    text
+    let record = std::panic::catch_unwind(|| (StateSchema::of::<T>(), TypeShape::of::<T>()))
+        .map(|(schema, shape)| (schema.type_text(path), Some(shape)))
+        .unwrap_or_else(|_| (path.to_string(), None));
+    CACHE.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_default().insert(id, record.clone());
+    record
+}
+
+/// The identity text of a key or state type.
+pub(crate) fn type_identity<T: StateData>() -> String {
+    type_record::<T>().0
 }
 
 /// The description of a keyed operator for the graph check.
@@ -272,12 +279,16 @@ pub(crate) fn describe<K: StateData, S: StateData>(
     kind: OperatorKind,
     version: u32,
 ) -> OperatorDescription {
+    let (key_type, key_shape) = type_record::<K>();
+    let (state_type, state_shape) = type_record::<S>();
     OperatorDescription {
         name: name.to_string(),
         kind,
-        key_type: type_identity::<K>(),
-        state_type: type_identity::<S>(),
+        key_type,
+        state_type,
         state_version: version,
+        key_shape,
+        state_shape,
         migrations: Vec::new(),
     }
 }

@@ -63,6 +63,8 @@ pub(crate) fn describe_graph(job: &Job) -> GraphDescription {
             key_type: String::new(),
             state_type: "offsets".into(),
             state_version: 1,
+            key_shape: None,
+            state_shape: None,
             migrations: Vec::new(),
         });
     }
