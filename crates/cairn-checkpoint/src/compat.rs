@@ -46,6 +46,14 @@ pub enum Change {
         /// The new code's state version.
         to_version: u32,
     },
+    /// A stateful operator now has another name and declares the stored one as its former
+    /// name (`OpName::renamed_from`): its state is restored under the new name. Compatible.
+    Renamed {
+        /// The stored name.
+        from: String,
+        /// The new name.
+        to: String,
+    },
     /// The number of partitions changed: state is redistributed by key. Compatible.
     Parallelism {
         /// The parallelism the checkpoint was written with.
@@ -73,6 +81,7 @@ impl Change {
             | Change::SourceRemoved { operator }
             | Change::Retyped { operator, .. }
             | Change::Migrated { operator, .. } => Some(operator),
+            Change::Renamed { to, .. } => Some(to),
             Change::Parallelism { .. } => None,
         }
     }
@@ -96,6 +105,9 @@ impl std::fmt::Display for Change {
                 f,
                 "operator {operator:?}: state migrated from version {from_version} to version {to_version} at restore"
             ),
+            Change::Renamed { from, to } => {
+                write!(f, "operator {from:?} is now {to:?}: its state is restored under the new name")
+            }
             Change::Parallelism { from, to } => {
                 write!(f, "parallelism changed from {from} to {to}: state is redistributed by key")
             }
@@ -132,7 +144,7 @@ fn differences(old: &OperatorDescription, new: &OperatorDescription) -> Vec<Stri
 /// use cairn_checkpoint::{GraphDescription, OperatorDescription, OperatorKind};
 /// let op = |name: &str, state: &str| OperatorDescription {
 ///     name: name.into(), kind: OperatorKind::MapWithState, key_type: "u64".into(),
-///     state_type: state.into(), state_version: 1, key_shape: None, state_shape: None, migrations: vec![] };
+///     state_type: state.into(), state_version: 1, key_shape: None, state_shape: None, renamed_from: vec![], migrations: vec![] };
 /// let old = GraphDescription { operators: vec![op("a", "u64"), op("b", "u64")], parallelism: 2 };
 /// let new = GraphDescription { operators: vec![op("a", "i64"), op("c", "u64")], parallelism: 2 };
 /// let changes = diff(&old, &new);
@@ -145,8 +157,18 @@ pub fn diff(stored: &GraphDescription, new: &GraphDescription) -> Vec<Change> {
     let mut removed = Vec::new();
     let mut retyped = Vec::new();
     let mut other = Vec::new();
+    let mut renamed_to = Vec::new();
     for old in &stored.operators {
-        match new.operators.iter().find(|o| o.name == old.name) {
+        let same_name = new.operators.iter().find(|o| o.name == old.name);
+        let renamed = || new.operators.iter().find(|o| o.renamed_from.contains(&old.name));
+        let found = match same_name {
+            Some(n) => Some(n),
+            None => renamed().inspect(|n| {
+                other.push(Change::Renamed { from: old.name.clone(), to: n.name.clone() });
+                renamed_to.push(n.name.clone());
+            }),
+        };
+        match found {
             None if old.kind == OperatorKind::Source => {
                 other.push(Change::SourceRemoved { operator: old.name.clone() })
             }
@@ -161,7 +183,7 @@ pub fn diff(stored: &GraphDescription, new: &GraphDescription) -> Vec<Change> {
                 let same_key = old.kind == n.kind && old.key_identity().matches(&n.key_identity());
                 if same_key && n.migrations.iter().any(|m| m.reads(old)) {
                     other.push(Change::Migrated {
-                        operator: old.name.clone(),
+                        operator: n.name.clone(),
                         from_version: old.state_version,
                         to_version: n.state_version,
                     });
@@ -180,12 +202,12 @@ pub fn diff(stored: &GraphDescription, new: &GraphDescription) -> Vec<Change> {
                             .to_string()
                     });
                 }
-                retyped.push(Change::Retyped { operator: old.name.clone(), differences });
+                retyped.push(Change::Retyped { operator: n.name.clone(), differences });
             }
         }
     }
     for n in &new.operators {
-        if !stored.operators.iter().any(|o| o.name == n.name) {
+        if !stored.operators.iter().any(|o| o.name == n.name) && !renamed_to.contains(&n.name) {
             other.push(Change::Added { operator: n.name.clone(), kind: n.kind.clone() });
         }
     }
@@ -209,6 +231,7 @@ mod tests {
             state_version: 1,
             key_shape: None,
             state_shape: None,
+            renamed_from: Vec::new(),
             migrations: Vec::new(),
         }
     }
@@ -285,5 +308,25 @@ mod tests {
             let text = changes[0].to_string();
             assert!(text.contains("reads what is stored: state version 1 of type Tally (shape "), "{text}");
         }
+    }
+
+    /// An operator found under a former name is renamed, not removed and added; its types are
+    /// still compared, under the new name.
+    #[test]
+    fn a_former_name_makes_a_rename_not_a_removal() {
+        let key = StateSchema::of::<u64>().type_text("u64");
+        let stored = graph(op(key.clone(), StateSchema::of::<Tally>().type_text("Tally")));
+        let mut n = op(key.clone(), StateSchema::of::<Tally>().type_text("Tally"));
+        n.name = "tallies".into();
+        n.renamed_from = vec!["totals".into()];
+        let changes = diff(&stored, &graph(n.clone()));
+        assert!(
+            matches!(&changes[..], [Change::Renamed { from, to }] if from == "totals" && to == "tallies")
+        );
+        assert!(changes[0].is_compatible(&[]));
+        n.state_type = StateSchema::of::<Tally2>().type_text("Tally2");
+        let changes = diff(&stored, &graph(n));
+        assert!(matches!(&changes[0], Change::Retyped { operator, .. } if operator == "tallies"));
+        assert!(matches!(&changes[1], Change::Renamed { .. }));
     }
 }

@@ -145,6 +145,10 @@ pub struct OperatorDescription {
     /// The state type's structure, likewise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_shape: Option<crate::schema::TypeShape>,
+    /// Names this operator had before (`OpName::renamed_from`): a stored operator of such a
+    /// name is this one, its state restored under the new name. Absent when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub renamed_from: Vec<String>,
     /// Older state versions the code can convert from (`OpName::migrate_from`). Describes the
     /// code, not the stored state: a job's printed graph carries it so that `cairn checkpoint
     /// diff` can tell a migrated operator from a refused one. Absent when empty.
@@ -176,7 +180,7 @@ impl OperatorDescription {
     /// ```
     /// use cairn_checkpoint::{schema::TypeIdentity, OperatorDescription};
     /// let d = OperatorDescription { name: "in".into(), kind: cairn_checkpoint::OperatorKind::Source, key_type: String::new(),
-    ///     state_type: "offsets".into(), state_version: 1, key_shape: None, state_shape: None, migrations: vec![] };
+    ///     state_type: "offsets".into(), state_version: 1, key_shape: None, state_shape: None, renamed_from: vec![], migrations: vec![] };
     /// assert_eq!(d.key_identity(), TypeIdentity::Legacy(""));
     /// assert_eq!(d.state_identity(), TypeIdentity::Legacy("offsets"));
     /// ```
@@ -197,7 +201,7 @@ impl OperatorDescription {
     /// let schema = StateSchema::of::<(u64, i64)>();
     /// let d = OperatorDescription { name: "totals".into(), kind: cairn_checkpoint::OperatorKind::MapWithState,
     ///     key_type: StateSchema::of::<u64>().type_text("u64"),
-    ///     state_type: schema.type_text("(u64, i64)"), state_version: 2, key_shape: None, state_shape: None, migrations: vec![] };
+    ///     state_type: schema.type_text("(u64, i64)"), state_version: 2, key_shape: None, state_shape: None, renamed_from: vec![], migrations: vec![] };
     /// assert_eq!(d.state_schema(), Some(schema.with_version(2)));
     /// ```
     pub fn state_schema(&self) -> Option<crate::schema::StateSchema> {

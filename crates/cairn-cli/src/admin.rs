@@ -149,16 +149,19 @@ pub fn run(cmd: CheckpointCmd) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     .find(|o| o.name == operator)
                     .and_then(|o| o.key_shape.zip(o.state_shape))
             });
-            let read = |table: &str, bytes: &[u8], key: bool| -> Option<String> {
+            let read = |table: &str, bytes: &[u8], key: bool| -> serde_json::Value {
                 let decoded = shapes.as_ref().filter(|_| table == operator).and_then(|(k, s)| {
                     let shape = if key { k.clone() } else { savepoint::value_shape(s) };
                     cairn::checkpoint::typed::decode(&shape, bytes).ok()
                 });
-                match decoded {
-                    Some(v) => Some(v.to_string()),
-                    None if key => describe_key(table, bytes),
-                    None => guess(bytes),
-                }
+                let guessed = if key { describe_key(table, bytes) } else { guess(bytes) };
+                decoded.unwrap_or_else(|| guessed.map_or(serde_json::Value::Null, serde_json::Value::String))
+            };
+            // In CSV a decoded value is its JSON text, a guess its text.
+            let cell = |v: serde_json::Value| match v {
+                serde_json::Value::Null => String::new(),
+                serde_json::Value::String(s) => s,
+                v => v.to_string(),
             };
             // A closed pipe (`| head`) ends the output quietly instead of failing.
             let mut out = std::io::stdout().lock();
@@ -171,7 +174,7 @@ pub fn run(cmd: CheckpointCmd) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     writeln!(out, "{v}")
                 }),
                 (Format::Csv, false) => {
-                    let q = |s: Option<String>| s.unwrap_or_default().replace('"', "\"\"");
+                    let q = |v: serde_json::Value| cell(v).replace('"', "\"\"");
                     writeln!(out, "table,key_hex,value_hex,key,value").and_then(|()| {
                         rows.iter().try_for_each(|r| {
                             writeln!(

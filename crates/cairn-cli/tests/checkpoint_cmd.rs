@@ -72,21 +72,10 @@ fn inspect_a_healthy_checkpoint() {
     let rows: Vec<serde_json::Value> =
         String::from_utf8_lossy(&dump.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(rows.len(), 17);
-    // Value = (count, last data time): 12 batches x 40 records over 17 keys.
-    let total: u64 = rows
-        .iter()
-        .map(|r| {
-            r["value"]
-                .as_str()
-                .unwrap()
-                .trim_matches(['[', ']'])
-                .split(", ")
-                .next()
-                .unwrap()
-                .parse::<u64>()
-                .unwrap()
-        })
-        .sum();
+    // Value = (count, last data time), decoded with the stored shapes: 12 batches x 40 records
+    // over 17 keys.
+    let total: u64 = rows.iter().map(|r| r["value"][0].as_u64().unwrap()).sum();
+    assert!(rows.iter().all(|r| r["key"].is_u64()), "{rows:?}");
     assert_eq!(total, 12 * 40);
     let missing = cairn(&["checkpoint", "dump-state", loc, "--operator", "nope"]);
     assert!(!missing.status.success() && text(&missing).contains("counts"), "{}", text(&missing));

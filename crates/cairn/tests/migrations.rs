@@ -261,3 +261,86 @@ fn migration_mistakes_are_refused_at_start_naming_the_operator() {
         assert!(err.contains(want), "missing {want:?} in: {err}");
     }
 }
+
+/// Names a run gives its two stateful operators: a keyed count and a window's sum.
+struct Names {
+    counts: OpName,
+    window: OpName,
+}
+
+/// Counts per key and a two-batch window per key, each batch's output as `(tag, key, value)`.
+fn renamed_job(dir: &str, names: Names, stop: u64) -> cairn::Result<Rec<(u8, u8, i64)>> {
+    let ctx = StreamingContext::builder()
+        .checkpoint(dir)
+        .batch_interval(SEC)
+        .checkpoint_interval(SEC * 2)
+        .max_checkpoint_deferral(0)
+        .parallelism(2)
+        .stop_after_batches(stop)
+        .trigger(Trigger::AvailableNow)
+        .build()?;
+    let (q, s) = ctx.queue_stream::<(u8, i64)>("in")?;
+    for b in input() {
+        q.push(b);
+    }
+    let counts = s
+        .update_state_by_key(names.counts, |_, vs: Vec<i64>, old: Option<u64>| {
+            Some(old.unwrap_or(0) + vs.len() as u64)
+        })
+        .map(|(k, c)| (0u8, k, c as i64));
+    let sums =
+        s.reduce_by_key_and_window(names.window, |a, b| a + b, None::<fn(i64, i64) -> i64>, SEC * 2, SEC);
+    let out = record(&counts.union(&sums.map(|(k, v)| (1u8, k, v))));
+    let summary = ctx.run_available()?;
+    assert_eq!(summary.next_batch.0, stop);
+    Ok(out)
+}
+
+#[test]
+fn a_renamed_operator_keeps_its_state_through_its_former_name() {
+    let names = |c: &str, w: &str| Names { counts: OpName::new(c), window: OpName::new(w) };
+    let scratch = tempfile::tempdir().unwrap();
+    let straight =
+        renamed_job(scratch.path().to_str().unwrap(), names("tallies", "sums"), BATCHES as u64).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let loc = dir.path().to_str().unwrap();
+    renamed_job(loc, names("counts", "w"), 5).unwrap();
+    // Without the former names the stored state would be lost: refused.
+    match renamed_job(loc, names("tallies", "sums"), 7) {
+        Err(Error::Incompatible { operator, difference }) => {
+            assert_eq!(operator, "counts");
+            assert!(
+                difference.contains("was removed from the job but the checkpoint holds its state"),
+                "{difference}"
+            );
+        }
+        other => panic!("expected Error::Incompatible, got {:?}", other.map(|_| ())),
+    }
+    let renamed = Names {
+        counts: OpName::new("tallies").renamed_from("counts"),
+        window: OpName::new("sums").renamed_from("w"),
+    };
+    let after = renamed_job(loc, renamed, 8).unwrap();
+    // The rename was checkpointed as a full snapshot under the new names: the former names are
+    // no longer needed.
+    let more = renamed_job(loc, names("tallies", "sums"), BATCHES as u64).unwrap();
+    let mut got = after.lock().unwrap().clone();
+    got.extend(more.lock().unwrap().clone());
+    let want: BTreeMap<u64, _> =
+        straight.lock().unwrap().clone().into_iter().filter(|(b, _)| *b >= 5).collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn a_former_name_that_is_still_in_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let clash = Names { counts: OpName::new("tallies").renamed_from("w"), window: OpName::new("w") };
+    let err = renamed_job(dir.path().to_str().unwrap(), clash, 2).map(|_| ()).unwrap_err().to_string();
+    assert!(
+        err.contains(
+            "operator \"tallies\" is renamed from \"w\", but the job still has an operator named \"w\""
+        ),
+        "{err}"
+    );
+}

@@ -169,6 +169,8 @@ pub(crate) struct GraphInner {
     pub unaligned: Vec<String>,
     /// Sinks that cannot fence a writer per task (refused in a scaled-out job).
     pub unfenced_sinks: Vec<String>,
+    /// Stateful operators' former names (`OpName::renamed_from`), by current name.
+    pub renamed_from: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// Shared by every DStream of a context.
@@ -190,12 +192,16 @@ impl Graph {
 
     /// Claims a name for a stateful operator, deferring any error to `start` so operator
     /// methods stay chainable.
-    pub(crate) fn claim_stateful(&self, name: &str, aligned: bool) {
+    pub(crate) fn claim_stateful(&self, op: &crate::OpName, aligned: bool) {
+        let name = op.name();
         if let Err(e) = self.claim_name(name) {
             self.defer_error(e.to_string());
         }
         if !aligned {
             self.lock().unaligned.push(name.to_string());
+        }
+        if !op.old_names().is_empty() {
+            self.lock().renamed_from.insert(name.to_string(), op.old_names().to_vec());
         }
     }
 

@@ -289,6 +289,7 @@ pub(crate) fn describe<K: StateData, S: StateData>(
         state_version: version,
         key_shape,
         state_shape,
+        renamed_from: Vec::new(),
         migrations: Vec::new(),
     }
 }

@@ -32,12 +32,13 @@ pub struct OpName {
     name: String,
     version: u32,
     migrations: Vec<Migration>,
+    renamed_from: Vec<String>,
 }
 
 impl OpName {
     /// A name with state version 1.
     pub fn new(name: impl Into<String>) -> Self {
-        Self { name: name.into(), version: 1, migrations: Vec::new() }
+        Self { name: name.into(), version: 1, migrations: Vec::new(), renamed_from: Vec::new() }
     }
     /// Sets the state schema version.
     pub fn with_version(mut self, version: u32) -> Self {
@@ -68,6 +69,24 @@ impl OpName {
     ) -> Self {
         self.migrations.push(Migration::new(version, f));
         self
+    }
+    /// Declares that the operator was called `old` before: a checkpoint holding state of an
+    /// operator named `old` restores it into this one (for every stateful operator kind), and
+    /// the next checkpoint is a full snapshot under the new name. `old` must not be the name of
+    /// another operator of the job.
+    ///
+    /// ```
+    /// use cairn::OpName;
+    /// let name = OpName::new("clicks_per_user").renamed_from("counts");
+    /// assert_eq!(name.name(), "clicks_per_user");
+    /// ```
+    pub fn renamed_from(mut self, old: impl Into<String>) -> Self {
+        self.renamed_from.push(old.into());
+        self
+    }
+    /// The names this operator had before.
+    pub(crate) fn old_names(&self) -> &[String] {
+        &self.renamed_from
     }
     /// The name.
     pub fn name(&self) -> &str {
@@ -334,7 +353,7 @@ impl<K: Key + StateData, V: Data> DStream<(K, V)> {
         f: impl Fn(&K, Vec<V>, Option<S>) -> Option<S> + Send + Sync + 'static,
         every_key: Option<fn(&S, &S) -> bool>,
     ) -> DStream<(K, S)> {
-        self.graph.claim_stateful(name.name(), self.aligned);
+        self.graph.claim_stateful(&name, self.aligned);
         let op = Arc::new(KeyedOp {
             kind: OperatorKind::UpdateStateByKey,
             version: name.version(),
@@ -435,7 +454,7 @@ impl<K: Key + StateData, V: Data> DStream<(K, V)> {
         spec: StateSpec<K, V, S, U>,
     ) -> DStream<U> {
         let name = name.into();
-        self.graph.claim_stateful(name.name(), self.aligned);
+        self.graph.claim_stateful(&name, self.aligned);
         let op = Arc::new(MapWithStateOp {
             inner: KeyedOp {
                 kind: OperatorKind::MapWithState,

@@ -195,7 +195,7 @@ impl<T: StateData + Data> DStream<T> {
     /// ```
     pub fn window(&self, name: impl Into<OpName>, window: Duration, slide: Duration) -> DStream<T> {
         let name = name.into();
-        self.graph.claim_stateful(name.name(), self.aligned);
+        self.graph.claim_stateful(&name, self.aligned);
         name.refuse_migrations(&self.graph, OperatorKind::Window);
         let (w, s) = window_params(self, name.name(), window, slide);
         let n = self.graph.parallelism;
@@ -461,7 +461,7 @@ impl<K: Key + StateData, V: StateData + Data> DStream<(K, V)> {
         R: Fn(V, V) -> V + Send + Sync + 'static,
         I: Fn(V, V) -> V + Send + Sync + 'static,
     {
-        self.graph.claim_stateful(name.name(), self.aligned);
+        self.graph.claim_stateful(&name, self.aligned);
         name.refuse_migrations(&self.graph, OperatorKind::ReduceByKeyAndWindow);
         let (w, s) = window_params(self, name.name(), window, slide);
         let n = self.graph.parallelism;

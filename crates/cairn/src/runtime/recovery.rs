@@ -55,7 +55,17 @@ pub(crate) struct Prepared {
 
 pub(crate) fn describe_graph(job: &Job) -> GraphDescription {
     let g = job.graph.lock();
-    let mut operators: Vec<OperatorDescription> = g.stateful.iter().map(|op| op.describe()).collect();
+    let mut operators: Vec<OperatorDescription> = g
+        .stateful
+        .iter()
+        .map(|op| {
+            let d = op.describe();
+            OperatorDescription {
+                renamed_from: g.renamed_from.get(&d.name).cloned().unwrap_or_default(),
+                ..d
+            }
+        })
+        .collect();
     for s in &g.sources {
         operators.push(OperatorDescription {
             name: s.name().to_string(),
@@ -65,6 +75,7 @@ pub(crate) fn describe_graph(job: &Job) -> GraphDescription {
             state_version: 1,
             key_shape: None,
             state_shape: None,
+            renamed_from: Vec::new(),
             migrations: Vec::new(),
         });
     }
@@ -78,6 +89,8 @@ struct Compatibility {
     dropped: Vec<String>,
     /// Operators whose stored state is converted by a declared migration before it is loaded.
     migrated: BTreeMap<String, Migration>,
+    /// Operators whose state is stored under a former name: new name -> stored name.
+    renamed: BTreeMap<String, String>,
 }
 
 /// Compares the stored graph with the code's. Removing or retyping a stateful operator would
@@ -89,8 +102,11 @@ fn check_compatible(
     drop: &[String],
     migrations: &BTreeMap<String, Vec<Migration>>,
 ) -> Result<Compatibility> {
-    let mut out = Compatibility { dropped: Vec::new(), migrated: BTreeMap::new() };
+    let mut out = Compatibility { dropped: Vec::new(), migrated: BTreeMap::new(), renamed: BTreeMap::new() };
     for change in cairn_checkpoint::compat::diff(stored, current) {
+        if let cairn_checkpoint::compat::Change::Renamed { from, to } = &change {
+            out.renamed.insert(to.clone(), from.clone());
+        }
         if let cairn_checkpoint::compat::Change::Migrated { operator, from_version, .. } = &change {
             let m =
                 migrations.get(operator).and_then(|ms| ms.iter().find(|m| m.from_version == *from_version));
@@ -151,8 +167,22 @@ pub(crate) fn prepare(job: &Job) -> Result<Prepared> {
     let cfg = &job.cfg;
     let (errors, stateful_names, sources) = {
         let g = job.graph.lock();
+        let mut errors = g.errors.clone();
+        let names: BTreeSet<String> = g
+            .stateful
+            .iter()
+            .map(|o| o.describe().name)
+            .chain(g.sources.iter().map(|s| s.name().to_string()))
+            .collect();
+        for (op, old) in &g.renamed_from {
+            for o in old.iter().filter(|o| names.contains(*o)) {
+                errors.push(format!(
+                    "operator {op:?} is renamed from {o:?}, but the job still has an operator named {o:?}: a stored state of that name would be ambiguous"
+                ));
+            }
+        }
         (
-            g.errors.clone(),
+            errors,
             g.stateful.iter().map(|o| o.describe().name).collect::<Vec<_>>(),
             g.sources.iter().map(|s| s.name().to_string()).collect::<Vec<_>>(),
         )
@@ -345,7 +375,7 @@ fn restore(
         .map(|op| (op.describe().name, op.migrations().to_vec()))
         .filter(|(_, m)| !m.is_empty())
         .collect();
-    let Compatibility { dropped, migrated } =
+    let Compatibility { dropped, migrated, renamed } =
         check_compatible(stored_graph, &graph_desc, &cfg.drop_state, &migrations)?;
 
     let mut last_checkpoint = None;
@@ -368,9 +398,24 @@ fn restore(
             if dropped.contains(&name) {
                 continue; // its stored state has another type: start empty, as the user asked
             }
+            // A renamed operator's tables are stored under its former name; the next checkpoint
+            // is full, so the new name replaces the old one in the chain.
+            let stored_name = renamed.get(&name).unwrap_or(&name);
+            let stored: Vec<&TableData> =
+                state.tables.iter().filter(|t| table_of_operator(&t.id, stored_name)).collect();
+            taken.extend(stored.iter().map(|t| t.id.clone()));
+            let moved: Vec<TableData> = match renamed.get(&name) {
+                Some(old) => {
+                    force_full = true;
+                    stored
+                        .iter()
+                        .map(|t| TableData { id: format!("{name}{}", &t.id[old.len()..]), ..(*t).clone() })
+                        .collect()
+                }
+                None => Vec::new(),
+            };
             let tables: Vec<&TableData> =
-                state.tables.iter().filter(|t| table_of_operator(&t.id, &name)).collect();
-            taken.extend(tables.iter().map(|t| t.id.clone()));
+                if renamed.contains_key(&name) { moved.iter().collect() } else { stored };
             match migrated.get(&name) {
                 Some(m) => {
                     let converted: Vec<TableData> =
