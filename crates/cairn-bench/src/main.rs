@@ -261,11 +261,12 @@ fn floor_with_checkpoint(dir: &Path, out: &Path) -> Result<(f64, u64), BoxError>
     Ok((t0.elapsed().as_secs_f64(), bytes))
 }
 
-/// Defines the KRA job on a context.
-fn define(ctx: &StreamingContext, input: &Path) -> cairn::Result<()> {
+/// Defines the KRA job on a context; `json`: its state stored self-describing.
+fn define(ctx: &StreamingContext, input: &Path, json: bool) -> cairn::Result<()> {
     let rows = ctx.text_file_stream_parsed("input", input.to_str().unwrap_or_default(), 1, parse)?;
+    let name = if json { cairn::OpName::new("kra").self_describing() } else { cairn::OpName::new("kra") };
     rows.map_with_state(
-        "kra",
+        name,
         StateSpec::function(|_k: &u64, v: Option<i64>, st: &mut cairn::State<'_, (u64, i64)>| {
             match st.get_mut() {
                 Some(s) => {
@@ -289,8 +290,8 @@ struct EngineRun {
     waited_batches: usize,
 }
 
-fn run_engine(input: &Path, ctx: StreamingContext, events: u64) -> Result<EngineRun, BoxError> {
-    define(&ctx, input)?;
+fn run_engine(input: &Path, ctx: StreamingContext, events: u64, json: bool) -> Result<EngineRun, BoxError> {
+    define(&ctx, input, json)?;
     let lat = Arc::new(Mutex::new(Vec::new()));
     let parts = Arc::new(Mutex::new(Vec::new()));
     let last = Arc::new(Mutex::new(None::<Instant>));
@@ -370,6 +371,22 @@ fn checkpointed_state(dir: &Path) -> Result<KraState, BoxError> {
     Ok(m)
 }
 
+/// Like [`checkpointed_state`], for the run whose state is stored as JSON.
+fn checkpointed_state_json(dir: &Path) -> Result<KraState, BoxError> {
+    let store = CheckpointStore::open(dir.to_str().unwrap_or_default())?;
+    let state = store.recover()?.state.ok_or("no checkpoint was written")?;
+    let table = state.tables.iter().find(|t| t.id == "kra").ok_or("no kra table in the checkpoint")?;
+    let mut m = FxHashMap::default();
+    for e in table.reader() {
+        let (k, v) = e?;
+        let Some(v) = v else { continue };
+        let key: u64 = postcard::from_bytes(k)?;
+        let (value, _seen): ((u64, i64), i64) = serde_json::from_slice(v)?;
+        m.insert(key, value);
+    }
+    Ok(m)
+}
+
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
@@ -410,6 +427,7 @@ fn kra(mut a: KraArgs) -> Result<(), BoxError> {
         &input,
         builder(batches).checkpoint(ckpt_dir.to_str().unwrap_or_default()).build()?,
         events,
+        false,
     )?;
     let rss_per_key = rss_bytes().saturating_sub(rss0) as f64 / expected.len().max(1) as f64;
     let correct = checkpointed_state(&ckpt_dir)? == expected;
@@ -423,12 +441,23 @@ fn kra(mut a: KraArgs) -> Result<(), BoxError> {
             .checkpoint_interval(Duration::from_secs(batches * 10 + 10))
             .build()?,
         events,
+        false,
     )?;
+
+    eprintln!("engine, checkpoint every batch, state stored self-describing (JSON)...");
+    let json_dir = tmp.path().join("ckpt-json");
+    let json = run_engine(
+        &input,
+        builder(batches).checkpoint(json_dir.to_str().unwrap_or_default()).build()?,
+        events,
+        true,
+    )?;
+    let json_correct = checkpointed_state_json(&json_dir)? == expected;
 
     eprintln!("storage latency: every state write delayed {} ms...", a.delay_ms);
     let every = 1u32;
-    let undelayed = run_engine(&input, latency_ctx(tmp.path(), "undelayed", 0, every)?, events)?;
-    let delayed = run_engine(&input, latency_ctx(tmp.path(), "delayed", a.delay_ms, every)?, events)?;
+    let undelayed = run_engine(&input, latency_ctx(tmp.path(), "undelayed", 0, every)?, events, false)?;
+    let delayed = run_engine(&input, latency_ctx(tmp.path(), "delayed", a.delay_ms, every)?, events, false)?;
 
     eprintln!("recovery with {} keys of state...", a.recovery_keys);
     let (restore_s, recovery_s) = recovery(tmp.path(), &a)?;
@@ -464,6 +493,16 @@ fn kra(mut a: KraArgs) -> Result<(), BoxError> {
             format!("{:.1} / {:.1} / {:.1} (no-ckpt processing {m:.1})", a / n, b / n, c / n)
         }),
         ("checkpoint bytes per batch", format!("{ckpt_bytes_per_batch:.0}")),
+        (
+            "self-describing (JSON) state: events/s, bytes/batch",
+            format!(
+                "{:.0} (ratio to compact {:.3}), {:.0} bytes per batch (ratio {:.2})",
+                json.events_per_s,
+                json.events_per_s / with.events_per_s,
+                json.summary.checkpoint_bytes as f64 / batches as f64,
+                json.summary.checkpoint_bytes as f64 / s.checkpoint_bytes.max(1) as f64
+            ),
+        ),
         ("new objects per batch (log + state)", format!("{objects_per_batch:.2}")),
         ("objects in checkpoint location at end", format!("{objects_total} ({bytes_total} bytes)")),
         ("process RSS growth per key (approx.)", format!("{rss_per_key:.0} B")),
@@ -509,10 +548,13 @@ fn kra(mut a: KraArgs) -> Result<(), BoxError> {
         "undelayed_events_per_s": undelayed.events_per_s.round(),
         "restore_s": restore_s,
         "recovery_s": recovery_s,
-        "correct": correct,
+        "json_events_per_s": json.events_per_s.round(),
+        "json_ratio_to_compact": json.events_per_s / with.events_per_s,
+        "json_ckpt_bytes_per_batch": (json.summary.checkpoint_bytes as f64 / batches as f64).round(),
+        "correct": correct && json_correct,
     });
     writeln!(out, "{json}")?;
-    if !correct {
+    if !correct || !json_correct {
         return Err("the engine's final state differs from the floor's".into());
     }
     Ok(())
@@ -587,7 +629,7 @@ fn worker(input: &Path, checkpoint: &Path) -> Result<(), BoxError> {
     let loc = checkpoint.to_str().unwrap_or_default().to_string();
     let ctx = StreamingContext::get_or_create(&loc, |loc| {
         let ctx = builder(0).checkpoint(loc).build()?;
-        define(&ctx, input)?;
+        define(&ctx, input, false)?;
         Ok(ctx)
     })?;
     println!("RESTORED {:.1}", t0.elapsed().as_secs_f64() * 1e3);

@@ -145,6 +145,9 @@ pub struct OperatorDescription {
     /// The state type's structure, likewise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_shape: Option<crate::schema::TypeShape>,
+    /// How state values are encoded (`compact`, the default, absent; or `json`).
+    #[serde(default, skip_serializing_if = "StateEncoding::is_compact")]
+    pub state_encoding: StateEncoding,
     /// Names this operator had before (`OpName::renamed_from`): a stored operator of such a
     /// name is this one, its state restored under the new name. Absent when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -154,6 +157,34 @@ pub struct OperatorDescription {
     /// diff` can tell a migrated operator from a refused one. Absent when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub migrations: Vec<MigrationSource>,
+}
+
+/// How a keyed operator's state values are stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateEncoding {
+    /// postcard: small and fast, but positional: a changed type is a migration.
+    #[default]
+    Compact,
+    /// JSON with field names: a field added with `#[serde(default)]` (or removed) reads old
+    /// values as they are, so such a change needs no migration.
+    Json,
+}
+
+impl StateEncoding {
+    /// Whether this is the default encoding.
+    pub fn is_compact(&self) -> bool {
+        *self == StateEncoding::Compact
+    }
+}
+
+impl std::fmt::Display for StateEncoding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StateEncoding::Compact => "compact",
+            StateEncoding::Json => "json",
+        })
+    }
 }
 
 /// What a declared state migration reads: an older state version and that version's state type.
@@ -180,7 +211,7 @@ impl OperatorDescription {
     /// ```
     /// use cairn_checkpoint::{schema::TypeIdentity, OperatorDescription};
     /// let d = OperatorDescription { name: "in".into(), kind: cairn_checkpoint::OperatorKind::Source, key_type: String::new(),
-    ///     state_type: "offsets".into(), state_version: 1, key_shape: None, state_shape: None, renamed_from: vec![], migrations: vec![] };
+    ///     state_type: "offsets".into(), state_version: 1, key_shape: None, state_shape: None, state_encoding: Default::default(), renamed_from: vec![], migrations: vec![] };
     /// assert_eq!(d.key_identity(), TypeIdentity::Legacy(""));
     /// assert_eq!(d.state_identity(), TypeIdentity::Legacy("offsets"));
     /// ```
@@ -201,7 +232,7 @@ impl OperatorDescription {
     /// let schema = StateSchema::of::<(u64, i64)>();
     /// let d = OperatorDescription { name: "totals".into(), kind: cairn_checkpoint::OperatorKind::MapWithState,
     ///     key_type: StateSchema::of::<u64>().type_text("u64"),
-    ///     state_type: schema.type_text("(u64, i64)"), state_version: 2, key_shape: None, state_shape: None, renamed_from: vec![], migrations: vec![] };
+    ///     state_type: schema.type_text("(u64, i64)"), state_version: 2, key_shape: None, state_shape: None, state_encoding: Default::default(), renamed_from: vec![], migrations: vec![] };
     /// assert_eq!(d.state_schema(), Some(schema.with_version(2)));
     /// ```
     pub fn state_schema(&self) -> Option<crate::schema::StateSchema> {

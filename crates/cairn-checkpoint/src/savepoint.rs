@@ -9,7 +9,7 @@ use crate::admin::{load_checkpoint, show};
 use crate::schema::TypeShape;
 use crate::{
     BatchCommit, BatchId, CheckpointKind, CheckpointStore, Error, JobMetadata, OperatorDescription,
-    OperatorKind, Result, StateCheckpoint, TableWriter,
+    OperatorKind, Result, StateCheckpoint, StateEncoding, TableWriter,
 };
 use serde_json::{json, Value};
 
@@ -22,9 +22,38 @@ fn refuse(operator: &str, reason: impl Into<String>) -> Error {
     Error::Decode { path: format!("operator {operator:?}"), reason: reason.into() }
 }
 
+/// Decodes a stored value of a keyed operator (`[state, seen_ms]`) in its encoding.
+pub fn decode_value(
+    state: &TypeShape,
+    encoding: StateEncoding,
+    bytes: &[u8],
+) -> std::result::Result<Value, String> {
+    match encoding {
+        StateEncoding::Compact => crate::typed::decode(&value_shape(state), bytes),
+        StateEncoding::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
+    }
+}
+
+/// Encodes a keyed operator's value (`[state, seen_ms]`) in its encoding, checked against the
+/// state's shape either way.
+fn encode_value(
+    state: &TypeShape,
+    encoding: StateEncoding,
+    value: &Value,
+) -> std::result::Result<Vec<u8>, String> {
+    let compact = crate::typed::encode(&value_shape(state), value)?;
+    match encoding {
+        StateEncoding::Compact => Ok(compact),
+        StateEncoding::Json => serde_json::to_vec(value).map_err(|e| e.to_string()),
+    }
+}
+
 /// The operator's description, if its state can be read and written as data: a keyed operator
 /// whose checkpoint stores its key and state shapes.
-fn keyed<'g>(graph: &'g crate::GraphDescription, operator: &str) -> Result<(&'g TypeShape, &'g TypeShape)> {
+fn keyed<'g>(
+    graph: &'g crate::GraphDescription,
+    operator: &str,
+) -> Result<(&'g TypeShape, &'g TypeShape, StateEncoding)> {
     let Some(op) = graph.operators.iter().find(|o| o.name == operator) else {
         let names: Vec<&str> = graph.operators.iter().map(|o| o.name.as_str()).collect();
         return Err(refuse(operator, format!("no such operator in the checkpoint; it has {names:?}")));
@@ -39,7 +68,9 @@ fn keyed<'g>(graph: &'g crate::GraphDescription, operator: &str) -> Result<(&'g 
         ));
     }
     match op {
-        OperatorDescription { key_shape: Some(k), state_shape: Some(s), .. } => Ok((k, s)),
+        OperatorDescription { key_shape: Some(k), state_shape: Some(s), state_encoding, .. } => {
+            Ok((k, s, *state_encoding))
+        }
         _ => Err(refuse(
             operator,
             "the checkpoint does not store the shapes of its key and state types (it was written by a \
@@ -64,8 +95,7 @@ fn newest(store: &CheckpointStore) -> Result<StateCheckpoint> {
 /// data, which idle timeouts count from). Returns the checkpoint's batch and the rows.
 pub fn export(store: &CheckpointStore, operator: &str) -> Result<(BatchId, Vec<Value>)> {
     let state = newest(store)?;
-    let (key_shape, state_shape) = keyed(&state.graph, operator)?;
-    let value = value_shape(state_shape);
+    let (key_shape, state_shape, encoding) = keyed(&state.graph, operator)?;
     let mut rows = Vec::new();
     for t in state.tables.iter().filter(|t| t.id == operator) {
         for e in t.reader() {
@@ -76,7 +106,7 @@ pub fn export(store: &CheckpointStore, operator: &str) -> Result<(BatchId, Vec<V
                 reason: format!("{what}: {e}"),
             };
             let key = crate::typed::decode(key_shape, k).map_err(|e| bad("a key", e))?;
-            let decoded = crate::typed::decode(&value, v).map_err(|e| bad("a value", e))?;
+            let decoded = decode_value(state_shape, encoding, v).map_err(|e| bad("a value", e))?;
             let [state, seen_ms] = <[Value; 2]>::try_from(decoded.as_array().cloned().unwrap_or_default())
                 .map_err(|_| bad("a value", "not a (state, time) pair".into()))?;
             rows.push(json!({"key": key, "state": state, "seen_ms": seen_ms}));
@@ -114,8 +144,7 @@ pub fn import(
         reason: "no metadata".into(),
     })?;
     let mut state = newest(source)?;
-    let (key_shape, state_shape) = keyed(&state.graph, operator)?;
-    let value = value_shape(state_shape);
+    let (key_shape, state_shape, encoding) = keyed(&state.graph, operator)?;
     let original = state.tables.iter().find(|t| t.id == operator);
     let mut times = std::collections::HashMap::new();
     let mut newest_time = 0i64;
@@ -123,7 +152,7 @@ pub fn import(
         for e in t.reader() {
             let (k, v) = e?;
             if let Some(v) = v {
-                let pair = crate::typed::decode(&value, v).ok();
+                let pair = decode_value(state_shape, encoding, v).ok();
                 let time = pair.as_ref().and_then(|p| p[1].as_i64()).unwrap_or(0);
                 newest_time = newest_time.max(time);
                 times.insert(k.to_vec(), time);
@@ -140,7 +169,8 @@ pub fn import(
             Some(t) => t.clone(),
             None => json!(times.get(&key).copied().unwrap_or(newest_time)),
         };
-        let v = crate::typed::encode(&value, &json!([st, seen])).map_err(|e| bad(format!("state: {e}")))?;
+        let v = encode_value(state_shape, encoding, &json!([st, seen]))
+            .map_err(|e| bad(format!("state: {e}")))?;
         table.put(&key, &v);
     }
     let written = table.len();

@@ -27,6 +27,7 @@ fn arb_graph() -> impl Strategy<Value = GraphDescription> {
                     state_version,
                     key_shape: None,
                     state_shape: None,
+                    state_encoding: Default::default(),
                     renamed_from: Vec::new(),
                     migrations: Vec::new(),
                 })

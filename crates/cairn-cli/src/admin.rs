@@ -144,15 +144,17 @@ pub fn run(cmd: CheckpointCmd) -> Result<ExitCode, Box<dyn std::error::Error>> {
             // Keys and values read with the shapes the checkpoint stores, where it stores them;
             // otherwise a best guess from the bytes.
             let shapes = admin::show(&store, batch.map(BatchId))?.graph.and_then(|g| {
-                g.operators
-                    .into_iter()
-                    .find(|o| o.name == operator)
-                    .and_then(|o| o.key_shape.zip(o.state_shape))
+                let o = g.operators.into_iter().find(|o| o.name == operator)?;
+                let encoding = o.state_encoding;
+                o.key_shape.zip(o.state_shape).map(|(k, s)| (k, s, encoding))
             });
             let read = |table: &str, bytes: &[u8], key: bool| -> serde_json::Value {
-                let decoded = shapes.as_ref().filter(|_| table == operator).and_then(|(k, s)| {
-                    let shape = if key { k.clone() } else { savepoint::value_shape(s) };
-                    cairn::checkpoint::typed::decode(&shape, bytes).ok()
+                let decoded = shapes.as_ref().filter(|_| table == operator).and_then(|(k, s, encoding)| {
+                    if key {
+                        cairn::checkpoint::typed::decode(k, bytes).ok()
+                    } else {
+                        savepoint::decode_value(s, *encoding, bytes).ok()
+                    }
                 });
                 let guessed = if key { describe_key(table, bytes) } else { guess(bytes) };
                 decoded.unwrap_or_else(|| guessed.map_or(serde_json::Value::Null, serde_json::Value::String))

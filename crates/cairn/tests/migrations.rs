@@ -344,3 +344,107 @@ fn a_former_name_that_is_still_in_use_is_refused() {
         "{err}"
     );
 }
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+struct ProfileV1 {
+    visits: u64,
+}
+
+/// Version 1 plus a field with a default: no migration needed when stored self-describing.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+struct ProfileV2 {
+    visits: u64,
+    #[serde(default)]
+    largest: Option<i64>,
+}
+
+/// A field's type changed: old values cannot be read as it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+struct ProfileBad {
+    visits: String,
+}
+
+/// Per key, `update_state_by_key("profiles")` with `S`, its output as `(key, visits)`.
+fn profiles<S: cairn::StateData + cairn::Data + Ord>(
+    dir: &str,
+    name: OpName,
+    stop: u64,
+    f: fn(Option<S>, &[i64]) -> S,
+    visits: fn(&S) -> u64,
+) -> cairn::Result<Rec<(u8, u64)>> {
+    let ctx = StreamingContext::builder()
+        .checkpoint(dir)
+        .batch_interval(SEC)
+        .parallelism(2)
+        .stop_after_batches(stop)
+        .trigger(Trigger::AvailableNow)
+        .build()?;
+    let (q, s) = ctx.queue_stream::<(u8, i64)>("in")?;
+    for b in input() {
+        q.push(b);
+    }
+    let out = s.update_state_by_key(name, move |_, vs: Vec<i64>, old: Option<S>| Some(f(old, &vs)));
+    let rec = record(&out.map(move |(k, st)| (k, visits(&st))));
+    ctx.run_available()?;
+    Ok(rec)
+}
+
+fn v1(old: Option<ProfileV1>, vs: &[i64]) -> ProfileV1 {
+    ProfileV1 { visits: old.map_or(0, |o| o.visits) + vs.len() as u64 }
+}
+
+fn v2(old: Option<ProfileV2>, vs: &[i64]) -> ProfileV2 {
+    let old = old.unwrap_or(ProfileV2 { visits: 0, largest: None });
+    ProfileV2 { visits: old.visits + vs.len() as u64, largest: vs.iter().copied().chain(old.largest).max() }
+}
+
+fn bad(old: Option<ProfileBad>, vs: &[i64]) -> ProfileBad {
+    ProfileBad { visits: format!("{}{}", old.map_or(String::new(), |o| o.visits), vs.len()) }
+}
+
+#[test]
+fn self_describing_state_takes_an_added_field_without_a_migration_and_refuses_a_retyped_one_clearly() {
+    let json = || OpName::new("profiles").self_describing();
+    let scratch = tempfile::tempdir().unwrap();
+    let want = profiles(scratch.path().to_str().unwrap(), json(), 8, v2, |s| s.visits).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let loc = dir.path().to_str().unwrap();
+    profiles(loc, json(), 4, v1, |s| s.visits).unwrap();
+    // The stored values are JSON with field names: readable as data without the type.
+    let (_, rows) = cairn::checkpoint::savepoint::export(
+        &cairn::checkpoint::CheckpointStore::open(loc).unwrap(),
+        "profiles",
+    )
+    .unwrap();
+    assert!(rows.iter().all(|r| r["state"]["visits"].is_u64()), "{rows:?}");
+
+    // A field's type changed: the restore stops, naming the operator and showing the value.
+    let err = profiles(loc, json(), 6, bad, |_| 0).map(|_| ()).unwrap_err().to_string();
+    assert!(
+        err.contains("profiles") && err.contains("cannot read a stored JSON value") && err.contains("visits"),
+        "{err}"
+    );
+
+    // A field added with a default: same version, no migration, the visits go on exactly.
+    let after = profiles(loc, json(), 8, v2, |s| s.visits).unwrap();
+    let want: BTreeMap<u64, _> = want.lock().unwrap().clone().into_iter().filter(|(b, _)| *b >= 4).collect();
+    assert_eq!(*after.lock().unwrap(), want);
+    let want_4_5: BTreeMap<u64, _> = want.clone().into_iter().filter(|(b, _)| *b < 6).collect();
+
+    // The compact encoding cannot take the same change: its values are positional.
+    let compact = tempfile::tempdir().unwrap();
+    let cloc = compact.path().to_str().unwrap();
+    profiles(cloc, OpName::new("profiles"), 4, v1, |s| s.visits).unwrap();
+    match profiles(cloc, OpName::new("profiles"), 6, v2, |s| s.visits) {
+        Err(Error::Incompatible { difference, .. }) => {
+            assert!(difference.contains("state type changed"), "{difference}")
+        }
+        other => panic!("expected Error::Incompatible, got {:?}", other.map(|_| ())),
+    }
+    // Switching the encoding is a migration from the old version, same type.
+    let switched =
+        OpName::new("profiles").self_describing().with_version(2).migrate_from(1, |p: ProfileV1| Some(p));
+    let after = profiles(cloc, switched, 6, v1, |s| s.visits).unwrap();
+    assert_eq!(*after.lock().unwrap(), want_4_5);
+}

@@ -7,8 +7,8 @@
 use super::data::{partition_of, Key};
 use crate::error::{Error, Result};
 use cairn_checkpoint::schema::{StateSchema, TypeShape};
-use cairn_checkpoint::OperatorKind;
 use cairn_checkpoint::{OperatorDescription, TableData, TableWriter};
+use cairn_checkpoint::{OperatorKind, StateEncoding};
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
 use serde::{de::DeserializeOwned, Serialize};
@@ -31,6 +31,46 @@ pub(crate) fn encode_into<T: Serialize + ?Sized>(value: &T, buf: &mut Vec<u8>, e
             let first = err.take().unwrap_or_else(|| e.to_string());
             err.set(Some(first));
         }
+    }
+}
+
+/// Encodes a stored value in the operator's encoding (keys are always compact: they must be
+/// the same bytes for the same key).
+pub(crate) fn encode_value_into<T: Serialize + ?Sized>(
+    encoding: StateEncoding,
+    value: &T,
+    buf: &mut Vec<u8>,
+    err: &EncodeError,
+) {
+    match encoding {
+        StateEncoding::Compact => encode_into(value, buf, err),
+        StateEncoding::Json => {
+            if let Err(e) = serde_json::to_writer(&mut *buf, value) {
+                let first = err.take().unwrap_or_else(|| e.to_string());
+                err.set(Some(first));
+            }
+        }
+    }
+}
+
+/// Decodes a stored value in the operator's encoding.
+pub(crate) fn decode_value<T: DeserializeOwned>(
+    op: &str,
+    encoding: StateEncoding,
+    bytes: &[u8],
+) -> Result<T> {
+    match encoding {
+        StateEncoding::Compact => decode(op, bytes),
+        StateEncoding::Json => serde_json::from_slice(bytes).map_err(|e| {
+            Error::state(
+                op,
+                format!(
+                    "cannot read a stored JSON value as {} ({e}): {}; a field added without #[serde(default)], or a changed field type, needs a migration",
+                    std::any::type_name::<T>(),
+                    String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+                ),
+            )
+        }),
     }
 }
 
@@ -112,14 +152,17 @@ impl<K: Key, S> StatePart<K, S> {
         removed.push(key);
     }
 
-    fn snapshot(&mut self, full: bool, w: &mut TableWriter, err: &EncodeError)
+    fn snapshot(&mut self, full: bool, encoding: StateEncoding, w: &mut TableWriter, err: &EncodeError)
     where
         K: Serialize,
         S: Serialize,
     {
         let mut put = |k: &K, slot: &mut Slot<S>| {
             slot.dirty = false;
-            w.put_with(|b| encode_into(k, b, err), |b| encode_into(&(&slot.value, slot.seen_ms), b, err));
+            w.put_with(
+                |b| encode_into(k, b, err),
+                |b| encode_value_into(encoding, &(&slot.value, slot.seen_ms), b, err),
+            );
         };
         // When most keys changed, one pass over the map beats a hash lookup per changed key.
         if full || self.dirty.len() * 4 > self.map.len() {
@@ -150,12 +193,23 @@ impl<K: Key, S> StatePart<K, S> {
 /// Keyed state split into the context's partitions.
 pub(crate) struct KeyedState<K, S> {
     pub name: String,
+    pub encoding: StateEncoding,
     parts: Vec<Mutex<StatePart<K, S>>>,
 }
 
 impl<K: Key + StateData, S: StateData> KeyedState<K, S> {
     pub(crate) fn new(name: &str, parallelism: usize) -> Self {
-        Self { name: name.to_string(), parts: (0..parallelism.max(1)).map(|_| Mutex::default()).collect() }
+        Self {
+            name: name.to_string(),
+            encoding: StateEncoding::Compact,
+            parts: (0..parallelism.max(1)).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    /// The same state, its values stored in `encoding`.
+    pub(crate) fn with_encoding(mut self, encoding: StateEncoding) -> Self {
+        self.encoding = encoding;
+        self
     }
 
     pub(crate) fn parallelism(&self) -> usize {
@@ -186,7 +240,7 @@ impl<K: Key + StateData, S: StateData> KeyedState<K, S> {
             .map(|i| {
                 let mut w = TableWriter::new();
                 let err = EncodeError::default();
-                self.part(i).snapshot(full, &mut w, &err);
+                self.part(i).snapshot(full, self.encoding, &mut w, &err);
                 match err.take() {
                     Some(e) => Err(Error::state(&self.name, format!("cannot encode state: {e}"))),
                     None => Ok(w),
@@ -221,7 +275,7 @@ impl<K: Key + StateData, S: StateData> KeyedState<K, S> {
                     (0..n).map(|_| Vec::with_capacity(chunk.len() / n + 1)).collect();
                 for (k, v) in chunk {
                     let key: K = decode(&self.name, k)?;
-                    let (value, seen_ms): (S, i64) = decode(&self.name, v)?;
+                    let (value, seen_ms): (S, i64) = decode_value(&self.name, self.encoding, v)?;
                     by_part[partition_of(&key, n)].push((key, Slot { value, seen_ms, dirty: false }));
                 }
                 Ok(by_part)
@@ -289,6 +343,7 @@ pub(crate) fn describe<K: StateData, S: StateData>(
         state_version: version,
         key_shape,
         state_shape,
+        state_encoding: Default::default(),
         renamed_from: Vec::new(),
         migrations: Vec::new(),
     }

@@ -14,13 +14,15 @@
 use crate::error::{Error, Result};
 use crate::graph::state::{type_identity, StateData};
 use cairn_checkpoint::schema::TypeIdentity;
-use cairn_checkpoint::{MigrationSource, TableData, TableWriter};
+use cairn_checkpoint::{MigrationSource, StateEncoding, TableData, TableWriter};
 use std::any::TypeId;
 use std::sync::Arc;
 
-/// Converts one stored value (`(old state, last data batch time)`, postcard) into the new
-/// encoding; `Ok(None)` drops the key.
-type Convert = Arc<dyn Fn(&[u8]) -> std::result::Result<Option<Vec<u8>>, String> + Send + Sync>;
+/// Converts one stored value (`(old state, last data batch time)` in the stored encoding) into
+/// the new type in the operator's encoding; `Ok(None)` drops the key.
+type Convert = Arc<
+    dyn Fn(&[u8], StateEncoding, StateEncoding) -> std::result::Result<Option<Vec<u8>>, String> + Send + Sync,
+>;
 
 /// One declared conversion from an older state version to the operator's current state type.
 #[derive(Clone)]
@@ -48,9 +50,17 @@ impl Migration {
         from_version: u32,
         f: impl Fn(O) -> Option<S> + Send + Sync + 'static,
     ) -> Self {
-        let convert: Convert = Arc::new(move |bytes: &[u8]| {
-            let (old, seen_ms): (O, i64) = postcard::from_bytes(bytes).map_err(|e| e.to_string())?;
-            f(old).map(|new| postcard::to_allocvec(&(new, seen_ms)).map_err(|e| e.to_string())).transpose()
+        let convert: Convert = Arc::new(move |bytes: &[u8], from: StateEncoding, to: StateEncoding| {
+            let (old, seen_ms): (O, i64) = match from {
+                StateEncoding::Compact => postcard::from_bytes(bytes).map_err(|e| e.to_string())?,
+                StateEncoding::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string())?,
+            };
+            let Some(new) = f(old) else { return Ok(None) };
+            match to {
+                StateEncoding::Compact => postcard::to_allocvec(&(new, seen_ms)).map_err(|e| e.to_string()),
+                StateEncoding::Json => serde_json::to_vec(&(new, seen_ms)).map_err(|e| e.to_string()),
+            }
+            .map(Some)
         });
         Self {
             from_version,
@@ -65,14 +75,21 @@ impl Migration {
         MigrationSource { from_version: self.from_version, state_type: self.from_identity.clone() }
     }
 
-    /// The operator's table with every value converted (keys the conversion drops become
-    /// absent). Runs on the restored, merged state, so there are no tombstones to keep.
-    pub(crate) fn apply(&self, op: &str, table: &TableData) -> Result<TableData> {
+    /// The operator's table with every value converted from the stored encoding `from` to the
+    /// operator's `to` (keys the conversion drops become absent). Runs on the restored, merged
+    /// state, so there are no tombstones to keep.
+    pub(crate) fn apply(
+        &self,
+        op: &str,
+        table: &TableData,
+        from: StateEncoding,
+        to: StateEncoding,
+    ) -> Result<TableData> {
         let mut out = TableWriter::new();
         for entry in table.reader() {
             let (key, value) = entry.map_err(Error::Checkpoint)?;
             let Some(value) = value else { continue };
-            let converted = (self.convert)(value).map_err(|e| {
+            let converted = (self.convert)(value, from, to).map_err(|e| {
                 Error::state(
                     op,
                     format!(

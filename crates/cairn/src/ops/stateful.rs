@@ -6,8 +6,8 @@ use crate::graph::state::{describe, table, KeyedState, Slot, StateData, StatePar
 use crate::graph::{partition_of, shuffle, Data, Key, Partitions, StatefulOp};
 use crate::ops::migration::{self, Migration};
 use crate::runtime::failpoint;
-use cairn_checkpoint::OperatorKind;
 use cairn_checkpoint::{OperatorDescription, TableData};
+use cairn_checkpoint::{OperatorKind, StateEncoding};
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
 use std::collections::hash_map::Entry;
@@ -33,12 +33,19 @@ pub struct OpName {
     version: u32,
     migrations: Vec<Migration>,
     renamed_from: Vec<String>,
+    encoding: StateEncoding,
 }
 
 impl OpName {
     /// A name with state version 1.
     pub fn new(name: impl Into<String>) -> Self {
-        Self { name: name.into(), version: 1, migrations: Vec::new(), renamed_from: Vec::new() }
+        Self {
+            name: name.into(),
+            version: 1,
+            migrations: Vec::new(),
+            renamed_from: Vec::new(),
+            encoding: StateEncoding::Compact,
+        }
     }
     /// Sets the state schema version.
     pub fn with_version(mut self, version: u32) -> Self {
@@ -84,6 +91,28 @@ impl OpName {
         self.renamed_from.push(old.into());
         self
     }
+    /// Stores the state's values as JSON with field names instead of the compact positional
+    /// encoding, so that a field added with `#[serde(default)]` (or a field removed) is read
+    /// from old values as they are: the state type may change that way without a version bump
+    /// or a migration; a stored value the new type cannot read stops the restore, naming the
+    /// operator and showing the value. Costs more bytes and time per checkpointed key (see
+    /// docs/benchmarks.md). Applies to `update_state_by_key` and `map_with_state`; switching an
+    /// existing operator's encoding is a migration (raise the version, `migrate_from` the old
+    /// version with the same type).
+    ///
+    /// ```
+    /// use cairn::OpName;
+    /// let name = OpName::new("sessions").self_describing();
+    /// assert_eq!(name.name(), "sessions");
+    /// ```
+    pub fn self_describing(mut self) -> Self {
+        self.encoding = StateEncoding::Json;
+        self
+    }
+    /// How the state's values are stored.
+    pub(crate) fn encoding(&self) -> StateEncoding {
+        self.encoding
+    }
     /// The names this operator had before.
     pub(crate) fn old_names(&self) -> &[String] {
         &self.renamed_from
@@ -104,11 +133,18 @@ impl OpName {
         }
         self.migrations.clone()
     }
-    /// For operators whose state cannot be migrated (yet): declaring a migration is a mistake.
+    /// For operators whose state cannot be migrated or stored self-describing (yet): asking
+    /// for it is a mistake.
     pub(crate) fn refuse_migrations(&self, graph: &crate::graph::Graph, kind: OperatorKind) {
         if !self.migrations.is_empty() {
             graph.defer_error(format!(
                 "operator {:?}: {kind} state cannot be migrated; migrations apply to update_state_by_key and map_with_state",
+                self.name
+            ));
+        }
+        if !self.encoding.is_compact() {
+            graph.defer_error(format!(
+                "operator {:?}: {kind} state cannot be stored self-describing; that applies to update_state_by_key and map_with_state",
                 self.name
             ));
         }
@@ -138,6 +174,7 @@ impl<K: Key + StateData, S: StateData> StatefulOp for KeyedOp<K, S> {
     fn describe(&self) -> OperatorDescription {
         OperatorDescription {
             migrations: self.migrations.iter().map(Migration::source).collect(),
+            state_encoding: self.state.encoding,
             ..describe::<K, S>(&self.state.name, self.kind.clone(), self.version)
         }
     }
@@ -358,7 +395,8 @@ impl<K: Key + StateData, V: Data> DStream<(K, V)> {
             kind: OperatorKind::UpdateStateByKey,
             version: name.version(),
             migrations: name.migrations_for::<S>(&self.graph),
-            state: KeyedState::<K, S>::new(name.name(), self.graph.parallelism),
+            state: KeyedState::<K, S>::new(name.name(), self.graph.parallelism)
+                .with_encoding(name.encoding()),
         });
         self.graph.add_stateful(op.clone());
         self.derive(move |parts, ctx| {
@@ -460,7 +498,8 @@ impl<K: Key + StateData, V: Data> DStream<(K, V)> {
                 kind: OperatorKind::MapWithState,
                 version: name.version(),
                 migrations: name.migrations_for::<S>(&self.graph),
-                state: KeyedState::<K, S>::new(name.name(), self.graph.parallelism),
+                state: KeyedState::<K, S>::new(name.name(), self.graph.parallelism)
+                    .with_encoding(name.encoding()),
             },
             timeout_ms: spec.timeout.map(|d| d.as_millis() as i64),
             pending: std::sync::Mutex::new(spec.initial.as_ref().map(|f| f())),

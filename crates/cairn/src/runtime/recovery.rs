@@ -75,6 +75,7 @@ pub(crate) fn describe_graph(job: &Job) -> GraphDescription {
             state_version: 1,
             key_shape: None,
             state_shape: None,
+            state_encoding: Default::default(),
             renamed_from: Vec::new(),
             migrations: Vec::new(),
         });
@@ -418,8 +419,15 @@ fn restore(
                 if renamed.contains_key(&name) { moved.iter().collect() } else { stored };
             match migrated.get(&name) {
                 Some(m) => {
+                    let from = stored_graph
+                        .operators
+                        .iter()
+                        .find(|o| &o.name == stored_name)
+                        .map(|o| o.state_encoding)
+                        .unwrap_or_default();
+                    let to = op.describe().state_encoding;
                     let converted: Vec<TableData> =
-                        tables.iter().map(|t| m.apply(&name, t)).collect::<Result<_>>()?;
+                        tables.iter().map(|t| m.apply(&name, t, from, to)).collect::<Result<_>>()?;
                     op.restore(&converted.iter().collect::<Vec<_>>())?;
                     // The chain below holds the old encoding: new deltas must not build on it.
                     force_full = true;
