@@ -535,18 +535,38 @@ pub fn guess(bytes: &[u8]) -> Option<String> {
 pub struct GraphDiff {
     /// Every difference, removed and retyped operators first.
     pub changes: Vec<Change>,
-    /// Whether the new build can start on the checkpoint without dropping any state.
+    /// Stateful operators and sources found unchanged: their state is kept as it is.
+    pub kept: Vec<String>,
+    /// Operators whose stored state the new build would drop (`drop_state`, given as `dropped`):
+    /// removed or retyped ones named there.
+    pub dropped: Vec<String>,
+    /// Whether the new build can start on the checkpoint (dropping only what `dropped` names).
     pub compatible: bool,
 }
 
-/// Compares the checkpoint's graph with `new` (e.g. printed by a job's `--print-graph`).
-pub fn diff(store: &CheckpointStore, new: &GraphDescription) -> Result<GraphDiff> {
+/// Compares the checkpoint's graph with `new` (e.g. printed by a job's `--print-graph`); `drop`
+/// lists the operators the new build drops the state of (its `drop_state` settings).
+pub fn diff(store: &CheckpointStore, new: &GraphDescription, drop: &[String]) -> Result<GraphDiff> {
     let d = show(store, None)?;
     let stored = d.graph.ok_or_else(|| Error::Unrecoverable {
         location: store.location().to_string(),
         reason: "the location has no graph description (no metadata and no checkpoint)".into(),
     })?;
     let changes = compat::diff(&stored, new);
-    let compatible = changes.iter().all(|c| c.is_compatible(&[]));
-    Ok(GraphDiff { changes, compatible })
+    let compatible = changes.iter().all(|c| c.is_compatible(drop));
+    let dropped = changes
+        .iter()
+        .filter(|c| !c.is_compatible(&[]) && c.is_compatible(drop))
+        .filter_map(|c| c.operator().map(str::to_string))
+        .collect();
+    let touched: Vec<&str> = changes
+        .iter()
+        .flat_map(|c| match c {
+            Change::Renamed { from, to } => vec![from.as_str(), to.as_str()],
+            c => c.operator().into_iter().collect(),
+        })
+        .collect();
+    let kept =
+        stored.operators.iter().map(|o| o.name.clone()).filter(|n| !touched.contains(&n.as_str())).collect();
+    Ok(GraphDiff { changes, kept, dropped, compatible })
 }

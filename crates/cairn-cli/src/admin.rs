@@ -84,6 +84,9 @@ pub enum CheckpointCmd {
         /// The new build's graph description (JSON, e.g. from `cairn demo --print-graph`).
         #[arg(long)]
         graph: std::path::PathBuf,
+        /// An operator whose state the new build drops (its `drop_state`); repeatable.
+        #[arg(long = "drop")]
+        drop: Vec<String>,
     },
 }
 
@@ -243,19 +246,28 @@ pub fn run(cmd: CheckpointCmd) -> Result<ExitCode, Box<dyn std::error::Error>> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        CheckpointCmd::Diff { common, graph } => {
+        CheckpointCmd::Diff { common, graph, drop } => {
             let text = std::fs::read_to_string(&graph).map_err(|e| format!("{}: {e}", graph.display()))?;
             let new: GraphDescription = serde_json::from_str(&text)
                 .map_err(|e| format!("{} is not a graph description: {e}", graph.display()))?;
-            let d = admin::diff(&open(&common.location)?, &new)?;
+            let d = admin::diff(&open(&common.location)?, &new, &drop)?;
             if common.json {
                 print_json(&d)?;
             } else {
                 if d.changes.is_empty() {
                     println!("no changes to stateful operators");
                 }
+                for k in &d.kept {
+                    println!("kept {k:?}: unchanged");
+                }
                 for c in &d.changes {
-                    let mark = if c.is_compatible(&[]) { "ok  " } else { "FAIL" };
+                    let mark = if c.is_compatible(&[]) {
+                        "ok  "
+                    } else if c.is_compatible(&drop) {
+                        "drop"
+                    } else {
+                        "FAIL"
+                    };
                     println!("{mark} {c}");
                 }
                 println!(

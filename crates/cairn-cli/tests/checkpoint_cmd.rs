@@ -112,6 +112,23 @@ fn gc_and_diff() {
         "{t}"
     );
     assert!(t.contains("new update_state_by_key operator \"extra\""), "{t}");
+    assert!(t.contains("kept \"events\": unchanged"), "the source is kept: {t}");
+    // With the retyped operator's state dropped (the new build's drop_state), it would start.
+    let diff = cairn(&["checkpoint", "diff", loc, "--graph", g.to_str().unwrap(), "--drop", "counts"]);
+    assert_eq!(diff.status.code(), Some(0), "{}", text(&diff));
+    assert!(text(&diff).contains("drop operator \"counts\""), "{}", text(&diff));
+    let j = json(&cairn(&[
+        "checkpoint",
+        "diff",
+        loc,
+        "--graph",
+        g.to_str().unwrap(),
+        "--drop",
+        "counts",
+        "--json",
+    ]));
+    assert_eq!(j["dropped"], serde_json::json!(["counts"]));
+    assert_eq!(j["compatible"], true);
 }
 
 #[test]
