@@ -448,3 +448,77 @@ fn self_describing_state_takes_an_added_field_without_a_migration_and_refuses_a_
     let after = profiles(cloc, switched, 6, v1, |s| s.visits).unwrap();
     assert_eq!(*after.lock().unwrap(), want_4_5);
 }
+
+/// Counts per key and, when `window`, a two-batch window's sum; each batch's output with its
+/// batch time.
+fn interval_job(
+    dir: &str,
+    interval: Duration,
+    window: bool,
+    drop: bool,
+    stop: u64,
+) -> cairn::Result<Rec<(i64, u8, u64)>> {
+    let mut b = StreamingContext::builder()
+        .checkpoint(dir)
+        .batch_interval(interval)
+        .parallelism(2)
+        .stop_after_batches(stop)
+        .trigger(Trigger::AvailableNow);
+    if drop {
+        b = b.drop_state("w");
+    }
+    let ctx = b.build()?;
+    let (q, s) = ctx.queue_stream::<(u8, i64)>("in")?;
+    for b in input() {
+        q.push(b);
+    }
+    let counts = s.update_state_by_key("counts", |_, vs: Vec<i64>, old: Option<u64>| {
+        Some(old.unwrap_or(0) + vs.len() as u64)
+    });
+    let timed = counts.transform(|info, parts| {
+        parts.into_iter().map(|p| p.into_iter().map(|(k, c)| (info.batch_time_ms, k, c)).collect()).collect()
+    });
+    if window {
+        s.window("w", interval * 2, interval).print(1);
+    }
+    let rec = record(&timed);
+    ctx.run_available()?;
+    Ok(rec)
+}
+
+#[test]
+fn the_batch_interval_can_change_unless_a_window_depends_on_it() {
+    let scratch = tempfile::tempdir().unwrap();
+    let want = interval_job(scratch.path().to_str().unwrap(), SEC, false, false, 7).unwrap();
+    let want: BTreeMap<u64, Vec<(u8, u64)>> = want
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(b, v)| (*b, v.iter().map(|(_, k, c)| (*k, *c)).collect()))
+        .collect();
+
+    let dir = tempfile::tempdir().unwrap();
+    let loc = dir.path().to_str().unwrap();
+    let before = interval_job(loc, SEC, false, false, 4).unwrap();
+    let last_time = before.lock().unwrap()[&3][0].0;
+    // Nothing stored depends on the interval: the job goes on every 2 s of batch time, from
+    // where it was, and its state is intact.
+    let after = interval_job(loc, SEC * 2, false, false, 7).unwrap();
+    let after = after.lock().unwrap().clone();
+    let times: Vec<i64> = after.values().map(|v| v[0].0).collect();
+    assert_eq!(times, vec![last_time + 2000, last_time + 4000, last_time + 6000]);
+    let counts: BTreeMap<u64, Vec<(u8, u64)>> =
+        after.iter().map(|(b, v)| (*b, v.iter().map(|(_, k, c)| (*k, *c)).collect())).collect();
+    assert_eq!(counts, want.into_iter().filter(|(b, _)| *b >= 4).collect());
+
+    // A window keeps batches of the old interval: refused, naming it, unless its state goes.
+    let w = tempfile::tempdir().unwrap();
+    let wloc = w.path().to_str().unwrap();
+    interval_job(wloc, SEC, true, false, 3).unwrap();
+    let err = interval_job(wloc, SEC * 2, true, false, 5).map(|_| ()).unwrap_err().to_string();
+    assert!(
+        err.contains("batch interval of 1000 ms") && err.contains("2000 ms") && err.contains("[\"w\"]"),
+        "{err}"
+    );
+    interval_job(wloc, SEC * 2, true, true, 5).unwrap();
+}

@@ -1111,28 +1111,6 @@ fn incompatible_changes_are_refused_naming_the_operator() {
     assert_eq!(snapshot(&out)[&3], vec![(2, "1".to_string())]);
 }
 
-/// The batch interval is pinned by the checkpoint.
-#[test]
-fn a_different_batch_interval_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let (ctx, _) = counts_job(loc(&dir), Counts::U64, false, &[vec![1]]).unwrap();
-    ctx.run_available().unwrap();
-    let r = StreamingContext::get_or_create(loc(&dir), |l| {
-        let ctx = StreamingContext::builder().checkpoint(l).batch_interval(SEC * 2).build()?;
-        let (_q, s) = ctx.queue_stream::<u8>("in")?;
-        s.map(|k| (k, 1u64))
-            .update_state_by_key("counts", |_, v: Vec<u64>, o: Option<u64>| {
-                Some(o.unwrap_or(0) + v.len() as u64)
-            })
-            .print(1);
-        Ok(ctx)
-    });
-    match r {
-        Err(Error::Config(m)) => assert!(m.contains("batch interval"), "{m}"),
-        other => panic!("expected a Config error, got {:?}", other.err()),
-    }
-}
-
 /// After its state was dropped with the operator removed, an operator added back later under
 /// the same name starts empty ("new operators start empty").
 #[test]

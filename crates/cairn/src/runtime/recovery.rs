@@ -136,6 +136,37 @@ fn check_compatible(
     Ok(out)
 }
 
+/// A new batch interval is fine where nothing stored counts in batches of the old one. Window
+/// operators do (their buffered batches and slides sit on the old interval's grid), so they
+/// refuse it unless their state is dropped; map_with_state timeouts and everything else are
+/// durations of batch time, and the next batch time follows the last planned one.
+fn check_interval_change(
+    m: &JobMetadata,
+    cfg: &crate::runtime::job::Config,
+    graph: &GraphDescription,
+    location: &str,
+) -> Result<()> {
+    use cairn_checkpoint::OperatorKind::{ReduceByKeyAndWindow, Window};
+    let windows: Vec<&str> = graph
+        .operators
+        .iter()
+        .filter(|o| matches!(o.kind, Window | ReduceByKeyAndWindow) && !cfg.drop_state.contains(&o.name))
+        .map(|o| o.name.as_str())
+        .collect();
+    let (old, new) = (m.batch_interval_ms, cfg.batch_interval.as_millis());
+    if !windows.is_empty() {
+        return Err(Error::Config(format!(
+            "the checkpoint at {location} was written with a batch interval of {old} ms, the code says {new} ms; \
+             window operator(s) {windows:?} keep batches on the old interval's grid, so restore the old interval, \
+             drop their state (drop_state), or use a new checkpoint location"
+        )));
+    }
+    tracing::warn!(
+        "the batch interval changed from {old} ms to {new} ms; no stored state depends on it (no window operators), so the job goes on from its last batch time every {new} ms"
+    );
+    Ok(())
+}
+
 /// A job that runs as a task sees only its task's partitions: what would silently be wrong
 /// that way is refused before anything is written.
 fn check_task_ready(job: &Job, task: crate::TaskAssignment) -> Result<()> {
@@ -295,7 +326,6 @@ fn restore(
     aligned_now: i64,
 ) -> Result<Prepared> {
     let cfg = &job.cfg;
-    let interval = cfg.batch_interval.as_millis() as i64;
     if cfg.task.is_none() {
         let tasks = store.tasks()?;
         if !tasks.is_empty() {
@@ -318,11 +348,7 @@ fn restore(
     let metadata = match recovered.metadata.clone() {
         Some(m) => {
             if m.batch_interval_ms != cfg.batch_interval.as_millis() as u64 {
-                return Err(Error::Config(format!(
-                    "the checkpoint at {location} was written with a batch interval of {} ms, the code says {} ms; batch times and windows depend on it, so restore the old interval or use a new checkpoint location",
-                    m.batch_interval_ms,
-                    cfg.batch_interval.as_millis()
-                )));
+                check_interval_change(&m, cfg, &graph_desc, location)?;
             }
             for r in store.repair_metadata()? {
                 tracing::info!("recovery: {r}");
@@ -473,9 +499,14 @@ fn restore(
             recovered.restore_ms
         );
     }
+    // The newest plan says when the last batch ran (whatever interval it ran at); without one,
+    // the grid of the interval the location was created with.
     let last_batch_time_ms = recovered.replay.last().map(|p| p.batch_time_ms);
-    let last_batch_time_ms = last_batch_time_ms
-        .or_else(|| last_checkpoint.map(|b: BatchId| metadata.start_time_ms + b.0 as i64 * interval));
+    let last_batch_time_ms =
+        last_batch_time_ms.or_else(|| recovered.last_plan.as_ref().map(|p| p.batch_time_ms)).or_else(|| {
+            last_checkpoint
+                .map(|b: BatchId| metadata.start_time_ms + b.0 as i64 * metadata.batch_interval_ms as i64)
+        });
     Ok(Prepared {
         store: None,
         lease: None,
