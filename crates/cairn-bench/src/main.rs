@@ -355,24 +355,8 @@ fn dir_objects(dir: &Path) -> (u64, u64) {
     (n, bytes)
 }
 
-fn checkpointed_state(dir: &Path) -> Result<KraState, BoxError> {
-    let store = CheckpointStore::open(dir.to_str().unwrap_or_default())?;
-    let rec = store.recover()?;
-    let state = rec.state.ok_or("no checkpoint was written")?;
-    let table = state.tables.iter().find(|t| t.id == "kra").ok_or("no kra table in the checkpoint")?;
-    let mut m = FxHashMap::default();
-    for e in table.reader() {
-        let (k, v) = e?;
-        let Some(v) = v else { continue };
-        let key: u64 = postcard::from_bytes(k)?;
-        let (value, _seen): ((u64, i64), i64) = postcard::from_bytes(v)?;
-        m.insert(key, value);
-    }
-    Ok(m)
-}
-
-/// Like [`checkpointed_state`], for the run whose state is stored as JSON.
-fn checkpointed_state_json(dir: &Path) -> Result<KraState, BoxError> {
+/// The KRA state in the newest checkpoint of `dir`; `json`: stored self-describing.
+fn checkpointed_state(dir: &Path, json: bool) -> Result<KraState, BoxError> {
     let store = CheckpointStore::open(dir.to_str().unwrap_or_default())?;
     let state = store.recover()?.state.ok_or("no checkpoint was written")?;
     let table = state.tables.iter().find(|t| t.id == "kra").ok_or("no kra table in the checkpoint")?;
@@ -381,7 +365,8 @@ fn checkpointed_state_json(dir: &Path) -> Result<KraState, BoxError> {
         let (k, v) = e?;
         let Some(v) = v else { continue };
         let key: u64 = postcard::from_bytes(k)?;
-        let (value, _seen): ((u64, i64), i64) = serde_json::from_slice(v)?;
+        let (value, _seen): ((u64, i64), i64) =
+            if json { serde_json::from_slice(v)? } else { postcard::from_bytes(v)? };
         m.insert(key, value);
     }
     Ok(m)
@@ -430,7 +415,7 @@ fn kra(mut a: KraArgs) -> Result<(), BoxError> {
         false,
     )?;
     let rss_per_key = rss_bytes().saturating_sub(rss0) as f64 / expected.len().max(1) as f64;
-    let correct = checkpointed_state(&ckpt_dir)? == expected;
+    let correct = checkpointed_state(&ckpt_dir, false)? == expected;
     let (objects_total, bytes_total) = dir_objects(&ckpt_dir);
 
     eprintln!("engine, no state checkpoints...");
@@ -452,7 +437,7 @@ fn kra(mut a: KraArgs) -> Result<(), BoxError> {
         events,
         true,
     )?;
-    let json_correct = checkpointed_state_json(&json_dir)? == expected;
+    let json_correct = checkpointed_state(&json_dir, true)? == expected;
 
     eprintln!("storage latency: every state write delayed {} ms...", a.delay_ms);
     let every = 1u32;

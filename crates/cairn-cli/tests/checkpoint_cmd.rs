@@ -1,8 +1,10 @@
 //! `cairn checkpoint ...` on real checkpoints written by the engine, healthy and damaged.
 
+mod support;
+use support::{cairn, json, text};
+
 use cairn::{StreamingContext, Trigger};
 use std::path::Path;
-use std::process::{Command, Output};
 
 /// Runs a small stateful job: 12 batches, a checkpoint every batch, keep 4.
 fn job(dir: &Path) {
@@ -22,22 +24,6 @@ fn job(dir: &Path) {
     })
     .foreach_batch(|_, _| Ok(()));
     ctx.run_available().unwrap();
-}
-
-fn cairn(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args(args)
-        .env("CAIRN_LOG", "error")
-        .output()
-        .expect("run cairn")
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
-
-fn json(o: &Output) -> serde_json::Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(o)))
 }
 
 #[test]

@@ -4,11 +4,13 @@
 //! a new location shows in the job's next output there; an unedited export → import → restart
 //! gives the same output as the original location; a row that does not fit is refused.
 
+mod support;
+use support::{cairn, text};
+
 use cairn::{StreamingContext, Trigger};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -107,18 +109,6 @@ impl WithBatch for cairn::DStream<(String, i64)> {
             Some(f(batch, old, vs.into_iter().map(|(_, v)| v).collect()))
         })
     }
-}
-
-fn cairn(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args(args)
-        .env("CAIRN_LOG", "error")
-        .output()
-        .expect("run cairn")
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
 /// The state the job holds after `batches` batches, computed independently of cairn.

@@ -33,6 +33,33 @@ fn input() -> Vec<Vec<(u8, i64)>> {
         .collect()
 }
 
+/// A context on `dir` with the test's settings (a checkpoint every other batch, never deferred,
+/// stop after `stop` batches of the location), and its queue source `in` holding the input.
+fn start(
+    dir: &str,
+    interval: Duration,
+    stop: u64,
+    drop: Option<&str>,
+) -> cairn::Result<(StreamingContext, cairn::DStream<(u8, i64)>)> {
+    let mut b = StreamingContext::builder()
+        .checkpoint(dir)
+        .batch_interval(interval)
+        .checkpoint_interval(interval * 2)
+        .max_checkpoint_deferral(0)
+        .parallelism(2)
+        .stop_after_batches(stop)
+        .trigger(Trigger::AvailableNow);
+    if let Some(op) = drop {
+        b = b.drop_state(op);
+    }
+    let ctx = b.build()?;
+    let (q, s) = ctx.queue_stream::<(u8, i64)>("in")?;
+    for b in input() {
+        q.push(b);
+    }
+    Ok((ctx, s))
+}
+
 /// Version 2 of the state: the count and sum of version 1, and the largest value seen.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 struct Stats {
@@ -59,19 +86,7 @@ enum Code {
 /// after `stop` batches of this run's location, checkpointing every other batch (so a restart
 /// replays the batch after the last checkpoint).
 fn run(dir: &str, code: Code, stop: u64) -> cairn::Result<Rec<(u8, Stats)>> {
-    let ctx = StreamingContext::builder()
-        .checkpoint(dir)
-        .batch_interval(SEC)
-        .checkpoint_interval(SEC * 2)
-        .max_checkpoint_deferral(0)
-        .parallelism(2)
-        .stop_after_batches(stop)
-        .trigger(Trigger::AvailableNow)
-        .build()?;
-    let (q, s) = ctx.queue_stream::<(u8, i64)>("in")?;
-    for b in input() {
-        q.push(b);
-    }
+    let (ctx, s) = start(dir, SEC, stop, None)?;
     let out = match code {
         Code::V1 => {
             let v1 = s.update_state_by_key("stats", |_, vs: Vec<i64>, old: Option<(u64, i64)>| {
@@ -186,18 +201,7 @@ fn a_migration_can_drop_keys_and_migrates_map_with_state() {
     let dir = tempfile::tempdir().unwrap();
     let loc = dir.path().to_str().unwrap();
     let start = |version: u32, stop: u64| -> cairn::Result<Rec<(u8, i64)>> {
-        let ctx = StreamingContext::builder()
-            .checkpoint(loc)
-            .batch_interval(SEC)
-            .checkpoint_interval(SEC)
-            .parallelism(2)
-            .stop_after_batches(stop)
-            .trigger(Trigger::AvailableNow)
-            .build()?;
-        let (q, s) = ctx.queue_stream::<(u8, i64)>("in")?;
-        for b in input() {
-            q.push(b);
-        }
+        let (ctx, s) = start(loc, SEC, stop, None)?;
         let out = if version == 1 {
             // Version 1 keeps the sum as a string (a mistake version 2 fixes).
             let spec = StateSpec::function(|k: &u8, v: Option<i64>, st: &mut cairn::State<'_, String>| {
@@ -270,19 +274,7 @@ struct Names {
 
 /// Counts per key and a two-batch window per key, each batch's output as `(tag, key, value)`.
 fn renamed_job(dir: &str, names: Names, stop: u64) -> cairn::Result<Rec<(u8, u8, i64)>> {
-    let ctx = StreamingContext::builder()
-        .checkpoint(dir)
-        .batch_interval(SEC)
-        .checkpoint_interval(SEC * 2)
-        .max_checkpoint_deferral(0)
-        .parallelism(2)
-        .stop_after_batches(stop)
-        .trigger(Trigger::AvailableNow)
-        .build()?;
-    let (q, s) = ctx.queue_stream::<(u8, i64)>("in")?;
-    for b in input() {
-        q.push(b);
-    }
+    let (ctx, s) = start(dir, SEC, stop, None)?;
     let counts = s
         .update_state_by_key(names.counts, |_, vs: Vec<i64>, old: Option<u64>| {
             Some(old.unwrap_or(0) + vs.len() as u64)
@@ -372,17 +364,7 @@ fn profiles<S: cairn::StateData + cairn::Data + Ord>(
     f: fn(Option<S>, &[i64]) -> S,
     visits: fn(&S) -> u64,
 ) -> cairn::Result<Rec<(u8, u64)>> {
-    let ctx = StreamingContext::builder()
-        .checkpoint(dir)
-        .batch_interval(SEC)
-        .parallelism(2)
-        .stop_after_batches(stop)
-        .trigger(Trigger::AvailableNow)
-        .build()?;
-    let (q, s) = ctx.queue_stream::<(u8, i64)>("in")?;
-    for b in input() {
-        q.push(b);
-    }
+    let (ctx, s) = start(dir, SEC, stop, None)?;
     let out = s.update_state_by_key(name, move |_, vs: Vec<i64>, old: Option<S>| Some(f(old, &vs)));
     let rec = record(&out.map(move |(k, st)| (k, visits(&st))));
     ctx.run_available()?;
@@ -458,20 +440,7 @@ fn interval_job(
     drop: bool,
     stop: u64,
 ) -> cairn::Result<Rec<(i64, u8, u64)>> {
-    let mut b = StreamingContext::builder()
-        .checkpoint(dir)
-        .batch_interval(interval)
-        .parallelism(2)
-        .stop_after_batches(stop)
-        .trigger(Trigger::AvailableNow);
-    if drop {
-        b = b.drop_state("w");
-    }
-    let ctx = b.build()?;
-    let (q, s) = ctx.queue_stream::<(u8, i64)>("in")?;
-    for b in input() {
-        q.push(b);
-    }
+    let (ctx, s) = start(dir, interval, stop, drop.then_some("w"))?;
     let counts = s.update_state_by_key("counts", |_, vs: Vec<i64>, old: Option<u64>| {
         Some(old.unwrap_or(0) + vs.len() as u64)
     });
