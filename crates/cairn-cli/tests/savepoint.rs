@@ -111,6 +111,22 @@ impl WithBatch for cairn::DStream<(String, i64)> {
     }
 }
 
+/// `cairn checkpoint import FROM --operator accounts --file FILE --to TO`.
+fn import(from: &Path, file: &Path, to: &Path) -> std::process::Output {
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    cairn(&[
+        "checkpoint",
+        "import",
+        &path(from),
+        "--operator",
+        "accounts",
+        "--file",
+        &path(file),
+        "--to",
+        &path(to),
+    ])
+}
+
 /// The state the job holds after `batches` batches, computed independently of cairn.
 fn model(batches: usize) -> BTreeMap<String, Account> {
     let mut state: BTreeMap<String, Account> = BTreeMap::new();
@@ -170,17 +186,7 @@ fn export_edit_import_and_restart_shows_the_edit_and_an_unedited_round_trip_chan
     assert!(text(&o).contains("balance"), "decoded values: {}", text(&o));
 
     // Unedited export -> import -> restart: the same output as the original location's.
-    let o = cairn(&[
-        "checkpoint",
-        "import",
-        a.to_str().unwrap(),
-        "--operator",
-        "accounts",
-        "--file",
-        exported.to_str().unwrap(),
-        "--to",
-        b.to_str().unwrap(),
-    ]);
+    let o = import(a, &exported, b);
     assert!(o.status.success(), "{}", text(&o));
     let from_import = run(b, 9);
     let original = run(a, 9);
@@ -200,17 +206,7 @@ fn export_edit_import_and_restart_shows_the_edit_and_an_unedited_round_trip_chan
         .collect();
     let edited_file = dirs[3].path().join("edited.jsonl");
     std::fs::write(&edited_file, edited).unwrap();
-    let o = cairn(&[
-        "checkpoint",
-        "import",
-        a.to_str().unwrap(),
-        "--operator",
-        "accounts",
-        "--file",
-        edited_file.to_str().unwrap(),
-        "--to",
-        c.to_str().unwrap(),
-    ]);
+    let o = import(a, &edited_file, c);
     // `a` has moved on to batch 9 meanwhile: the import copies its newest restore point.
     assert!(o.status.success(), "{}", text(&o));
     let after = run(c, 10);
@@ -237,17 +233,7 @@ fn an_import_row_that_does_not_fit_is_refused_by_line_and_writes_nothing() {
         let file = files.path().join("rows.jsonl");
         let good = r#"{"key":"u0","state":{"balance":5,"tier":"Basic","last":[{"Deposit":5}],"note":null},"seen_ms":0}"#;
         std::fs::write(&file, format!("{good}\n{row}\n")).unwrap();
-        let o = cairn(&[
-            "checkpoint",
-            "import",
-            a.path().to_str().unwrap(),
-            "--operator",
-            "accounts",
-            "--file",
-            file.to_str().unwrap(),
-            "--to",
-            to.path().to_str().unwrap(),
-        ]);
+        let o = import(a.path(), &file, to.path());
         assert!(!o.status.success(), "accepted {row}");
         assert!(text(&o).contains(why), "{row}: {}", text(&o));
         assert_eq!(std::fs::read_dir(to.path()).unwrap().count(), 0, "nothing written for {row}");
