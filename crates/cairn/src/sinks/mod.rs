@@ -281,11 +281,22 @@ pub(crate) fn write_batch<T: Send>(
         epoch: ctx.epoch,
         fence: ctx.fence.clone(),
     };
-    let fail = |e: UserError| Error::Sink {
-        sink: sink.name().to_string(),
-        batch: ctx.info.batch_id,
-        message: e.to_string(),
-        transient: crate::is_transient(e.as_ref()),
+    let fail = |e: UserError| match batch.check_fence() {
+        // A process that lost its job or task meets the new holder's writes (a staging file
+        // moved, a row locked, a producer fenced): that loss is the cause to report, and it
+        // does not heal by retrying.
+        Err(fenced) => Error::Sink {
+            sink: sink.name().to_string(),
+            batch: ctx.info.batch_id,
+            message: format!("{fenced} (the write failed after that: {e})"),
+            transient: false,
+        },
+        Ok(()) => Error::Sink {
+            sink: sink.name().to_string(),
+            batch: ctx.info.batch_id,
+            message: e.to_string(),
+            transient: crate::is_transient(e.as_ref()),
+        },
     };
     if sink.open(&batch).map_err(fail)? == BatchWrite::AlreadyCommitted {
         return Ok(());
