@@ -14,7 +14,7 @@ use crate::{
 use serde_json::{json, Value};
 
 /// A keyed operator's stored value: its state and the batch time its key last got data.
-pub fn value_shape(state: &TypeShape) -> TypeShape {
+fn value_shape(state: &TypeShape) -> TypeShape {
     TypeShape::Tuple(vec![state.clone(), TypeShape::Prim("i64".into())])
 }
 

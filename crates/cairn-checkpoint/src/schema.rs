@@ -253,12 +253,6 @@ fn agrees(a: &Shape, b: &Shape) -> bool {
     }
 }
 
-impl From<&Shape> for TypeShape {
-    fn from(s: &Shape) -> Self {
-        Self::convert(s, &mut Vec::new())
-    }
-}
-
 /// A key or state type as a graph description records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TypeIdentity<'a> {

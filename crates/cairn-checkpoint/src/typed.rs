@@ -148,24 +148,34 @@ fn string_keyed(key: &TypeShape) -> bool {
     }
 }
 
+/// Runs `f` on the shape a node stands for (a recursion marker resolved to its container),
+/// with that container on the stack while `f` runs, so markers below it resolve.
+fn at_node<'s, T>(
+    shape: &'s TypeShape,
+    stack: &mut Vec<&'s TypeShape>,
+    f: &mut impl FnMut(&'s TypeShape, &mut Vec<&'s TypeShape>) -> Result<T, String>,
+) -> Result<T, String> {
+    let shape = match shape {
+        TypeShape::Recursive(name) => resolve(name, stack)?,
+        s => s,
+    };
+    let pushed = is_container(shape);
+    if pushed {
+        stack.push(shape);
+    }
+    let out = f(shape, stack);
+    if pushed {
+        stack.pop();
+    }
+    out
+}
+
 fn decode_at<'s>(
     shape: &'s TypeShape,
     r: &mut Reader<'_>,
     stack: &mut Vec<&'s TypeShape>,
 ) -> Result<Value, String> {
-    if let TypeShape::Recursive(name) = shape {
-        let target = resolve(name, stack)?;
-        return decode_at(target, r, stack);
-    }
-    let pushed = is_container(shape);
-    if pushed {
-        stack.push(shape);
-    }
-    let v = decode_inner(shape, r, stack);
-    if pushed {
-        stack.pop();
-    }
-    v
+    at_node(shape, stack, &mut |s, stack| decode_inner(s, r, stack))
 }
 
 fn decode_inner<'s>(
@@ -250,7 +260,7 @@ fn decode_inner<'s>(
                 }
             }
         }
-        TypeShape::Recursive(_) => unreachable!("resolved by decode_at"),
+        TypeShape::Recursive(_) => unreachable!("resolved by at_node"),
         TypeShape::Unknown => {
             return Err("the stored shape is incomplete here (tracing did not reach it)".into())
         }
@@ -324,19 +334,7 @@ fn encode_at<'s>(
     out: &mut Vec<u8>,
     stack: &mut Vec<&'s TypeShape>,
 ) -> Result<(), String> {
-    if let TypeShape::Recursive(name) = shape {
-        let target = resolve(name, stack)?;
-        return encode_at(target, v, out, stack);
-    }
-    let pushed = is_container(shape);
-    if pushed {
-        stack.push(shape);
-    }
-    let done = encode_inner(shape, v, out, stack);
-    if pushed {
-        stack.pop();
-    }
-    done
+    at_node(shape, stack, &mut |s, stack| encode_inner(s, v, out, stack))
 }
 
 fn encode_inner<'s>(
@@ -451,7 +449,7 @@ fn encode_inner<'s>(
                 (_, None) => return Err(format!("{name}::{variant} needs content: {{\"{variant}\": ...}}")),
             }
         }
-        TypeShape::Recursive(_) => unreachable!("resolved by encode_at"),
+        TypeShape::Recursive(_) => unreachable!("resolved by at_node"),
         TypeShape::Unknown => {
             return Err("the stored shape is incomplete here (tracing did not reach it)".into())
         }

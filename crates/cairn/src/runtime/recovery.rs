@@ -421,7 +421,8 @@ fn restore(
         let mut taken = std::collections::HashSet::new();
         let t0 = Instant::now();
         for op in &ops {
-            let name = op.describe().name;
+            let desc = op.describe();
+            let name = desc.name.clone();
             if dropped.contains(&name) {
                 continue; // its stored state has another type: start empty, as the user asked
             }
@@ -451,7 +452,7 @@ fn restore(
                         .find(|o| &o.name == stored_name)
                         .map(|o| o.state_encoding)
                         .unwrap_or_default();
-                    let to = op.describe().state_encoding;
+                    let to = desc.state_encoding;
                     let converted: Vec<TableData> =
                         tables.iter().map(|t| m.apply(&name, t, from, to)).collect::<Result<_>>()?;
                     op.restore(&converted.iter().collect::<Vec<_>>())?;
