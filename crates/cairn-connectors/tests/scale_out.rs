@@ -108,6 +108,11 @@ impl World {
     }
 
     fn member(&mut self) -> Member {
+        self.member_serving(None)
+    }
+
+    /// A member, serving its metrics and page on `http` when given.
+    fn member_serving(&mut self, http: Option<u16>) -> Member {
         self.started += 1;
         let log = self.logs.path().join(format!("member-{}.log", self.started));
         let mut c = Command::new(EXE);
@@ -122,7 +127,10 @@ impl World {
             &format!("--session-timeout-ms={SESSION_MS}"),
             &format!("--batch-interval-ms={BATCH_MS}"),
         ]);
-        c.envs(self.s3.env()).env("RUST_LOG", "info,cairn=info");
+        if let Some(port) = http {
+            c.arg(format!("--http=127.0.0.1:{port}"));
+        }
+        c.envs(self.s3.env());
         c.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
         Member { child: c.spawn().unwrap(), log, stopped: false }
     }
@@ -145,6 +153,66 @@ impl World {
 /// Where a copy of an output line is: partition, producer id, producer epoch, offset.
 type LineCopy = (i32, i64, i16, i64);
 
+/// The body of `GET path` from 127.0.0.1:`port` (None while nothing answers).
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
+}
+
+/// A scaled-out member's own view (its `/metrics` and `/api/progress`) agrees with itself: it
+/// runs at least one task, `cairn_tasks` counts exactly the tasks whose series it serves, the
+/// page lists the same tasks with their epochs, and the rebalance that gave them is counted.
+fn check_process_view(port: u16, member: &Member) {
+    let t0 = Instant::now();
+    let mut last = String::new();
+    while t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(500));
+        let (Some(metrics), Some(page)) = (http_get(port, "/metrics"), http_get(port, "/api/progress"))
+        else {
+            last = "no answer".into();
+            continue;
+        };
+        let value = |prefix: &str| {
+            metrics.lines().find_map(|l| l.strip_prefix(prefix)?.trim().parse::<f64>().ok()).unwrap_or(-1.0)
+        };
+        let app = "{app=\"kafka-to-postgres\"}";
+        let owned = value(&format!("cairn_tasks{app}"));
+        let labelled: BTreeSet<u64> = metrics
+            .lines()
+            .filter_map(|l| l.strip_prefix("cairn_task_epoch{app=\"kafka-to-postgres\",task=\""))
+            .filter_map(|l| l.split('"').next()?.parse().ok())
+            .collect();
+        let page: serde_json::Value = serde_json::from_str(&page).unwrap();
+        let listed: BTreeSet<u64> =
+            page["tasks"].as_array().unwrap().iter().filter_map(|t| t["task"].as_u64()).collect();
+        let epochs_known = page["tasks"].as_array().unwrap().iter().all(|t| t["epoch"].as_u64().is_some());
+        if owned >= 1.0
+            && labelled.len() as f64 == owned
+            && labelled == listed
+            && epochs_known
+            && page["scaled_out"] == true
+            && value(&format!("cairn_task_assignments_total{app}")) >= 1.0
+            && value(&format!("cairn_task_start_seconds_count{app}")) >= 1.0
+        {
+            eprintln!("member {} serves its {} task(s): {listed:?}", member.pid(), listed.len());
+            return;
+        }
+        last = format!(
+            "cairn_tasks {owned}, series for {labelled:?}, page lists {listed:?}:\n{metrics}\n{page}"
+        );
+    }
+    panic!(
+        "member {}'s metrics and page never agreed on its tasks: {last}\n{}",
+        member.pid(),
+        tail(&member.log)
+    );
+}
+
 fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -165,7 +233,9 @@ fn scaled_out_job_survives_kills_pauses_and_scaling_exactly() {
         let p = w.progress();
         last_batch.iter().all(|(t, last)| p.get(t).is_some_and(|b| b >= last))
     };
-    let mut members: Vec<Member> = (0..3).map(|_| world.member()).collect();
+    // The first member also serves its metrics and page.
+    let port = cairn_sim::tools::free_port();
+    let mut members: Vec<Member> = vec![world.member_serving(Some(port)), world.member(), world.member()];
     let t0 = Instant::now();
     while world.progress().len() < TASKS as usize {
         assert!(
@@ -176,6 +246,7 @@ fn scaled_out_job_survives_kills_pauses_and_scaling_exactly() {
         std::thread::sleep(Duration::from_millis(200));
     }
     eprintln!("all {TASKS} tasks running after {:.1} s", t0.elapsed().as_secs_f64());
+    check_process_view(port, &members[0]);
 
     // The scripted events first (kill one, add a fourth, pause one past the session timeout),
     // then seeded random ones, keeping two to four members.

@@ -103,6 +103,22 @@ pub fn serve(ctx: &StreamingContext, addr: &str) -> Result<Endpoint, Error> {
     if ctx.is_started() {
         return Err(Error::AlreadyStarted);
     }
+    let metrics = Metrics::for_context(ctx);
+    let endpoint = serve_metrics(&metrics, addr)?;
+    ctx.add_listener(Arc::new(metrics));
+    Ok(endpoint)
+}
+
+/// Binds `addr` and serves `metrics` and their live page, like [`serve`], for metrics fed by
+/// other means: a scaled-out process's ([`Metrics::for_process`], its tasks
+/// [attached](Metrics::attach) as they start).
+///
+/// ```
+/// let metrics = cairn_web::Metrics::for_process("clicks");
+/// let endpoint = cairn_web::serve_metrics(&metrics, "127.0.0.1:0").unwrap();
+/// assert!(endpoint.metrics().encode().contains("cairn_tasks{app=\"clicks\"} 0"));
+/// ```
+pub fn serve_metrics(metrics: &Metrics, addr: &str) -> Result<Endpoint, Error> {
     let bind_err = |source| Error::Bind { addr: addr.to_string(), source };
     let std_listener = std::net::TcpListener::bind(addr).map_err(bind_err)?;
     std_listener.set_nonblocking(true).map_err(bind_err)?;
@@ -112,7 +128,6 @@ pub fn serve(ctx: &StreamingContext, addr: &str) -> Result<Endpoint, Error> {
         let _guard = rt.enter();
         tokio::net::TcpListener::from_std(std_listener).map_err(bind_err)?
     };
-    let metrics = Metrics::for_context(ctx);
     let app = Router::new()
         .route("/", get(page))
         .route("/metrics", get(self::metrics))
@@ -132,7 +147,6 @@ pub fn serve(ctx: &StreamingContext, addr: &str) -> Result<Endpoint, Error> {
             });
         })
         .map_err(Error::Start)?;
-    ctx.add_listener(Arc::new(metrics.clone()));
     tracing::info!("metrics at http://{local}/metrics, live page at http://{local}/");
-    Ok(Endpoint { addr: local, metrics, stop: Some(tx), thread: Some(thread) })
+    Ok(Endpoint { addr: local, metrics: metrics.clone(), stop: Some(tx), thread: Some(thread) })
 }

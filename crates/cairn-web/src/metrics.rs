@@ -6,15 +6,16 @@ use cairn::{
     BatchProgress, CheckpointFailed, CheckpointWritten, LeaseLost, RecoveryFinished, RestartScheduled,
     StreamingContext, StreamingListener,
 };
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 /// The `Content-Type` of [`Metrics::encode`]'s output (OpenMetrics text, which Prometheus
 /// scrapes natively).
@@ -25,78 +26,155 @@ const TIMELINE: usize = 600;
 /// Upper bounds (seconds) of the latency histograms' buckets.
 const BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
+/// The `task` label of a scaled-out process's series (the task that produced the figure). A job
+/// that runs as one process has no tasks, and its series carry no such label.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
+struct TaskLabel(Option<u32>);
+
+impl EncodeLabelSet for TaskLabel {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        match self.0 {
+            Some(t) => ("task", t).encode(encoder.encode_label()),
+            None => Ok(()),
+        }
+    }
+}
+
 /// The label that tells stateful operators apart.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 struct OperatorLabels {
     operator: String,
 }
 
 /// The labels that tell source partitions apart.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 struct PartitionLabels {
     source: String,
     partition: String,
 }
 
 type FloatGauge = Gauge<f64, AtomicU64>;
+/// One series per task (one unlabelled series for a job that runs as one process).
+type PerTask<M> = Family<TaskLabel, M>;
+type PerTaskHistogram = Family<TaskLabel, Histogram, fn() -> Histogram>;
+type PerOperator = Family<(TaskLabel, OperatorLabels), Gauge>;
+type PerPartition = Family<(TaskLabel, PartitionLabels), Gauge>;
 
-/// Every metric of one job, each registered once in the job's own registry.
-struct Families {
-    batches: Counter,
-    replayed_batches: Counter,
-    input_records: Counter,
-    checkpoints_written: Counter,
-    checkpoint_failures: Counter,
-    checkpoint_written_bytes: Counter,
-    checkpoint_write_retries: Counter,
-    checkpoint_deferrals: Counter,
-    checkpoint_backpressure_seconds: Counter<f64, AtomicU64>,
-    recovery_warnings: Counter,
-    lease_lost: Counter,
-    restarts: Counter,
-    last_batch_id: Gauge,
-    scheduling_delay_seconds: FloatGauge,
-    checkpoint_queue_depth: Gauge,
-    checkpoint_chain: Gauge,
-    checkpoint_restore_estimate_seconds: FloatGauge,
-    input_rows_per_second: FloatGauge,
-    processed_rows_per_second: FloatGauge,
-    state_keys: Family<OperatorLabels, Gauge>,
-    source_lag_records: Family<PartitionLabels, Gauge>,
-    state_checkpoint_bytes: Family<OperatorLabels, Gauge>,
-    batch_processing_seconds: Histogram,
-    checkpoint_write_seconds: Histogram,
+fn latency_histogram() -> Histogram {
+    Histogram::new(BUCKETS)
 }
 
-impl Families {
-    /// Creates every metric at zero and registers it in `r`.
-    fn register(r: &mut Registry) -> Self {
-        let f = Self {
-            batches: Counter::default(),
-            replayed_batches: Counter::default(),
-            input_records: Counter::default(),
-            checkpoints_written: Counter::default(),
-            checkpoint_failures: Counter::default(),
-            checkpoint_written_bytes: Counter::default(),
-            checkpoint_write_retries: Counter::default(),
-            checkpoint_deferrals: Counter::default(),
-            checkpoint_backpressure_seconds: Counter::default(),
-            recovery_warnings: Counter::default(),
-            lease_lost: Counter::default(),
-            restarts: Counter::default(),
-            last_batch_id: Gauge::default(),
-            scheduling_delay_seconds: FloatGauge::default(),
-            checkpoint_queue_depth: Gauge::default(),
-            checkpoint_chain: Gauge::default(),
-            checkpoint_restore_estimate_seconds: FloatGauge::default(),
-            input_rows_per_second: FloatGauge::default(),
-            processed_rows_per_second: FloatGauge::default(),
+/// Every metric of one job (or of one process of a scaled-out job), each registered once in
+/// its own registry.
+struct Families {
+    batches: PerTask<Counter>,
+    replayed_batches: PerTask<Counter>,
+    input_records: PerTask<Counter>,
+    checkpoints_written: PerTask<Counter>,
+    checkpoint_failures: PerTask<Counter>,
+    checkpoint_written_bytes: PerTask<Counter>,
+    checkpoint_write_retries: PerTask<Counter>,
+    checkpoint_deferrals: PerTask<Counter>,
+    checkpoint_backpressure_seconds: PerTask<Counter<f64, AtomicU64>>,
+    recovery_warnings: PerTask<Counter>,
+    lease_lost: PerTask<Counter>,
+    restarts: PerTask<Counter>,
+    last_batch_id: PerTask<Gauge>,
+    scheduling_delay_seconds: PerTask<FloatGauge>,
+    checkpoint_queue_depth: PerTask<Gauge>,
+    checkpoint_chain: PerTask<Gauge>,
+    checkpoint_restore_estimate_seconds: PerTask<FloatGauge>,
+    input_rows_per_second: PerTask<FloatGauge>,
+    processed_rows_per_second: PerTask<FloatGauge>,
+    state_keys: PerOperator,
+    source_lag_records: PerPartition,
+    state_checkpoint_bytes: PerOperator,
+    batch_processing_seconds: PerTaskHistogram,
+    checkpoint_write_seconds: PerTaskHistogram,
+    /// Scaled-out processes only (not registered for a job that runs as one process).
+    tasks: Tasks,
+}
+
+/// A scaled-out process's tasks and rebalances.
+struct Tasks {
+    owned: Gauge,
+    epoch: PerTask<Gauge>,
+    assignments: Counter,
+    fenced: Counter,
+    start_seconds: Histogram,
+    first_batch_seconds: Histogram,
+    stop_seconds: Histogram,
+}
+
+impl Default for Families {
+    fn default() -> Self {
+        Self {
+            batches: Family::default(),
+            replayed_batches: Family::default(),
+            input_records: Family::default(),
+            checkpoints_written: Family::default(),
+            checkpoint_failures: Family::default(),
+            checkpoint_written_bytes: Family::default(),
+            checkpoint_write_retries: Family::default(),
+            checkpoint_deferrals: Family::default(),
+            checkpoint_backpressure_seconds: Family::default(),
+            recovery_warnings: Family::default(),
+            lease_lost: Family::default(),
+            restarts: Family::default(),
+            last_batch_id: Family::default(),
+            scheduling_delay_seconds: Family::default(),
+            checkpoint_queue_depth: Family::default(),
+            checkpoint_chain: Family::default(),
+            checkpoint_restore_estimate_seconds: Family::default(),
+            input_rows_per_second: Family::default(),
+            processed_rows_per_second: Family::default(),
             state_keys: Family::default(),
             source_lag_records: Family::default(),
             state_checkpoint_bytes: Family::default(),
-            batch_processing_seconds: Histogram::new(BUCKETS),
-            checkpoint_write_seconds: Histogram::new(BUCKETS),
-        };
+            batch_processing_seconds: Family::new_with_constructor(latency_histogram),
+            checkpoint_write_seconds: Family::new_with_constructor(latency_histogram),
+            tasks: Tasks::default(),
+        }
+    }
+}
+
+impl Default for Tasks {
+    fn default() -> Self {
+        Self {
+            owned: Gauge::default(),
+            epoch: Family::default(),
+            assignments: Counter::default(),
+            fenced: Counter::default(),
+            start_seconds: Histogram::new(REBALANCE_BUCKETS),
+            first_batch_seconds: Histogram::new(REBALANCE_BUCKETS),
+            stop_seconds: Histogram::new(REBALANCE_BUCKETS),
+        }
+    }
+}
+
+/// A family with one series per task, so that a task's series are created and removed together.
+trait TaskSeries {
+    fn create(&self, t: TaskLabel);
+    fn remove(&self, t: TaskLabel);
+}
+
+impl<M, C> TaskSeries for Family<TaskLabel, M, C>
+where
+    C: prometheus_client::metrics::family::MetricConstructor<M>,
+{
+    fn create(&self, t: TaskLabel) {
+        // Creating the series is the point: it then shows 0 until the first event.
+        drop(self.get_or_create(&t));
+    }
+    fn remove(&self, t: TaskLabel) {
+        Family::remove(self, &t);
+    }
+}
+
+impl Families {
+    /// Registers every metric in `r`; the scale-out ones only for a process of a scaled-out job.
+    fn register(&self, r: &mut Registry, scaled_out: bool) {
+        let f = self;
         r.register("batches", "Batches completed (replays included)", f.batches.clone());
         r.register("replayed_batches", "Batches re-run after a restart", f.replayed_batches.clone());
         r.register("input_records", "Records read from sources", f.input_records.clone());
@@ -199,20 +277,99 @@ impl Families {
             Unit::Seconds,
             f.checkpoint_write_seconds.clone(),
         );
-        f
+        if scaled_out {
+            let t = &f.tasks;
+            r.register("tasks", "Tasks this process runs now", t.owned.clone());
+            r.register(
+                "task_epoch",
+                "The checkpoint lease epoch under which this process runs each task (it grows each time a task moves)",
+                t.epoch.clone(),
+            );
+            r.register(
+                "task_assignments",
+                "Task assignments this process received from the group",
+                t.assignments.clone(),
+            );
+            r.register(
+                "tasks_fenced",
+                "Tasks this process stopped because another process was given them",
+                t.fenced.clone(),
+            );
+            r.register_with_unit(
+                "task_start",
+                "From an assignment to its tasks running: restore and replay",
+                Unit::Seconds,
+                t.start_seconds.clone(),
+            );
+            r.register_with_unit(
+                "task_first_batch",
+                "From an assignment to a task's first committed batch",
+                Unit::Seconds,
+                t.first_batch_seconds.clone(),
+            );
+            r.register_with_unit(
+                "task_stop",
+                "From a stop (handover, lost session, process stopping) to the tasks' final batch, checkpoint and lease release",
+                Unit::Seconds,
+                t.stop_seconds.clone(),
+            );
+        }
+    }
+
+    /// The families with one series per task.
+    fn per_task(&self) -> [&dyn TaskSeries; 22] {
+        [
+            &self.batches,
+            &self.replayed_batches,
+            &self.input_records,
+            &self.checkpoints_written,
+            &self.checkpoint_failures,
+            &self.checkpoint_written_bytes,
+            &self.checkpoint_write_retries,
+            &self.checkpoint_deferrals,
+            &self.checkpoint_backpressure_seconds,
+            &self.recovery_warnings,
+            &self.lease_lost,
+            &self.restarts,
+            &self.last_batch_id,
+            &self.scheduling_delay_seconds,
+            &self.checkpoint_queue_depth,
+            &self.checkpoint_chain,
+            &self.checkpoint_restore_estimate_seconds,
+            &self.input_rows_per_second,
+            &self.processed_rows_per_second,
+            &self.batch_processing_seconds,
+            &self.checkpoint_write_seconds,
+            &self.tasks.epoch,
+        ]
     }
 }
+
+/// Rebalance events kept for the page.
+const REBALANCES: usize = 100;
+/// Upper bounds (seconds) of the rebalance histograms' buckets: restores and handovers take
+/// from milliseconds to minutes.
+const REBALANCE_BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0];
 
 /// What the live page shows besides the metrics.
 #[derive(Default)]
 struct Page {
     timeline: VecDeque<BatchProgress>,
-    last_checkpoint: Option<CheckpointWritten>,
+    last_checkpoint: Option<serde_json::Value>,
     last_restart: Option<RestartScheduled>,
+    /// The tasks this process runs (scaled out): restored and running.
+    owned: BTreeSet<u32>,
+    /// Each task's latest batch.
+    latest: BTreeMap<u32, BatchProgress>,
+    rebalances: VecDeque<serde_json::Value>,
+    /// The per-operator and per-partition series created for each task, so that they can be
+    /// removed with it.
+    seen: BTreeMap<TaskLabel, (BTreeSet<OperatorLabels>, BTreeSet<PartitionLabels>)>,
 }
 
 struct Shared {
     app: String,
+    scaled_out: bool,
     registry: Registry,
     families: Families,
     page: Mutex<Page>,
@@ -233,34 +390,107 @@ struct Shared {
 /// ctx.add_listener(Arc::new(metrics.clone()));
 /// assert!(metrics.encode().contains("cairn_batches_total{app=\"orders\"} 0"));
 /// ```
+///
+/// A process of a scaled-out job runs several tasks, each its own job: [`Metrics::for_process`]
+/// gives the process one registry in which every series carries the label `task`, each task is
+/// added with [`attach`](Metrics::attach), and the rebalance steps (`tasks_assigned`,
+/// `tasks_started`, ...) feed the `cairn_task*` metrics and the page's task table. A task's
+/// series go when the process stops running it.
+///
+/// ```
+/// use std::time::Duration;
+/// let metrics = cairn_web::Metrics::for_process("orders");
+/// metrics.tasks_assigned(&[3]);
+/// let ctx = cairn::StreamingContext::builder().app_name("orders").task(cairn::TaskId(3), 12).build().unwrap();
+/// metrics.attach(&ctx).unwrap();
+/// metrics.tasks_started(&[3], Duration::from_millis(40));
+/// let text = metrics.encode();
+/// assert!(text.contains("cairn_batches_total{app=\"orders\",task=\"3\"} 0"), "{text}");
+/// assert!(text.contains("cairn_tasks{app=\"orders\"} 1"), "{text}");
+/// metrics.tasks_stopped(&[3], "handed over", Duration::from_millis(300));
+/// assert!(!metrics.encode().contains("task=\"3\""));
+/// ```
 #[derive(Clone)]
 pub struct Metrics(Arc<Shared>);
 
 impl Metrics {
-    /// Metrics for a job named `app`, every one registered at zero.
-    pub fn new(app: &str) -> Self {
+    fn with(app: &str, scaled_out: bool) -> Self {
         let labels = [("app".into(), app.to_string().into())];
         let mut registry = Registry::with_prefix_and_labels("cairn", labels.into_iter());
-        let families = Families::register(&mut registry);
-        Self(Arc::new(Shared { app: app.to_string(), registry, families, page: Mutex::default() }))
+        let families = Families::default();
+        families.register(&mut registry, scaled_out);
+        Self(Arc::new(Shared {
+            app: app.to_string(),
+            scaled_out,
+            registry,
+            families,
+            page: Mutex::default(),
+        }))
+    }
+
+    /// Metrics for a job named `app` that runs as one process, every one registered at zero.
+    pub fn new(app: &str) -> Self {
+        let m = Self::with(app, false);
+        m.create_series(TaskLabel(None), &[]);
+        m
     }
 
     /// Metrics for `ctx`'s job: its app name, and `cairn_state_keys` and
     /// `cairn_state_checkpoint_bytes` at zero for each of its stateful operators.
     pub fn for_context(ctx: &StreamingContext) -> Self {
-        let m = Self::new(ctx.app_name());
-        for op in ctx
-            .graph_description()
-            .operators
-            .iter()
-            .filter(|o| o.kind != cairn::checkpoint::OperatorKind::Source)
-        {
-            let l = OperatorLabels { operator: op.name.clone() };
-            // Creating the series is the point: it then shows 0 until the first batch.
-            drop(m.f().state_keys.get_or_create(&l));
-            drop(m.f().state_checkpoint_bytes.get_or_create(&l));
-        }
+        let m = Self::with(ctx.app_name(), false);
+        m.create_series(TaskLabel(None), &operators(ctx));
         m
+    }
+
+    /// Metrics for one process of a scaled-out job named `app`: no series until a task is
+    /// [attached](Self::attach); the `cairn_task*` metrics of rebalances at zero.
+    pub fn for_process(app: &str) -> Self {
+        Self::with(app, true)
+    }
+
+    /// Adds `ctx` (one task of a scaled-out job, or a job that runs as one process) to these
+    /// metrics: its series are created at zero, labelled with its task, and a listener is
+    /// added to it. Call it before `ctx` starts.
+    pub fn attach(&self, ctx: &StreamingContext) -> Result<(), crate::Error> {
+        if ctx.is_started() {
+            return Err(crate::Error::AlreadyStarted);
+        }
+        let t = TaskLabel(ctx.task().map(|a| a.id.0));
+        self.create_series(t, &operators(ctx));
+        ctx.add_listener(Arc::new(TaskMetrics { m: self.clone(), t }));
+        Ok(())
+    }
+
+    fn create_series(&self, t: TaskLabel, operators: &[String]) {
+        let f = self.f();
+        for fam in f.per_task() {
+            fam.create(t);
+        }
+        let mut page = self.page();
+        let (ops, _) = page.seen.entry(t).or_default();
+        for op in operators {
+            let l = OperatorLabels { operator: op.clone() };
+            drop(f.state_keys.get_or_create(&(t, l.clone())));
+            drop(f.state_checkpoint_bytes.get_or_create(&(t, l.clone())));
+            ops.insert(l);
+        }
+    }
+
+    /// Removes every series of task `t`.
+    fn forget(&self, t: TaskLabel) {
+        let f = self.f();
+        for fam in f.per_task() {
+            fam.remove(t);
+        }
+        let (ops, parts) = self.page().seen.remove(&t).unwrap_or_default();
+        for l in ops {
+            f.state_keys.remove(&(t, l.clone()));
+            f.state_checkpoint_bytes.remove(&(t, l));
+        }
+        for l in parts {
+            f.source_lag_records.remove(&(t, l));
+        }
     }
 
     fn f(&self) -> &Families {
@@ -288,94 +518,258 @@ impl Metrics {
     }
 
     /// The data behind the live page: the app name, the latest batches' progress records (up
-    /// to 600), the latest checkpoint written and the number written, and the restarts after
-    /// transient failures (their number and the latest).
+    /// to 600, every task's), the latest checkpoint written (with its task) and the number
+    /// written, the restarts after transient failures (their number and the latest), and for
+    /// a scaled-out process the tasks it runs (each with its epoch and latest batch) and its
+    /// latest rebalance steps.
     pub fn progress_json(&self) -> serde_json::Value {
         let page = self.page();
+        let sum = |fam: &PerTask<Counter>| page.seen.keys().map(|t| fam.get_or_create(t).get()).sum::<u64>();
+        let tasks: Vec<_> = page
+            .owned
+            .iter()
+            .map(|task| {
+                let last = page.latest.get(task);
+                serde_json::json!({
+                    "task": task,
+                    "epoch": last.map(|p| p.epoch),
+                    "last_batch": last.map(|p| p.batch_id),
+                    "records": last.map(|p| p.records),
+                    "lag": last.map(|p| p.source_lag.iter().map(|l| l.records).sum::<u64>()),
+                })
+            })
+            .collect();
         serde_json::json!({
             "app": self.0.app,
+            "scaled_out": self.0.scaled_out,
             "batches": page.timeline,
             "last_checkpoint": page.last_checkpoint,
-            "checkpoints_written": self.f().checkpoints_written.get(),
-            "restarts": self.f().restarts.get(),
+            "checkpoints_written": sum(&self.f().checkpoints_written),
+            "restarts": sum(&self.f().restarts),
             "last_restart": page.last_restart,
+            "tasks": tasks,
+            "rebalances": page.rebalances,
         })
     }
-}
 
-impl StreamingListener for Metrics {
-    fn on_recovery_finished(&self, e: &RecoveryFinished) {
-        self.f().recovery_warnings.inc_by(e.warnings.len() as u64);
+    fn rebalance(&self, event: serde_json::Value) {
+        let mut page = self.page();
+        if page.rebalances.len() == REBALANCES {
+            page.rebalances.pop_front();
+        }
+        page.rebalances.push_back(event);
     }
 
-    fn on_batch_completed(&self, p: &BatchProgress) {
+    fn set_owned(&self, change: impl FnOnce(&mut BTreeSet<u32>)) {
+        let mut page = self.page();
+        change(&mut page.owned);
+        self.f().tasks.owned.set(i64::try_from(page.owned.len()).unwrap_or(i64::MAX));
+    }
+
+    /// The group gave this process `tasks`.
+    pub fn tasks_assigned(&self, tasks: &[u32]) {
+        self.f().tasks.assignments.inc();
+        self.rebalance(serde_json::json!({ "event": "assigned", "at_ms": wall_ms(), "tasks": tasks }));
+    }
+
+    /// `tasks` restored their state, replayed their logged batches and run, `took` after their
+    /// assignment.
+    pub fn tasks_started(&self, tasks: &[u32], took: Duration) {
+        self.f().tasks.start_seconds.observe(took.as_secs_f64());
+        self.set_owned(|owned| owned.extend(tasks));
+        self.rebalance(serde_json::json!({
+            "event": "started", "at_ms": wall_ms(), "tasks": tasks, "took_ms": took.as_millis() as u64,
+        }));
+    }
+
+    /// `task` committed its first batch since its assignment, `since_assigned` after it.
+    pub fn task_first_batch(&self, task: u32, since_assigned: Duration) {
+        self.f().tasks.first_batch_seconds.observe(since_assigned.as_secs_f64());
+        self.rebalance(serde_json::json!({
+            "event": "first_batch", "at_ms": wall_ms(), "tasks": [task],
+            "took_ms": since_assigned.as_millis() as u64,
+        }));
+    }
+
+    /// This process stopped running `tasks` (`why`: handed over, lost, stopping), `took` to
+    /// finish their batches and final checkpoints. Their series go.
+    pub fn tasks_stopped(&self, tasks: &[u32], why: &str, took: Duration) {
+        self.f().tasks.stop_seconds.observe(took.as_secs_f64());
+        self.stop_tasks(tasks);
+        self.rebalance(serde_json::json!({
+            "event": "stopped", "at_ms": wall_ms(), "tasks": tasks, "why": why,
+            "took_ms": took.as_millis() as u64,
+        }));
+    }
+
+    /// `task` was given to another process while this one ran it (its writes were fenced);
+    /// `error` is what it stopped with. Its series go.
+    pub fn task_fenced(&self, task: u32, error: &str) {
+        self.f().tasks.fenced.inc();
+        self.stop_tasks(&[task]);
+        self.rebalance(
+            serde_json::json!({ "event": "fenced", "at_ms": wall_ms(), "tasks": [task], "why": error }),
+        );
+    }
+
+    fn stop_tasks(&self, tasks: &[u32]) {
+        self.set_owned(|owned| owned.retain(|t| !tasks.contains(t)));
+        for &t in tasks {
+            self.page().latest.remove(&t);
+            self.forget(TaskLabel(Some(t)));
+        }
+    }
+
+    fn recovery_finished(&self, t: TaskLabel, e: &RecoveryFinished) {
+        self.f().recovery_warnings.get_or_create(&t).inc_by(e.warnings.len() as u64);
+    }
+
+    fn batch_completed(&self, t: TaskLabel, p: &BatchProgress) {
         let f = self.f();
-        f.batches.inc();
+        f.batches.get_or_create(&t).inc();
         if p.replayed {
-            f.replayed_batches.inc();
+            f.replayed_batches.get_or_create(&t).inc();
         }
-        f.input_records.inc_by(p.records);
-        f.batch_processing_seconds.observe(p.processing_ms / 1e3);
+        f.input_records.get_or_create(&t).inc_by(p.records);
+        f.batch_processing_seconds.get_or_create(&t).observe(p.processing_ms / 1e3);
         if p.checkpoint_deferred {
-            f.checkpoint_deferrals.inc();
+            f.checkpoint_deferrals.get_or_create(&t).inc();
         }
-        f.checkpoint_backpressure_seconds.inc_by(p.checkpoint_wait_ms / 1e3);
-        f.last_batch_id.set(i64::try_from(p.batch_id.0).unwrap_or(i64::MAX));
-        f.scheduling_delay_seconds.set(p.scheduling_delay_ms / 1e3);
-        f.checkpoint_queue_depth.set(i64::try_from(p.checkpoint_queue_depth).unwrap_or(i64::MAX));
-        f.checkpoint_chain.set(i64::try_from(p.checkpoint_chain).unwrap_or(i64::MAX));
+        f.checkpoint_backpressure_seconds.get_or_create(&t).inc_by(p.checkpoint_wait_ms / 1e3);
+        f.last_batch_id.get_or_create(&t).set(i64::try_from(p.batch_id.0).unwrap_or(i64::MAX));
+        f.scheduling_delay_seconds.get_or_create(&t).set(p.scheduling_delay_ms / 1e3);
+        f.checkpoint_queue_depth
+            .get_or_create(&t)
+            .set(i64::try_from(p.checkpoint_queue_depth).unwrap_or(i64::MAX));
+        f.checkpoint_chain.get_or_create(&t).set(i64::try_from(p.checkpoint_chain).unwrap_or(i64::MAX));
         if let Some(ms) = p.checkpoint_restore_estimate_ms {
-            f.checkpoint_restore_estimate_seconds.set(ms / 1e3);
+            f.checkpoint_restore_estimate_seconds.get_or_create(&t).set(ms / 1e3);
         }
-        f.input_rows_per_second.set(p.input_rows_per_s);
-        f.processed_rows_per_second.set(p.processed_rows_per_s);
+        f.input_rows_per_second.get_or_create(&t).set(p.input_rows_per_s);
+        f.processed_rows_per_second.get_or_create(&t).set(p.processed_rows_per_s);
+        if t.0.is_some() {
+            f.tasks.epoch.get_or_create(&t).set(i64::try_from(p.epoch).unwrap_or(i64::MAX));
+        }
+        let mut page = self.page();
+        let (ops, parts) = page.seen.entry(t).or_default();
         for lag in &p.source_lag {
             let l = PartitionLabels { source: lag.source.clone(), partition: lag.partition.clone() };
-            f.source_lag_records.get_or_create(&l).set(i64::try_from(lag.records).unwrap_or(i64::MAX));
+            f.source_lag_records
+                .get_or_create(&(t, l.clone()))
+                .set(i64::try_from(lag.records).unwrap_or(i64::MAX));
+            parts.insert(l);
         }
         for op in &p.operators {
             let l = OperatorLabels { operator: op.name.clone() };
-            f.state_keys.get_or_create(&l).set(i64::try_from(op.keys).unwrap_or(i64::MAX));
+            f.state_keys.get_or_create(&(t, l.clone())).set(i64::try_from(op.keys).unwrap_or(i64::MAX));
             f.state_checkpoint_bytes
-                .get_or_create(&l)
+                .get_or_create(&(t, l.clone()))
                 .set(i64::try_from(op.checkpoint_bytes).unwrap_or(i64::MAX));
+            ops.insert(l);
         }
-        let mut page = self.page();
+        if let Some(task) = t.0 {
+            page.latest.insert(task, p.clone());
+        }
         if page.timeline.len() == TIMELINE {
             page.timeline.pop_front();
         }
         page.timeline.push_back(p.clone());
     }
 
-    fn on_checkpoint_written(&self, e: &CheckpointWritten) {
+    fn checkpoint_written(&self, t: TaskLabel, e: &CheckpointWritten) {
         let f = self.f();
-        f.checkpoints_written.inc();
-        f.checkpoint_written_bytes.inc_by(e.bytes);
-        f.checkpoint_write_retries.inc_by(u64::from(e.retries));
-        f.checkpoint_write_seconds.observe(e.write_ms / 1e3);
-        self.page().last_checkpoint = Some(e.clone());
+        f.checkpoints_written.get_or_create(&t).inc();
+        f.checkpoint_written_bytes.get_or_create(&t).inc_by(e.bytes);
+        f.checkpoint_write_retries.get_or_create(&t).inc_by(u64::from(e.retries));
+        f.checkpoint_write_seconds.get_or_create(&t).observe(e.write_ms / 1e3);
+        let mut json = serde_json::to_value(e).unwrap_or_default();
+        if let (Some(task), Some(obj)) = (t.0, json.as_object_mut()) {
+            obj.insert("task".into(), task.into());
+        }
+        self.page().last_checkpoint = Some(json);
     }
 
-    fn on_checkpoint_failed(&self, e: &CheckpointFailed) {
+    fn checkpoint_failed(&self, t: TaskLabel, e: &CheckpointFailed) {
         let f = self.f();
-        f.checkpoint_failures.inc();
-        f.checkpoint_write_retries.inc_by(u64::from(e.retries));
+        f.checkpoint_failures.get_or_create(&t).inc();
+        f.checkpoint_write_retries.get_or_create(&t).inc_by(u64::from(e.retries));
     }
 
-    fn on_lease_lost(&self, _e: &LeaseLost) {
-        self.f().lease_lost.inc();
-    }
-
-    fn on_restart_scheduled(&self, e: &RestartScheduled) {
-        self.f().restarts.inc();
+    fn restart_scheduled(&self, t: TaskLabel, e: &RestartScheduled) {
+        self.f().restarts.get_or_create(&t).inc();
         self.page().last_restart = Some(e.clone());
     }
 }
 
+#[allow(clippy::disallowed_methods)] // event times are for people
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The stateful operators of `ctx`'s job.
+fn operators(ctx: &StreamingContext) -> Vec<String> {
+    ctx.graph_description()
+        .operators
+        .iter()
+        .filter(|o| o.kind != cairn::checkpoint::OperatorKind::Source)
+        .map(|o| o.name.clone())
+        .collect()
+}
+
+/// Feeds one task's (or a single-process job's) events into its process's [`Metrics`].
+struct TaskMetrics {
+    m: Metrics,
+    t: TaskLabel,
+}
+
+impl StreamingListener for TaskMetrics {
+    fn on_recovery_finished(&self, e: &RecoveryFinished) {
+        self.m.recovery_finished(self.t, e);
+    }
+    fn on_batch_completed(&self, p: &BatchProgress) {
+        self.m.batch_completed(self.t, p);
+    }
+    fn on_checkpoint_written(&self, e: &CheckpointWritten) {
+        self.m.checkpoint_written(self.t, e);
+    }
+    fn on_checkpoint_failed(&self, e: &CheckpointFailed) {
+        self.m.checkpoint_failed(self.t, e);
+    }
+    fn on_lease_lost(&self, _e: &LeaseLost) {
+        self.m.f().lease_lost.get_or_create(&self.t).inc();
+    }
+    fn on_restart_scheduled(&self, e: &RestartScheduled) {
+        self.m.restart_scheduled(self.t, e);
+    }
+}
+
+/// A job that runs as one process: its series carry no task.
+impl StreamingListener for Metrics {
+    fn on_recovery_finished(&self, e: &RecoveryFinished) {
+        self.recovery_finished(TaskLabel(None), e);
+    }
+    fn on_batch_completed(&self, p: &BatchProgress) {
+        self.batch_completed(TaskLabel(None), p);
+    }
+    fn on_checkpoint_written(&self, e: &CheckpointWritten) {
+        self.checkpoint_written(TaskLabel(None), e);
+    }
+    fn on_checkpoint_failed(&self, e: &CheckpointFailed) {
+        self.checkpoint_failed(TaskLabel(None), e);
+    }
+    fn on_lease_lost(&self, _e: &LeaseLost) {
+        self.f().lease_lost.get_or_create(&TaskLabel(None)).inc();
+    }
+    fn on_restart_scheduled(&self, e: &RestartScheduled) {
+        self.restart_scheduled(TaskLabel(None), e);
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
     use cairn::OperatorProgress;
+
+    const N: TaskLabel = TaskLabel(None);
 
     fn batch(id: u64) -> BatchProgress {
         BatchProgress {
@@ -439,35 +833,77 @@ mod tests {
             next_batch: cairn::BatchId(1),
             warnings: vec!["a".into(), "b".into()],
         });
-        assert_eq!(f.batches.get(), 2);
-        assert_eq!(f.replayed_batches.get(), 1);
-        assert_eq!(f.input_records.get(), 20);
-        assert_eq!(f.checkpoint_deferrals.get(), 1);
-        assert_eq!(f.checkpoint_backpressure_seconds.get(), 1.5);
-        assert_eq!(f.checkpoints_written.get(), 1);
-        assert_eq!(f.checkpoint_written_bytes.get(), 64);
-        assert_eq!(f.checkpoint_write_retries.get(), 5);
-        assert_eq!(f.checkpoint_failures.get(), 1);
-        assert_eq!(f.lease_lost.get(), 1);
-        assert_eq!(f.restarts.get(), 1);
+        assert_eq!(f.batches.get_or_create(&N).get(), 2);
+        assert_eq!(f.replayed_batches.get_or_create(&N).get(), 1);
+        assert_eq!(f.input_records.get_or_create(&N).get(), 20);
+        assert_eq!(f.checkpoint_deferrals.get_or_create(&N).get(), 1);
+        assert_eq!(f.checkpoint_backpressure_seconds.get_or_create(&N).get(), 1.5);
+        assert_eq!(f.checkpoints_written.get_or_create(&N).get(), 1);
+        assert_eq!(f.checkpoint_written_bytes.get_or_create(&N).get(), 64);
+        assert_eq!(f.checkpoint_write_retries.get_or_create(&N).get(), 5);
+        assert_eq!(f.checkpoint_failures.get_or_create(&N).get(), 1);
+        assert_eq!(f.lease_lost.get_or_create(&N).get(), 1);
+        assert_eq!(f.restarts.get_or_create(&N).get(), 1);
         let page = m.progress_json();
         assert_eq!(page["restarts"], 1);
         assert!(page["last_restart"]["cause"].as_str().unwrap().contains("connection refused"));
-        assert_eq!(f.recovery_warnings.get(), 2);
-        assert_eq!(f.last_batch_id.get(), 1);
-        assert_eq!(f.scheduling_delay_seconds.get(), 0.25);
-        assert_eq!(f.checkpoint_queue_depth.get(), 2);
-        assert_eq!(f.checkpoint_chain.get(), 1);
-        assert_eq!(f.checkpoint_restore_estimate_seconds.get(), 0.03);
+        assert_eq!(f.recovery_warnings.get_or_create(&N).get(), 2);
+        assert_eq!(f.last_batch_id.get_or_create(&N).get(), 1);
+        assert_eq!(f.scheduling_delay_seconds.get_or_create(&N).get(), 0.25);
+        assert_eq!(f.checkpoint_queue_depth.get_or_create(&N).get(), 2);
+        assert_eq!(f.checkpoint_chain.get_or_create(&N).get(), 1);
+        assert_eq!(f.checkpoint_restore_estimate_seconds.get_or_create(&N).get(), 0.03);
         let l = OperatorLabels { operator: "op".into() };
-        assert_eq!(f.state_keys.get_or_create(&l).get(), 3);
+        assert_eq!(f.state_keys.get_or_create(&(N, l.clone())).get(), 3);
         let lag = PartitionLabels { source: "in".into(), partition: "in[0]".into() };
-        assert_eq!(f.source_lag_records.get_or_create(&lag).get(), 7);
-        assert_eq!(f.state_checkpoint_bytes.get_or_create(&l).get(), 40);
+        assert_eq!(f.source_lag_records.get_or_create(&(N, lag)).get(), 7);
+        assert_eq!(f.state_checkpoint_bytes.get_or_create(&(N, l)).get(), 40);
         let text = m.encode();
         assert!(text.contains("cairn_checkpoint_backpressure_seconds_total{app=\"unit\"} 1.5"), "{text}");
         assert!(text.contains("cairn_batch_processing_seconds_count{app=\"unit\"} 2"), "{text}");
         assert!(text.contains("cairn_checkpoint_write_seconds_count{app=\"unit\"} 1"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn a_scaled_out_process_labels_each_task_and_drops_the_tasks_it_stops_running() {
+        let m = Metrics::for_process("so");
+        m.tasks_assigned(&[1, 4]);
+        for t in [1, 4] {
+            let l = TaskMetrics { m: m.clone(), t: TaskLabel(Some(t)) };
+            l.on_batch_completed(&BatchProgress { task: Some(t), epoch: 3, ..batch(u64::from(t)) });
+        }
+        m.tasks_started(&[1, 4], Duration::from_millis(120));
+        m.task_first_batch(4, Duration::from_millis(900));
+        let text = m.encode();
+        for needle in [
+            "cairn_tasks{app=\"so\"} 2",
+            "cairn_batches_total{app=\"so\",task=\"1\"} 1",
+            "cairn_batches_total{app=\"so\",task=\"4\"} 1",
+            "cairn_last_batch_id{app=\"so\",task=\"4\"} 4",
+            "cairn_task_epoch{app=\"so\",task=\"1\"} 3",
+            "cairn_state_keys{app=\"so\",task=\"4\",operator=\"op\"} 3",
+            "cairn_source_lag_records{app=\"so\",task=\"1\",source=\"in\",partition=\"in[0]\"} 7",
+            "cairn_task_assignments_total{app=\"so\"} 1",
+            "cairn_task_start_seconds_count{app=\"so\"} 1",
+            "cairn_task_first_batch_seconds_sum{app=\"so\"} 0.9",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from\n{text}");
+        }
+        // No unlabelled series in a scaled-out process: every figure belongs to a task.
+        assert!(!text.contains("cairn_batches_total{app=\"so\"}"), "{text}");
+        let page = m.progress_json();
+        assert_eq!(page["tasks"].as_array().unwrap().len(), 2);
+        assert_eq!(page["tasks"][1]["lag"], 7);
+        m.tasks_stopped(&[1], "handed over", Duration::from_millis(50));
+        m.task_fenced(4, "task 4 was taken over");
+        let text = m.encode();
+        assert!(!text.contains("task=\""), "{text}");
+        assert!(text.contains("cairn_tasks{app=\"so\"} 0"), "{text}");
+        assert!(text.contains("cairn_tasks_fenced_total{app=\"so\"} 1"), "{text}");
+        assert!(text.contains("cairn_task_stop_seconds_count{app=\"so\"} 1"), "{text}");
+        let events: Vec<_> =
+            m.progress_json()["rebalances"].as_array().unwrap().iter().map(|e| e["event"].clone()).collect();
+        assert_eq!(events, ["assigned", "started", "first_batch", "stopped", "fenced"]);
     }
 }

@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run -p cairn-connectors --bin kafka_to_postgres -- BROKERS TOPIC OUT_TOPIC POSTGRES_CONN CHECKPOINT [MAX_PER_PARTITION]
 //! cargo run -p cairn-connectors --bin kafka_to_postgres -- produce BROKERS TOPIC N   # a small producer
+//! cargo run -p cairn-connectors --bin kafka_to_postgres -- --help                    # every option
 //! ```
 //! The PostgreSQL table `totals (key TEXT PRIMARY KEY, total BIGINT)` is created if missing.
 //! With `--available-now` it stops when the topic is drained. With `--scale-out` the process is
@@ -15,85 +16,148 @@
 use cairn::{StreamingContext, StreamingContextBuilder, Trigger};
 use cairn_connectors::kafka::{KafkaSink, KafkaSource, Repartition, RepartitionThrough, ScaleOut, StartFrom};
 use cairn_connectors::postgres::PostgresSink;
+use clap::{Args, Parser, Subcommand};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use std::time::Duration;
 
+/// Kafka → per-key running totals → PostgreSQL (table `totals`) and a Kafka topic, exactly
+/// once, checkpointing to a location (a directory, s3://, gs://, az://, hdfs://).
+#[derive(Parser)]
+#[command(name = "kafka_to_postgres", args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    job: Options,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Produce N records to TOPIC (keys `user-0` .. `user-16`, values 0..N): input for a try.
+    Produce {
+        /// Kafka bootstrap servers, e.g. 127.0.0.1:9092.
+        brokers: String,
+        /// The topic to write.
+        topic: String,
+        /// How many records.
+        n: u32,
+    },
+}
+
+#[derive(Args)]
+struct Options {
+    /// Kafka bootstrap servers, e.g. 127.0.0.1:9092.
+    #[arg(required = true)]
+    brokers: Option<String>,
+    /// The input topic.
+    #[arg(required = true)]
+    topic: Option<String>,
+    /// The output topic: one `batch:key:total` line per updated key and batch.
+    #[arg(required = true)]
+    out_topic: Option<String>,
+    /// PostgreSQL connection string, e.g. "host=127.0.0.1 user=postgres".
+    #[arg(required = true)]
+    postgres: Option<String>,
+    /// The checkpoint location.
+    #[arg(required = true)]
+    checkpoint: Option<String>,
+    /// Records read per partition and batch at most.
+    #[arg(default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    max_per_partition: u64,
+    /// Stop once the topic is drained.
+    #[arg(long)]
+    available_now: bool,
+    /// Run as one of any number of processes started with the same arguments: they share the
+    /// topic's partitions as tasks through a consumer group, and a killed or paused process's
+    /// tasks move to the others.
+    #[arg(long)]
+    scale_out: bool,
+    /// The consumer-group session timeout of a scaled-out process: how long a silent process
+    /// keeps its tasks.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    session_timeout_ms: u64,
+    /// The batch interval.
+    #[arg(long, value_name = "MS", default_value_t = 200)]
+    batch_interval_ms: u64,
+    /// Keep totals per record value instead of per key, re-keying the records through TOPIC
+    /// (created beforehand with as many partitions as the input topic).
+    #[arg(long, value_name = "TOPIC", value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    per_value_through: Option<String>,
+    /// Serve Prometheus metrics at /metrics and the live page at / on this address (e.g.
+    /// 127.0.0.1:8080; no authentication: keep it on a loopback or internal address). A
+    /// scaled-out process shows its own tasks.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
+}
+
 fn main() {
-    let mut args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("produce") {
-        return match (args.get(1), args.get(2), args.get(3).map(|n| n.parse::<u32>())) {
-            (Some(b), Some(t), Some(Ok(n))) => produce(b, t, n),
-            _ => usage("produce takes BROKERS TOPIC N (N a whole number)"),
-        };
+    // Recovery, replays, fallbacks past damaged checkpoints and outages are logged by the engine;
+    // CAIRN_LOG=cairn::progress=info adds one line per batch.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
+                .unwrap_or_else(|_| "info,cairn::progress=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    if let Some(Command::Produce { brokers, topic, n }) = cli.command {
+        return produce(&brokers, &topic, n);
     }
-    let mut opts = Options {
-        available_now: false,
-        scale_out: false,
-        session_timeout: Duration::from_secs(10),
-        batch: Duration::from_millis(200),
-        per_value_through: None,
-    };
-    while let Some(flag) = args.last().filter(|a| a.starts_with("--")).cloned() {
-        args.pop();
-        match flag.split_once('=') {
-            None if flag == "--available-now" => opts.available_now = true,
-            None if flag == "--scale-out" => opts.scale_out = true,
-            Some(("--session-timeout-ms", ms)) => opts.session_timeout = Duration::from_millis(number(ms)),
-            Some(("--batch-interval-ms", ms)) => opts.batch = Duration::from_millis(number(ms)),
-            Some(("--per-value-through", topic)) if !topic.is_empty() => {
-                opts.per_value_through = Some(topic.to_string())
-            }
-            _ => usage(&format!("unknown option {flag}")),
-        }
-    }
-    if !(5..=6).contains(&args.len()) {
-        usage("expected 5 or 6 arguments");
-    }
-    let max: u64 = match args.get(5).map(|m| m.parse()) {
-        None => 1000,
-        Some(Ok(m)) if m > 0 => m,
-        Some(_) => usage("MAX_PER_PARTITION must be a whole number above 0"),
-    };
+    let opts = cli.job;
+    let required = |v: &Option<String>| v.clone().unwrap_or_default();
     let job = Job {
-        brokers: args[0].clone(),
-        topic: args[1].clone(),
-        out_topic: args[2].clone(),
-        pg: args[3].clone(),
-        max,
-        opts,
+        brokers: required(&opts.brokers),
+        topic: required(&opts.topic),
+        out_topic: required(&opts.out_topic),
+        pg: required(&opts.postgres),
+        max: opts.max_per_partition,
+        batch: Duration::from_millis(opts.batch_interval_ms),
+        available_now: opts.available_now,
+        scale_out: opts.scale_out,
+        per_value_through: opts.per_value_through.clone(),
     };
-    let ckpt = args[4].clone();
-    let result = if job.opts.scale_out {
-        let (brokers, topic) = (job.brokers.clone(), job.topic.clone());
-        ScaleOut::new(&brokers, &topic, &ckpt)
-            .session_timeout(job.opts.session_timeout)
-            // One JSON line per rebalance step on stderr: tasks assigned, started (restore and
-            // replay time), first batch, stopped, fenced.
-            .on_rebalance(|e| eprintln!("rebalance {}", serde_json::to_string(e).unwrap_or_default()))
-            .run(move |builder| job.build(builder))
-            .map(|s| eprintln!("stopped: {s:?}"))
-            .map_err(|e| e.to_string())
-    } else {
-        StreamingContext::get_or_create(&ckpt, |loc| job.build(StreamingContext::builder().checkpoint(loc)))
-            .and_then(|ctx| ctx.run())
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    };
-    if let Err(e) = result {
+    let ckpt = required(&opts.checkpoint);
+    if let Err(e) = run(job, &ckpt, &opts) {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
 }
 
-struct Options {
-    available_now: bool,
-    scale_out: bool,
-    session_timeout: Duration,
-    batch: Duration,
-    /// Totals per record value instead of per key, re-keyed through this topic.
-    per_value_through: Option<String>,
+fn run(job: Job, ckpt: &str, opts: &Options) -> Result<(), String> {
+    if job.scale_out {
+        let (brokers, topic) = (job.brokers.clone(), job.topic.clone());
+        let mut process = ScaleOut::new(&brokers, &topic, ckpt)
+            .session_timeout(Duration::from_millis(opts.session_timeout_ms))
+            // One JSON line per rebalance step on stderr: tasks assigned, started (restore and
+            // replay time), first batch, stopped, fenced.
+            .on_rebalance(|e| eprintln!("rebalance {}", serde_json::to_string(e).unwrap_or_default()));
+        let mut _endpoint = None;
+        if let Some(addr) = &opts.http {
+            let metrics = cairn_web::Metrics::for_process(APP);
+            _endpoint = Some(cairn_web::serve_metrics(&metrics, addr).map_err(|e| e.to_string())?);
+            eprintln!("metrics at http://{addr}/metrics, this process's tasks at http://{addr}/");
+            process = process.metrics(metrics);
+        }
+        let summary = process.run(move |builder| job.build(builder)).map_err(|e| e.to_string())?;
+        eprintln!("stopped: {summary:?}");
+        Ok(())
+    } else {
+        let ctx = StreamingContext::get_or_create(ckpt, |loc| {
+            job.build(StreamingContext::builder().checkpoint(loc))
+        })
+        .map_err(|e| e.to_string())?;
+        let _endpoint = match &opts.http {
+            Some(addr) => Some(cairn_web::serve(&ctx, addr).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        ctx.run().map(|_| ()).map_err(|e| e.to_string())
+    }
 }
+
+const APP: &str = "kafka-to-postgres";
 
 struct Job {
     brokers: String,
@@ -101,7 +165,11 @@ struct Job {
     out_topic: String,
     pg: String,
     max: u64,
-    opts: Options,
+    batch: Duration,
+    available_now: bool,
+    scale_out: bool,
+    /// Totals per record value instead of per key, re-keyed through this topic.
+    per_value_through: Option<String>,
 }
 
 impl Job {
@@ -109,11 +177,11 @@ impl Job {
     fn build(&self, builder: StreamingContextBuilder) -> cairn::Result<StreamingContext> {
         let (brokers, pg) = (&self.brokers, self.pg.as_str());
         let ctx = builder
-            .app_name("kafka-to-postgres")
-            .batch_interval(self.opts.batch)
-            .trigger(if self.opts.available_now { Trigger::AvailableNow } else { Trigger::ProcessingTime })
+            .app_name(APP)
+            .batch_interval(self.batch)
+            .trigger(if self.available_now { Trigger::AvailableNow } else { Trigger::ProcessingTime })
             // A scaled-out process handles signals itself (it hands its tasks over).
-            .stop_on_signals(!self.opts.scale_out)
+            .stop_on_signals(!self.scale_out)
             .build()?;
         // A short request timeout: a broker outage then shows as the engine's restarts (reported
         // below) instead of a silent wait inside one read.
@@ -125,7 +193,7 @@ impl Job {
             .map_err(|e| cairn::Error::User(e.to_string()))?;
         let records = ctx.source("kafka", source)?;
         records.count().print(1);
-        let ones = match &self.opts.per_value_through {
+        let ones = match &self.per_value_through {
             None => records
                 .map(|r| (String::from_utf8_lossy(&r.key.unwrap_or_default()).into_owned(), 1i64))
                 // The key is the record's Kafka key, so each key's total lives in one task.
@@ -149,45 +217,15 @@ impl Job {
         )
         .setup("CREATE TABLE IF NOT EXISTS totals (key TEXT PRIMARY KEY, total BIGINT NOT NULL)")
         // Scaled out, every commit is recorded with its task and epoch: who wrote what.
-        .record_commits(self.opts.scale_out)
+        .record_commits(self.scale_out)
         .attach(&totals);
         KafkaSink::new(brokers, "totals", &self.out_topic, |b: &cairn::BatchInfo, (k, t): &(String, i64)| {
             (Some(k.clone().into_bytes()), format!("{}:{k}:{t}", b.batch_id).into_bytes())
         })
         .timeout(Duration::from_secs(5))
         .attach(&totals);
-        ctx.add_listener(std::sync::Arc::new(ReportRestarts));
         Ok(ctx)
     }
-}
-
-fn number(s: &str) -> u64 {
-    s.parse().unwrap_or_else(|_| usage(&format!("{s:?} is not a whole number")))
-}
-
-/// Says on stderr when the job waits out a broker or database outage.
-struct ReportRestarts;
-
-impl cairn::StreamingListener for ReportRestarts {
-    fn on_restart_scheduled(&self, e: &cairn::RestartScheduled) {
-        eprintln!(
-            "waiting out an outage ({:.1} s so far, up to {:.0} s): {}; restarting from the checkpoint in {:.1} s",
-            e.outage_ms as f64 / 1e3,
-            e.max_outage_ms as f64 / 1e3,
-            e.cause,
-            e.wait_ms as f64 / 1e3
-        );
-    }
-}
-
-fn usage(problem: &str) -> ! {
-    eprintln!("kafka_to_postgres: {problem}");
-    eprintln!("usage: kafka_to_postgres BROKERS TOPIC OUT_TOPIC POSTGRES_CONN CHECKPOINT [MAX_PER_PARTITION] [--available-now]");
-    eprintln!(
-        "       [--scale-out [--session-timeout-ms=N]] [--batch-interval-ms=N] [--per-value-through=TOPIC]"
-    );
-    eprintln!("       kafka_to_postgres produce BROKERS TOPIC N");
-    std::process::exit(2)
 }
 
 fn produce(brokers: &str, topic: &str, n: u32) {

@@ -114,6 +114,26 @@ pub enum RebalanceEvent {
 }
 
 type OnRebalance = Arc<dyn Fn(&RebalanceEvent) + Send + Sync>;
+type AttachHook = Box<dyn FnOnce(&StreamingContext) -> cairn::Result<()> + Send>;
+
+/// Moves the process metrics with a rebalance step.
+#[cfg(feature = "http")]
+fn feed_metrics(m: &cairn_web::Metrics, e: &RebalanceEvent) {
+    let ids = |ts: &[Task]| ts.iter().map(|&t| t as u32).collect::<Vec<u32>>();
+    match e {
+        RebalanceEvent::Assigned { tasks, .. } => m.tasks_assigned(&ids(tasks)),
+        RebalanceEvent::Started { tasks, took_ms } => {
+            m.tasks_started(&ids(tasks), Duration::from_millis(*took_ms))
+        }
+        RebalanceEvent::FirstBatch { task, since_assigned_ms, .. } => {
+            m.task_first_batch(*task as u32, Duration::from_millis(*since_assigned_ms))
+        }
+        RebalanceEvent::Stopped { tasks, why, took_ms } => {
+            m.tasks_stopped(&ids(tasks), why, Duration::from_millis(*took_ms))
+        }
+        RebalanceEvent::Fenced { task, error } => m.task_fenced(*task as u32, error),
+    }
+}
 
 #[allow(clippy::disallowed_methods)] // event times are for people and other processes
 fn wall_ms() -> i64 {
@@ -161,6 +181,9 @@ pub struct ScaleOut {
     stop_on_signals: bool,
     stop: Arc<AtomicBool>,
     report: OnRebalance,
+    /// Process metrics the tasks and rebalance steps are fed into.
+    #[cfg(feature = "http")]
+    metrics: Option<cairn_web::Metrics>,
 }
 
 /// A task this process runs.
@@ -196,6 +219,8 @@ impl ScaleOut {
             stop_on_signals: true,
             stop: Arc::new(AtomicBool::new(false)),
             report: Arc::new(|e: &RebalanceEvent| tracing::info!("rebalance: {e:?}")),
+            #[cfg(feature = "http")]
+            metrics: None,
         }
     }
 
@@ -233,6 +258,29 @@ impl ScaleOut {
         self
     }
 
+    /// Feeds this process's tasks and rebalance steps into `metrics` (made with
+    /// [`cairn_web::Metrics::for_process`]; serve them with [`cairn_web::serve_metrics`]): every
+    /// task's series labelled with the task while this process runs it, the tasks it runs, and
+    /// how long rebalances took.
+    #[cfg(feature = "http")]
+    pub fn metrics(mut self, metrics: cairn_web::Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The rebalance reporter: the user's, after the process metrics when there are any.
+    fn reporter(&self) -> OnRebalance {
+        #[cfg(feature = "http")]
+        if let Some(m) = self.metrics.clone() {
+            let user = self.report.clone();
+            return Arc::new(move |e: &RebalanceEvent| {
+                feed_metrics(&m, e);
+                user(e)
+            });
+        }
+        self.report.clone()
+    }
+
     /// A flag that stops [`run`](Self::run) gracefully when set (from another thread).
     pub fn stop_flag(&self) -> Arc<AtomicBool> {
         self.stop.clone()
@@ -247,9 +295,10 @@ impl ScaleOut {
     /// [`stop_flag`](Self::stop_flag)) or a task fails for good. `build` makes the job of one
     /// task; it must use the builder it is given (which carries the task's location and task).
     pub fn run(
-        self,
+        mut self,
         build: impl Fn(StreamingContextBuilder) -> cairn::Result<StreamingContext> + Send + Sync + 'static,
     ) -> Result<ScaleOutSummary, ScaleOutError> {
+        self.report = self.reporter();
         let build: Arc<BuildTask> = Arc::new(build);
         let root = CheckpointStore::open(&self.location).map_err(|e| self.location_error(e.to_string()))?;
         if root.read_metadata().map_err(|e| self.location_error(e.to_string()))?.is_some() {
@@ -380,7 +429,8 @@ impl ScaleOut {
                         done: AtomicBool::new(false),
                         report: self.report.clone(),
                     });
-                    (t, s.spawn(move || start_task(&*build, &loc, t, tasks, first)))
+                    let attach = self.attach_hook();
+                    (t, s.spawn(move || start_task(&*build, &loc, t, tasks, first, attach)))
                 })
                 .collect();
             handles
@@ -455,6 +505,17 @@ impl ScaleOut {
         }
     }
 
+    /// What to do with a task's context before it starts: attach it to the process metrics.
+    fn attach_hook(&self) -> AttachHook {
+        #[cfg(feature = "http")]
+        if let Some(m) = self.metrics.clone() {
+            return Box::new(move |ctx: &StreamingContext| {
+                m.attach(ctx).map_err(|e| cairn::Error::Lifecycle(e.to_string()))
+            });
+        }
+        Box::new(|_: &StreamingContext| Ok(()))
+    }
+
     fn location_error(&self, reason: String) -> ScaleOutError {
         ScaleOutError::Location { location: self.location.clone(), reason }
     }
@@ -466,9 +527,11 @@ fn start_task(
     t: Task,
     tasks: u32,
     first: Arc<FirstBatch>,
+    attach: AttachHook,
 ) -> cairn::Result<StreamingContext> {
     let ctx = build(StreamingContext::builder().checkpoint(loc).task(TaskId(t as u32), tasks))?;
     ctx.add_listener(first);
+    attach(&ctx)?;
     if ctx.task().map(|a| a.id) != Some(TaskId(t as u32)) {
         return Err(cairn::Error::Config(format!(
             "the job built for task {t} does not run as that task: build it from the builder ScaleOut::run passes"
