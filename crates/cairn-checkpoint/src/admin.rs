@@ -8,7 +8,7 @@ use crate::paths::{self, ObjectName};
 use crate::protocol::{self, Listing};
 use crate::{
     codec, merge, BatchCommit, BatchId, BatchPlan, CheckpointKind, CheckpointStore, Error, GraphDescription,
-    JobMetadata, LeaseRecord, Result,
+    JobMetadata, LeaseRecord, Result, SourcePartition,
 };
 use serde::Serialize;
 
@@ -69,6 +69,41 @@ pub struct Overview {
     pub total_objects: usize,
     /// Total size of those objects, in bytes.
     pub total_bytes: u64,
+    /// Where the sources stand after the newest planned batch.
+    pub positions: Vec<Position>,
+}
+
+/// Where one source partition stands after a location's newest planned batch.
+#[derive(Debug, Clone, Serialize)]
+pub struct Position {
+    /// The source.
+    pub source: String,
+    /// The partition.
+    pub partition: SourcePartition,
+    /// The next offset to read: the newest planned batch's range end.
+    pub next: u64,
+    /// Records past `next` in the partition (its end offset minus `next`), when someone asked
+    /// the source's system (`cairn checkpoint ls --brokers`); `None` otherwise.
+    pub lag: Option<u64>,
+}
+
+/// Where the sources stand after the newest planned batch (in `listing`) of `store`.
+fn newest_positions(store: &CheckpointStore, listing: &Listing) -> Vec<Position> {
+    match listing.plans().last().map(|b| store.read_plan(*b)) {
+        Some(Ok(plan)) => plan
+            .sources
+            .iter()
+            .flat_map(|s| {
+                s.ranges.iter().map(|r| Position {
+                    source: s.source.clone(),
+                    partition: r.partition.clone(),
+                    next: r.end,
+                    lag: None,
+                })
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 fn kind_and_parent(n: ObjectName) -> Option<(u64, &'static str, Option<u64>)> {
@@ -158,6 +193,7 @@ pub fn list(store: &CheckpointStore, keep: usize) -> Result<Overview> {
         checkpoints,
         total_objects: objects.len(),
         total_bytes: objects.iter().map(|(_, b)| b).sum(),
+        positions: newest_positions(store, &listing),
     })
 }
 
@@ -177,9 +213,8 @@ pub struct TaskRow {
     pub last_committed: bool,
     /// The newest state checkpoint's batch.
     pub last_checkpoint: Option<u64>,
-    /// Where the task's sources stand after its newest planned batch: `(source, partition, next
-    /// offset)`. With the brokers' high watermarks this is the task's lag.
-    pub positions: Vec<(String, String, u64)>,
+    /// Where the task's sources stand after its newest planned batch.
+    pub positions: Vec<Position>,
 }
 
 /// The tasks of a scaled-out job at `store` (empty for a job that runs as one process).
@@ -190,14 +225,7 @@ pub fn tasks(store: &CheckpointStore) -> Result<Vec<TaskRow>> {
         let t = CheckpointStore::open(&location)?;
         let listing = t.listing()?;
         let last_planned = listing.plans().last().copied();
-        let positions = match last_planned.map(|b| t.read_plan(b)) {
-            Some(Ok(plan)) => plan
-                .sources
-                .iter()
-                .flat_map(|s| s.ranges.iter().map(|r| (s.source.clone(), r.partition.to_string(), r.end)))
-                .collect(),
-            _ => Vec::new(),
-        };
+        let positions = newest_positions(&t, &listing);
         out.push(TaskRow {
             task,
             location,

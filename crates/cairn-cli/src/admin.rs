@@ -16,6 +16,10 @@ pub enum CheckpointCmd {
         /// Checkpoints retention keeps (as the job's keep_checkpoints).
         #[arg(long, default_value_t = 10)]
         keep: usize,
+        /// Kafka bootstrap servers: adds each Kafka partition's lag (its end offset now minus
+        /// the next offset after the newest planned batch), per task for a scaled-out job.
+        #[arg(long)]
+        brokers: Option<String>,
     },
     /// Job metadata, graph description, planned offsets, state size per operator.
     Show {
@@ -125,7 +129,7 @@ fn hex(b: &[u8]) -> String {
 
 pub fn run(cmd: CheckpointCmd) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match cmd {
-        CheckpointCmd::Ls { common, keep } => ls(&common, keep),
+        CheckpointCmd::Ls { common, keep, brokers } => ls(&common, keep, brokers.as_deref()),
         CheckpointCmd::Show { common, batch } => show(&common, batch),
         CheckpointCmd::Verify { common } => verify(&common),
         CheckpointCmd::Gc { common, keep, dry_run } => {
@@ -284,13 +288,19 @@ pub fn run(cmd: CheckpointCmd) -> Result<ExitCode, Box<dyn std::error::Error>> {
     }
 }
 
-fn ls(common: &Common, keep: usize) -> Res {
+fn ls(common: &Common, keep: usize, brokers: Option<&str>) -> Res {
     let store = open(&common.location)?;
-    let tasks = admin::tasks(&store)?;
+    let mut tasks = admin::tasks(&store)?;
     if !tasks.is_empty() {
+        if let Some(b) = brokers {
+            crate::lag::fill(b, tasks.iter_mut().flat_map(|t| t.positions.iter_mut()))?;
+        }
         return ls_tasks(common, &tasks);
     }
-    let o = admin::list(&store, keep)?;
+    let mut o = admin::list(&store, keep)?;
+    if let Some(b) = brokers {
+        crate::lag::fill(b, o.positions.iter_mut())?;
+    }
     if common.json {
         print_json(&o)?;
         return Ok(ExitCode::SUCCESS);
@@ -315,6 +325,18 @@ fn ls(common: &Common, keep: usize) -> Res {
             b.ranges,
             b.records.map_or("-".into(), |r| r.to_string())
         );
+    }
+    if !o.positions.is_empty() {
+        println!("\nSOURCE     PARTITION            NEXT        LAG");
+        for p in &o.positions {
+            println!(
+                "{:<10} {:<20} {:<11} {}",
+                p.source,
+                p.partition.to_string(),
+                p.next,
+                p.lag.map_or("-".into(), |l| l.to_string())
+            );
+        }
     }
     println!("\nCHECKPOINT  KIND   PARENT  BYTES      CHAIN  RETAINED  WHY");
     for c in &o.checkpoints {
@@ -344,7 +366,7 @@ fn ls_tasks(common: &Common, tasks: &[admin::TaskRow]) -> Res {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);
     println!("scaled-out job: {} task(s)\n", tasks.len());
-    println!("TASK   EPOCH  OWNER                    HEARTBEAT  BATCH    CHECKPOINT  NEXT OFFSETS");
+    println!("TASK   EPOCH  OWNER                    HEARTBEAT  BATCH    CHECKPOINT  LAG       NEXT OFFSETS");
     for t in tasks {
         let owner = t.owner.as_ref().map_or("-".into(), |o| {
             format!("pid {} on {}{}", o.pid, o.host, if o.released { " (released)" } else { "" })
@@ -355,15 +377,20 @@ fn ls_tasks(common: &Common, tasks: &[admin::TaskRow]) -> Res {
             .map_or("-".into(), |o| format!("{:.1}s ago", (now - o.heartbeat_ms).max(0) as f64 / 1e3));
         let batch =
             t.last_planned.map_or("-".into(), |b| format!("{b}{}", if t.last_committed { "" } else { "*" }));
-        let offsets: Vec<String> = t.positions.iter().map(|(_, p, o)| format!("{p}={o}")).collect();
+        let offsets: Vec<String> =
+            t.positions.iter().map(|p| format!("{}={}", p.partition, p.next)).collect();
+        // The task's lag: the sum over its partitions whose lag is known.
+        let lags: Vec<u64> = t.positions.iter().filter_map(|p| p.lag).collect();
+        let lag = if lags.is_empty() { "-".into() } else { lags.iter().sum::<u64>().to_string() };
         println!(
-            "{:<6} {:<6} {:<24} {:<10} {:<8} {:<11} {}",
+            "{:<6} {:<6} {:<24} {:<10} {:<8} {:<11} {:<9} {}",
             t.task,
             t.owner.as_ref().map_or("-".into(), |o| o.epoch.to_string()),
             owner,
             heartbeat,
             batch,
             t.last_checkpoint.map_or("-".into(), |b| b.to_string()),
+            lag,
             offsets.join(" ")
         );
     }

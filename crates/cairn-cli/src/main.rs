@@ -4,6 +4,7 @@
 //! `cairn_checkpoint::admin`).
 
 mod admin;
+mod lag;
 
 use cairn::{StateSpec, StreamingContext, Trigger};
 use clap::{Parser, Subcommand};
