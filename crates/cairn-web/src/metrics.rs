@@ -3,8 +3,8 @@
 //! record).
 
 use cairn::{
-    BatchProgress, CheckpointFailed, CheckpointWritten, LeaseLost, RecoveryFinished, RestartScheduled,
-    StreamingContext, StreamingListener,
+    BatchProgress, CheckpointFailed, CheckpointMaintained, CheckpointWritten, LeaseLost, RecoveryFinished,
+    RestartScheduled, StreamingContext, StreamingListener,
 };
 use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -75,6 +75,9 @@ struct Families {
     checkpoint_written_bytes: PerTask<Counter>,
     checkpoint_write_retries: PerTask<Counter>,
     checkpoint_deferrals: PerTask<Counter>,
+    checkpoint_compactions: PerTask<Counter>,
+    checkpoint_retention_deleted: PerTask<Counter>,
+    recovery_seconds: PerTask<FloatGauge>,
     checkpoint_backpressure_seconds: PerTask<Counter<f64, AtomicU64>>,
     recovery_warnings: PerTask<Counter>,
     lease_lost: PerTask<Counter>,
@@ -117,6 +120,9 @@ impl Default for Families {
             checkpoint_written_bytes: Family::default(),
             checkpoint_write_retries: Family::default(),
             checkpoint_deferrals: Family::default(),
+            checkpoint_compactions: Family::default(),
+            checkpoint_retention_deleted: Family::default(),
+            recovery_seconds: Family::default(),
             checkpoint_backpressure_seconds: Family::default(),
             recovery_warnings: Family::default(),
             lease_lost: Family::default(),
@@ -199,6 +205,22 @@ impl Families {
             "checkpoint_deferrals",
             "Due checkpoints put off because storage was still writing earlier ones",
             f.checkpoint_deferrals.clone(),
+        );
+        r.register(
+            "checkpoint_compactions",
+            "Full snapshots compacted from a long delta chain off the batch path",
+            f.checkpoint_compactions.clone(),
+        );
+        r.register(
+            "checkpoint_retention_deleted",
+            "Objects retention deleted (checkpoints, plans and commits no kept checkpoint needs)",
+            f.checkpoint_retention_deleted.clone(),
+        );
+        r.register_with_unit(
+            "recovery",
+            "Time the latest recovery took (metadata, log, restoring the checkpoint; replays run after it)",
+            Unit::Seconds,
+            f.recovery_seconds.clone(),
         );
         r.register_with_unit(
             "checkpoint_backpressure",
@@ -317,7 +339,7 @@ impl Families {
     }
 
     /// The families with one series per task.
-    fn per_task(&self) -> [&dyn TaskSeries; 22] {
+    fn per_task(&self) -> [&dyn TaskSeries; 25] {
         [
             &self.batches,
             &self.replayed_batches,
@@ -327,6 +349,9 @@ impl Families {
             &self.checkpoint_written_bytes,
             &self.checkpoint_write_retries,
             &self.checkpoint_deferrals,
+            &self.checkpoint_compactions,
+            &self.checkpoint_retention_deleted,
+            &self.recovery_seconds,
             &self.checkpoint_backpressure_seconds,
             &self.recovery_warnings,
             &self.lease_lost,
@@ -345,8 +370,10 @@ impl Families {
     }
 }
 
-/// Rebalance events kept for the page.
+/// Rebalance events, checkpoint history rows and recoveries kept for the page.
 const REBALANCES: usize = 100;
+const CHECKPOINT_HISTORY: usize = 100;
+const RECOVERIES: usize = 20;
 /// Upper bounds (seconds) of the rebalance histograms' buckets: restores and handovers take
 /// from milliseconds to minutes.
 const REBALANCE_BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0];
@@ -362,6 +389,9 @@ struct Page {
     /// Each task's latest batch.
     latest: BTreeMap<u32, BatchProgress>,
     rebalances: VecDeque<serde_json::Value>,
+    /// Checkpoints written, compacted, deferred or failed, and retention runs, newest last.
+    checkpoints: VecDeque<serde_json::Value>,
+    recoveries: VecDeque<serde_json::Value>,
     /// The per-operator and per-partition series created for each task, so that they can be
     /// removed with it.
     seen: BTreeMap<TaskLabel, (BTreeSet<OperatorLabels>, BTreeSet<PartitionLabels>)>,
@@ -549,15 +579,21 @@ impl Metrics {
             "last_restart": page.last_restart,
             "tasks": tasks,
             "rebalances": page.rebalances,
+            "checkpoint_history": page.checkpoints,
+            "recoveries": page.recoveries,
         })
     }
 
     fn rebalance(&self, event: serde_json::Value) {
-        let mut page = self.page();
-        if page.rebalances.len() == REBALANCES {
-            page.rebalances.pop_front();
+        push_bounded(&mut self.page().rebalances, event, REBALANCES);
+    }
+
+    /// A row of the page's checkpoint history (labelled with its task in a scaled-out process).
+    fn history(&self, t: TaskLabel, mut row: serde_json::Value) {
+        if let (Some(task), Some(obj)) = (t.0, row.as_object_mut()) {
+            obj.insert("task".into(), task.into());
         }
-        page.rebalances.push_back(event);
+        push_bounded(&mut self.page().checkpoints, row, CHECKPOINT_HISTORY);
     }
 
     fn set_owned(&self, change: impl FnOnce(&mut BTreeSet<u32>)) {
@@ -622,6 +658,35 @@ impl Metrics {
 
     fn recovery_finished(&self, t: TaskLabel, e: &RecoveryFinished) {
         self.f().recovery_warnings.get_or_create(&t).inc_by(e.warnings.len() as u64);
+        self.f().recovery_seconds.get_or_create(&t).set(e.restore_ms / 1e3);
+        let mut row = serde_json::to_value(e).unwrap_or_default();
+        if let (Some(task), Some(obj)) = (t.0, row.as_object_mut()) {
+            obj.insert("task".into(), task.into());
+        }
+        push_bounded(&mut self.page().recoveries, row, RECOVERIES);
+    }
+
+    fn checkpoint_maintained(&self, t: TaskLabel, e: &CheckpointMaintained) {
+        let f = self.f();
+        f.checkpoint_retention_deleted.get_or_create(&t).inc_by(e.deleted);
+        if let Some(bytes) = e.compacted_bytes {
+            f.checkpoint_compactions.get_or_create(&t).inc();
+            self.history(
+                t,
+                serde_json::json!({"batch_id": e.batch_id, "kind": "full (compacted)", "bytes": bytes, "deleted": e.deleted}),
+            );
+        } else if e.deleted > 0 {
+            self.history(
+                t,
+                serde_json::json!({"batch_id": e.batch_id, "kind": "retention", "deleted": e.deleted}),
+            );
+        }
+        if let Some(error) = &e.error {
+            self.history(
+                t,
+                serde_json::json!({"batch_id": e.batch_id, "kind": "maintenance failed", "error": error}),
+            );
+        }
     }
 
     fn batch_completed(&self, t: TaskLabel, p: &BatchProgress) {
@@ -634,6 +699,7 @@ impl Metrics {
         f.batch_processing_seconds.get_or_create(&t).observe(p.processing_ms / 1e3);
         if p.checkpoint_deferred {
             f.checkpoint_deferrals.get_or_create(&t).inc();
+            self.history(t, serde_json::json!({"batch_id": p.batch_id, "kind": "deferred"}));
         }
         f.checkpoint_backpressure_seconds.get_or_create(&t).inc_by(p.checkpoint_wait_ms / 1e3);
         f.last_batch_id.get_or_create(&t).set(i64::try_from(p.batch_id.0).unwrap_or(i64::MAX));
@@ -687,18 +753,36 @@ impl Metrics {
             obj.insert("task".into(), task.into());
         }
         self.page().last_checkpoint = Some(json);
+        self.history(
+            t,
+            serde_json::json!({
+                "batch_id": e.batch_id, "kind": if e.full { "full" } else { "delta" }, "bytes": e.bytes,
+                "objects": e.objects, "write_ms": e.write_ms, "retries": e.retries,
+            }),
+        );
     }
 
     fn checkpoint_failed(&self, t: TaskLabel, e: &CheckpointFailed) {
         let f = self.f();
         f.checkpoint_failures.get_or_create(&t).inc();
         f.checkpoint_write_retries.get_or_create(&t).inc_by(u64::from(e.retries));
+        self.history(
+            t,
+            serde_json::json!({"batch_id": e.batch_id, "kind": "failed", "error": e.error, "retries": e.retries}),
+        );
     }
 
     fn restart_scheduled(&self, t: TaskLabel, e: &RestartScheduled) {
         self.f().restarts.get_or_create(&t).inc();
         self.page().last_restart = Some(e.clone());
     }
+}
+
+fn push_bounded(q: &mut VecDeque<serde_json::Value>, v: serde_json::Value, max: usize) {
+    if q.len() == max {
+        q.pop_front();
+    }
+    q.push_back(v);
 }
 
 #[allow(clippy::disallowed_methods)] // event times are for people
@@ -735,6 +819,9 @@ impl StreamingListener for TaskMetrics {
     fn on_checkpoint_failed(&self, e: &CheckpointFailed) {
         self.m.checkpoint_failed(self.t, e);
     }
+    fn on_checkpoint_maintained(&self, e: &CheckpointMaintained) {
+        self.m.checkpoint_maintained(self.t, e);
+    }
     fn on_lease_lost(&self, _e: &LeaseLost) {
         self.m.f().lease_lost.get_or_create(&self.t).inc();
     }
@@ -756,6 +843,9 @@ impl StreamingListener for Metrics {
     }
     fn on_checkpoint_failed(&self, e: &CheckpointFailed) {
         self.checkpoint_failed(TaskLabel(None), e);
+    }
+    fn on_checkpoint_maintained(&self, e: &CheckpointMaintained) {
+        self.checkpoint_maintained(TaskLabel(None), e);
     }
     fn on_lease_lost(&self, _e: &LeaseLost) {
         self.f().lease_lost.get_or_create(&TaskLabel(None)).inc();
@@ -797,6 +887,7 @@ mod tests {
             source_lag: vec![cairn::SourceLag { source: "in".into(), partition: "in[0]".into(), records: 7 }],
             task: None,
             epoch: 1,
+            plan: Vec::new(),
         }
     }
 
@@ -811,6 +902,7 @@ mod tests {
             bytes: 64,
             write_ms: 2.0,
             full: true,
+            objects: 1,
             retries: 2,
         });
         m.on_checkpoint_failed(&CheckpointFailed {
@@ -832,6 +924,8 @@ mod tests {
             replay_batches: 1,
             next_batch: cairn::BatchId(1),
             warnings: vec!["a".into(), "b".into()],
+            at_ms: 0,
+            restore_ms: 12.0,
         });
         assert_eq!(f.batches.get_or_create(&N).get(), 2);
         assert_eq!(f.replayed_batches.get_or_create(&N).get(), 1);
@@ -858,6 +952,22 @@ mod tests {
         let lag = PartitionLabels { source: "in".into(), partition: "in[0]".into() };
         assert_eq!(f.source_lag_records.get_or_create(&(N, lag)).get(), 7);
         assert_eq!(f.state_checkpoint_bytes.get_or_create(&(N, l)).get(), 40);
+        m.on_checkpoint_maintained(&CheckpointMaintained {
+            batch_id: cairn::BatchId(1),
+            compacted_bytes: Some(99),
+            deleted: 4,
+            error: None,
+        });
+        assert_eq!(f.checkpoint_compactions.get_or_create(&N).get(), 1);
+        assert_eq!(f.checkpoint_retention_deleted.get_or_create(&N).get(), 4);
+        assert_eq!(f.recovery_seconds.get_or_create(&N).get(), 0.012);
+        let page = m.progress_json();
+        let kinds: Vec<_> =
+            page["checkpoint_history"].as_array().unwrap().iter().map(|r| r["kind"].clone()).collect();
+        assert_eq!(kinds, ["deferred", "full", "failed", "full (compacted)"]);
+        assert_eq!(page["checkpoint_history"][1]["objects"], 1);
+        assert_eq!(page["recoveries"][0]["restored_batch"], 0);
+        assert_eq!(page["recoveries"][0]["replay_batches"], 1);
         let text = m.encode();
         assert!(text.contains("cairn_checkpoint_backpressure_seconds_total{app=\"unit\"} 1.5"), "{text}");
         assert!(text.contains("cairn_batch_processing_seconds_count{app=\"unit\"} 2"), "{text}");

@@ -61,8 +61,8 @@ pub use graph::{is_transient, BatchInfo, Data, Key, Partitions, Transient, UserE
 pub use ops::stateful::{OpName, State, StateSpec};
 pub use runtime::job::Trigger;
 pub use runtime::progress::{
-    BatchProgress, BatchStarted, CheckpointFailed, CheckpointWritten, LeaseLost, OperatorProgress,
-    RecoveryFinished, RestartScheduled, SourceLag, StreamingListener,
+    BatchProgress, BatchStarted, CheckpointFailed, CheckpointMaintained, CheckpointWritten, LeaseLost,
+    OperatorProgress, RecoveryFinished, RestartScheduled, SourceLag, StreamingListener,
 };
 pub use runtime::scheduler::RunSummary;
 pub use runtime::writer::WriterStats;

@@ -87,6 +87,8 @@ pub struct BatchProgress {
     /// The ownership epoch this process holds its checkpoint location (or task) in: it grows by
     /// one at every takeover, so a change shows that the task moved.
     pub epoch: u64,
+    /// The batch's plan as logged: each source's offset ranges.
+    pub plan: Vec<cairn_checkpoint::SourcePlan>,
 }
 
 /// A batch is about to run.
@@ -111,6 +113,8 @@ pub struct CheckpointWritten {
     pub write_ms: f64,
     /// A full snapshot rather than a delta.
     pub full: bool,
+    /// Objects stored.
+    pub objects: u64,
     /// Storage requests of this write that were retried after a transient failure (0 when every
     /// request succeeded at once).
     pub retries: u32,
@@ -164,6 +168,25 @@ pub struct RecoveryFinished {
     pub next_batch: BatchId,
     /// Damage recovery worked around (fallbacks, rebuilt plans, repaired copies).
     pub warnings: Vec<String>,
+    /// When recovery finished, milliseconds since the Unix epoch (the job's clock).
+    pub at_ms: i64,
+    /// Time recovery took: reading the metadata and the log, restoring the checkpoint (the
+    /// batches to replay run after it).
+    pub restore_ms: f64,
+}
+
+/// The checkpoint maintenance that follows a stored checkpoint (on its own thread, off the batch
+/// path): a full snapshot compacted from the delta chain when it had grown long, and retention.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CheckpointMaintained {
+    /// The newest checkpoint when maintenance ran.
+    pub batch_id: BatchId,
+    /// Bytes of the full snapshot compacted at that batch, when one was.
+    pub compacted_bytes: Option<u64>,
+    /// Objects retention deleted (checkpoints, plans and commits no kept checkpoint needs).
+    pub deleted: u64,
+    /// What failed (compaction or retention; both are retried after the next checkpoint).
+    pub error: Option<String>,
 }
 
 /// Receives a job's events. Every method has an empty default; implement the ones you need.
@@ -191,6 +214,8 @@ pub trait StreamingListener: Send + Sync {
     fn on_checkpoint_written(&self, _e: &CheckpointWritten) {}
     /// A state checkpoint could not be stored; the job stops.
     fn on_checkpoint_failed(&self, _e: &CheckpointFailed) {}
+    /// Maintenance ran after a stored checkpoint (compaction, retention).
+    fn on_checkpoint_maintained(&self, _e: &CheckpointMaintained) {}
     /// Another process took the location over; the job stops.
     fn on_lease_lost(&self, _e: &LeaseLost) {}
     /// A transient failure; the job restarts in place after a wait.

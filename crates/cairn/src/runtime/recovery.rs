@@ -51,6 +51,8 @@ pub(crate) struct Prepared {
     /// Bytes of the restored state (merged, uncompressed): what a restore of it transfers, at
     /// most.
     pub restored_bytes: u64,
+    /// Time `prepare` took.
+    pub restore_ms: f64,
 }
 
 pub(crate) fn describe_graph(job: &Job) -> GraphDescription {
@@ -196,6 +198,13 @@ fn check_task_ready(job: &Job, task: crate::TaskAssignment) -> Result<()> {
 }
 
 pub(crate) fn prepare(job: &Job) -> Result<Prepared> {
+    let t0 = std::time::Instant::now();
+    let mut p = prepare_untimed(job)?;
+    p.restore_ms = t0.elapsed().as_secs_f64() * 1e3;
+    Ok(p)
+}
+
+fn prepare_untimed(job: &Job) -> Result<Prepared> {
     let cfg = &job.cfg;
     let (errors, stateful_names, sources) = {
         let g = job.graph.lock();
@@ -261,6 +270,7 @@ pub(crate) fn prepare(job: &Job) -> Result<Prepared> {
             last_plan: None,
             restored_chain: 0,
             restored_bytes: 0,
+            restore_ms: 0.0,
         });
     };
     let store = match &cfg.store {
@@ -525,5 +535,6 @@ fn restore(
         last_plan: recovered.last_plan,
         restored_chain,
         restored_bytes,
+        restore_ms: 0.0,
     })
 }

@@ -117,6 +117,8 @@ pub(crate) fn run(job: Arc<Job>, p: Prepared, trigger: Trigger) -> (RunSummary, 
         replay_batches: p.replay.len() as u64,
         next_batch: BatchId(p.next_batch),
         warnings: p.warnings.clone(),
+        at_ms: cfg.clock.now_ms(),
+        restore_ms: p.restore_ms,
     };
     job.listeners.each(|l| l.on_recovery_finished(&recovery));
     let writer = p.store.as_ref().map(|s| {
@@ -417,6 +419,7 @@ impl Runner {
             source_lag: if replayed { Vec::new() } else { self.lag.clone() },
             task: self.job.cfg.task.map(|t| t.id.0),
             epoch: self.p.lease.as_ref().map_or(0, |l| l.epoch()),
+            plan: plan.sources.clone(),
         };
         if wait_ms > 50.0 {
             tracing::warn!(

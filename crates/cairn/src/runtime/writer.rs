@@ -5,7 +5,7 @@
 
 use crate::error::{Error, Result};
 use crate::runtime::failpoint;
-use crate::runtime::progress::{CheckpointFailed, CheckpointWritten, Listeners};
+use crate::runtime::progress::{CheckpointFailed, CheckpointMaintained, CheckpointWritten, Listeners};
 use cairn_checkpoint::paths::ObjectName;
 use cairn_checkpoint::{codec, BatchId, CheckpointKind, CheckpointStore, StateCheckpoint};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
@@ -65,7 +65,7 @@ impl CheckpointWriter {
         let shared = Arc::new(Mutex::new(Shared::default()));
         let mut threads = Vec::new();
         {
-            let (store, shared) = (store.clone(), shared.clone());
+            let (store, shared, listeners) = (store.clone(), shared.clone(), listeners.clone());
             threads.push(
                 std::thread::Builder::new()
                     .name("cairn-ckpt-writer".into())
@@ -76,11 +76,11 @@ impl CheckpointWriter {
             );
         }
         {
-            let shared = shared.clone();
+            let (shared, listeners) = (shared.clone(), listeners.clone());
             threads.push(
                 std::thread::Builder::new()
                     .name("cairn-ckpt-maintenance".into())
-                    .spawn(move || maintenance_loop(&store, maint_rx, &shared, full_every, keep))
+                    .spawn(move || maintenance_loop(&store, maint_rx, &shared, full_every, keep, &listeners))
                     .map_err(|e| {
                         Error::Lifecycle(format!("cannot start the checkpoint maintenance thread: {e}"))
                     })?,
@@ -192,6 +192,7 @@ fn write_loop(
                     bytes: w.bytes,
                     write_ms,
                     full: ckpt.kind == CheckpointKind::Full,
+                    objects: w.objects,
                     retries,
                 };
                 listeners.each(|l| l.on_checkpoint_written(&e));
@@ -217,8 +218,11 @@ fn maintenance_loop(
     shared: &Mutex<Shared>,
     full_every: usize,
     keep: usize,
+    listeners: &Listeners,
 ) {
     while let Ok(mut batch) = rx.recv() {
+        let mut done =
+            CheckpointMaintained { batch_id: batch, compacted_bytes: None, deleted: 0, error: None };
         // Coalesce: when checkpoints arrive faster than maintenance runs, work on the newest.
         while let Ok(b) = rx.try_recv() {
             batch = b;
@@ -230,9 +234,11 @@ fn maintenance_loop(
             .ok()
             .and_then(|l| cairn_checkpoint::protocol::chain(&l, batch, true))
             .map_or(0, |c| c.len());
+        done.batch_id = batch;
         if cairn_checkpoint::protocol::compaction_due(chain_len, full_every) {
             match store.compact(batch) {
                 Ok(Some(w)) => {
+                    done.compacted_bytes = Some(w.bytes);
                     let mut s = lock(shared);
                     s.stats.bytes += w.bytes;
                     s.stats.objects += w.objects;
@@ -246,12 +252,18 @@ fn maintenance_loop(
                     s.newest_full = s.newest_full.max(Some(batch));
                 }
                 Err(e) => {
-                    tracing::warn!("compacting a full snapshot at batch {batch} failed (will retry): {e}")
+                    tracing::warn!("compacting a full snapshot at batch {batch} failed (will retry): {e}");
+                    done.error = Some(format!("compaction: {e}"));
                 }
             }
         }
-        if let Err(e) = store.apply_retention(keep) {
-            tracing::warn!("checkpoint retention failed (will retry after the next checkpoint): {e}");
+        match store.apply_retention(keep) {
+            Ok(r) => done.deleted = r.deleted.len() as u64,
+            Err(e) => {
+                tracing::warn!("checkpoint retention failed (will retry after the next checkpoint): {e}");
+                done.error = Some(format!("retention: {e}"));
+            }
         }
+        listeners.each(|l| l.on_checkpoint_maintained(&done));
     }
 }
