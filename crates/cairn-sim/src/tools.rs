@@ -36,6 +36,48 @@ pub fn wait_listening(port: u16, what: &str) {
     }
 }
 
+/// Headless Chromium with a throwaway profile under `profile`, quiet and offline (no sync,
+/// updates or background requests), for the web page's browser tests. Panics, naming the
+/// install script, when Debian's `chromium` is missing: those tests fail rather than pass
+/// without a browser.
+pub fn headless_chromium(profile: &std::path::Path, window: &str) -> std::process::Command {
+    let bin = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|c| std::path::Path::new(c).exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "headless Chromium is required: run scripts/install-test-tools.sh (apt-get install chromium)"
+            )
+        });
+    let mut c = std::process::Command::new(bin);
+    c.args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        .args(["--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"])
+        .arg(format!("--window-size={window}"))
+        .arg(format!("--user-data-dir={}", profile.display()));
+    c
+}
+
+/// The `<tr>` rows of the table with id `table` in an HTML document (as Chromium's
+/// `--dump-dom` prints it), each as its `data-*` attributes (without the prefix).
+pub fn table_rows(html: &str, table: &str) -> Vec<std::collections::BTreeMap<String, String>> {
+    let Some(at) = html.find(&format!("id=\"{table}\"")) else { return Vec::new() };
+    let body = &html[at..];
+    let body = &body[..body.find("</table>").unwrap_or(body.len())];
+    body.split("<tr")
+        .skip(1)
+        .map(|tr| {
+            let tag = &tr[..tr.find('>').unwrap_or(tr.len())];
+            tag.split(" data-")
+                .skip(1)
+                .filter_map(|a| {
+                    let (k, rest) = a.split_once("=\"")?;
+                    Some((k.to_string(), rest.split('"').next()?.to_string()))
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// xorshift64*: a seeded, dependency-free sequence for tests and generated benchmark input.
 pub struct Rng(pub u64);
 

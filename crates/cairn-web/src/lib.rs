@@ -63,6 +63,15 @@ async fn page() -> Html<&'static str> {
     Html(include_str!("index.html"))
 }
 
+/// The page's charting library (uPlot, MIT), vendored so that the page needs no network.
+async fn uplot_js() -> impl IntoResponse {
+    ([("content-type", "text/javascript; charset=utf-8")], include_str!("vendor/uplot/uPlot.iife.min.js"))
+}
+
+async fn uplot_css() -> impl IntoResponse {
+    ([("content-type", "text/css; charset=utf-8")], include_str!("vendor/uplot/uPlot.min.css"))
+}
+
 /// A running endpoint. It serves for as long as it lives; dropping it stops the server and
 /// waits for its thread.
 pub struct Endpoint {
@@ -130,6 +139,8 @@ pub fn serve_metrics(metrics: &Metrics, addr: &str) -> Result<Endpoint, Error> {
     };
     let app = Router::new()
         .route("/", get(page))
+        .route("/assets/uplot.js", get(uplot_js))
+        .route("/assets/uplot.css", get(uplot_css))
         .route("/metrics", get(self::metrics))
         .route("/api/progress", get(progress))
         .with_state(metrics.clone());

@@ -676,10 +676,20 @@ impl Metrics {
                 serde_json::json!({"batch_id": e.batch_id, "kind": "full (compacted)", "bytes": bytes, "deleted": e.deleted}),
             );
         } else if e.deleted > 0 {
-            self.history(
-                t,
-                serde_json::json!({"batch_id": e.batch_id, "kind": "retention", "deleted": e.deleted}),
-            );
+            // Retention after a checkpoint shows on that checkpoint's row, not a row of its own.
+            let mut page = self.page();
+            let same = |r: &serde_json::Value| {
+                r["batch_id"] == serde_json::json!(e.batch_id) && r["task"] == serde_json::json!(t.0)
+            };
+            match page.checkpoints.iter_mut().rev().find(|r| same(r)) {
+                Some(row) => {
+                    row["deleted"] = serde_json::json!(row["deleted"].as_u64().unwrap_or(0) + e.deleted)
+                }
+                None => {
+                    drop(page);
+                    self.history(t, serde_json::json!({"batch_id": e.batch_id, "kind": "retention", "deleted": e.deleted}));
+                }
+            }
         }
         if let Some(error) = &e.error {
             self.history(
