@@ -14,6 +14,7 @@ use cairn_sim::kafka::KafkaBroker;
 use cairn_sim::kafka_log::{committed_records, read_partition_log};
 use cairn_sim::postgres::PgServer;
 use cairn_sim::s3::S3Server;
+use cairn_sim::tools::http_get;
 use cairn_sim::Rng;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -152,17 +153,6 @@ impl World {
 
 /// Where a copy of an output line is: partition, producer id, producer epoch, offset.
 type LineCopy = (i32, i64, i16, i64);
-
-/// The body of `GET path` from 127.0.0.1:`port` (None while nothing answers).
-fn http_get(port: u16, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
-}
 
 /// A scaled-out member's own view (its `/metrics` and `/api/progress`) agrees with itself: it
 /// runs at least one task, `cairn_tasks` counts exactly the tasks whose series it serves, the

@@ -8,7 +8,7 @@
 
 use cairn_sim::kafka::KafkaBroker;
 use cairn_sim::postgres::PgServer;
-use cairn_sim::tools::{free_port, headless_chromium, table_rows};
+use cairn_sim::tools::{free_port, headless_chromium, http_get, table_rows};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -16,16 +16,6 @@ use std::time::{Duration, Instant};
 
 const EXE: &str = env!("CARGO_BIN_EXE_kafka_to_postgres");
 const PARTITIONS: i32 = 3;
-
-fn http_get(port: u16, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
-}
 
 fn progress(port: u16) -> Option<Value> {
     serde_json::from_str(&http_get(port, "/api/progress")?).ok()

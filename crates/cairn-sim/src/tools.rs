@@ -36,6 +36,17 @@ pub fn wait_listening(port: u16, what: &str) {
     }
 }
 
+/// The body of `GET path` from 127.0.0.1:`port` (HTTP/1.0; None while nothing answers).
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
+}
+
 /// Headless Chromium with a throwaway profile under `profile`, quiet and offline (no sync,
 /// updates or background requests), for the web page's browser tests. Panics, naming the
 /// install script, when Debian's `chromium` is missing: those tests fail rather than pass

@@ -179,7 +179,9 @@ fn the_tasks_of_a_location_are_listed_with_owner_epoch_and_positions() {
         let owner = r.owner.as_ref().expect("each task ran once");
         assert_eq!((owner.epoch, owner.pid, owner.released), (1, std::process::id(), true));
         assert!(r.last_committed && r.last_checkpoint.is_some(), "{r:?}");
-        assert_eq!(r.positions, vec![("two".to_string(), r.task.to_string(), 4)]);
+        let positions: Vec<_> =
+            r.positions.iter().map(|p| (p.source.as_str(), p.partition.to_string(), p.next, p.lag)).collect();
+        assert_eq!(positions, vec![("two", r.task.to_string(), 4, None)]);
     }
     // A single-process job refuses a location that holds tasks.
     let single =
