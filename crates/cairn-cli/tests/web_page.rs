@@ -48,7 +48,7 @@ fn charts_render_with_data_in_headless_chromium() {
         .output()
         .expect("run chromium");
     let html = String::from_utf8_lossy(&dom.stdout);
-    for chart in ["rate", "delays", "ckpt", "ckptbytes", "state", "lagchart"] {
+    for chart in ["rate", "delays", "ckpt", "ckptbytes", "state", "statebytes", "lagchart"] {
         let tag_at = html.find(&format!("<div id=\"{chart}\"")).expect("chart present");
         let tag = &html[tag_at..tag_at + html[tag_at..].find('>').unwrap()];
         let n: usize = tag

@@ -176,7 +176,7 @@ fn the_page_after_a_kill_and_restart_shows_batches_checkpoints_the_recovery_and_
         assert!(now > 0, "{series}{now}");
     }
     // The charts drew the timeline.
-    for chart in ["rate", "delays", "ckpt", "ckptbytes", "state", "lagchart"] {
+    for chart in ["rate", "delays", "ckpt", "ckptbytes", "state", "statebytes", "lagchart"] {
         let n: usize = html
             .split(&format!("id=\"{chart}\""))
             .nth(1)
