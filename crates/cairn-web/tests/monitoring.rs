@@ -350,7 +350,13 @@ fn metrics_are_a_valid_exposition_with_the_jobs_figures() {
     assert_eq!(p["checkpoints_written"], n as u64);
     let (head, page) = get(addr, "/");
     assert!(head.contains("content-type: text/html"), "{head}");
-    assert!(page.contains("<canvas id=\"rate\">"));
+    assert!(page.contains("<div id=\"rate\">"));
+    // The charting library is served by the endpoint itself (the page needs no network).
+    let (head, js) = get(addr, "/assets/uplot.js");
+    assert!(head.contains("content-type: text/javascript"), "{head}");
+    assert!(js.contains("uPlot") && js.len() > 40_000, "{} bytes", js.len());
+    let (head, _) = get(addr, "/assets/uplot.css");
+    assert!(head.contains("content-type: text/css"), "{head}");
 
     drop(endpoint);
     assert!(std::net::TcpStream::connect(addr).is_err(), "nothing listens once the endpoint is dropped");
