@@ -40,6 +40,9 @@ pub enum ObjectKind {
     Lease = 6,
     /// A lease epoch's fence record (format version 2).
     Fence = 7,
+    /// A block of a receiver's write-ahead log, `receivers/<name>/<seq>.wal` (binary
+    /// [`crate::wal::WalBlock`]).
+    WalBlock = 8,
 }
 
 impl ObjectKind {
@@ -52,6 +55,7 @@ impl ObjectKind {
             5 => Self::StateFull,
             6 => Self::Lease,
             7 => Self::Fence,
+            8 => Self::WalBlock,
             _ => return None,
         })
     }

@@ -23,6 +23,7 @@ pub mod schema;
 pub mod store;
 pub mod table;
 pub mod typed;
+pub mod wal;
 
 pub use error::{Error, Result};
 pub use model::*;

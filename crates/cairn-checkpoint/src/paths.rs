@@ -81,6 +81,33 @@ impl Paths {
         self.root.child("state")
     }
 
+    /// The prefix holding the write-ahead log of receiver `receiver`.
+    pub fn wal_dir(&self, receiver: &str) -> Path {
+        self.root.child(RECEIVERS_DIR).child(receiver)
+    }
+
+    /// Block `seq` of receiver `receiver`'s write-ahead log: `receivers/<name>/<seq>.wal`, the
+    /// number zero-padded to 20 digits so that listings sort numerically.
+    ///
+    /// ```
+    /// use cairn_checkpoint::paths::Paths;
+    /// let p = Paths::new("jobs/a");
+    /// let block = p.wal_block("lines", 42);
+    /// assert_eq!(block.as_ref(), "jobs/a/receivers/lines/00000000000000000042.wal");
+    /// assert_eq!(p.parse_wal_block("lines", &block), Some(42));
+    /// assert_eq!(p.parse_wal_block("other", &block), None);
+    /// ```
+    pub fn wal_block(&self, receiver: &str, seq: u64) -> Path {
+        self.wal_dir(receiver).child(format!("{seq:020}.wal"))
+    }
+
+    /// The block number of `path`, if it is a block of `receiver`'s write-ahead log.
+    pub fn parse_wal_block(&self, receiver: &str, path: &Path) -> Option<u64> {
+        let rel: Vec<_> = path.prefix_match(&self.wal_dir(receiver))?.collect();
+        let [file] = rel.as_slice() else { return None };
+        batch_number(file.as_ref().strip_suffix(".wal")?).map(|b| b.0)
+    }
+
     /// The prefix holding the tasks of a scaled-out job (each a location of its own).
     pub fn tasks_dir(&self) -> Path {
         self.root.child(TASKS_DIR)
@@ -152,6 +179,7 @@ impl Paths {
 }
 
 const TASKS_DIR: &str = "tasks";
+const RECEIVERS_DIR: &str = "receivers";
 
 /// The location of task `task` of a scaled-out job whose location is `root`: a complete
 /// checkpoint location of its own (metadata, lease, log, state) under `<root>/tasks/<task>`,

@@ -46,7 +46,10 @@ pub use runtime::failpoint;
 /// Sources: where batches come from. A source plans offset ranges before a batch runs (they are
 /// logged, so a replay reads exactly the same input) and reads a planned range on demand.
 pub mod source {
-    pub use crate::sources::{Generator, LineParser, Malformed, Positions, QueueHandle, Source, TextFiles};
+    pub use crate::sources::{
+        Durable, Generator, LineParser, Malformed, NotDurable, Positions, QueueHandle, ReceiverHandle,
+        Refused, Source, TextFiles,
+    };
 }
 
 pub use api::context::{StopHandle, StreamingContext, StreamingContextBuilder, TaskAssignment};

@@ -1,15 +1,20 @@
 //! Sources: where batches come from. A source plans offset ranges before a batch runs (they are
 //! logged, so a replay reads exactly the same input) and reads a planned range on demand. The
-//! built-in ones: a deterministic generator, new text files of a directory, an in-memory queue.
+//! built-in ones: a deterministic generator, new text files of a directory, an in-memory queue,
+//! and receivers (push-based input kept in a write-ahead log), such as a TCP socket.
 
 mod generator;
 mod queue;
+pub(crate) mod receiver;
+mod socket;
 mod text_files;
 
 pub use crate::graph::Positions;
 pub use generator::Generator;
 pub(crate) use queue::queue;
 pub use queue::QueueHandle;
+pub use receiver::{Durable, NotDurable, ReceiverHandle, Refused};
+pub(crate) use socket::spawn_reader as spawn_socket_reader;
 pub use text_files::{LineParser, Malformed, TextFiles};
 
 use crate::error::{Error, Result};

@@ -1,0 +1,331 @@
+//! Receivers: push-based input made replayable by a write-ahead log in the checkpoint location
+//! (see [`cairn_checkpoint::wal`]). What a receiver hands over through its [`ReceiverHandle`] is
+//! buffered until the next batch plans; the plan first writes the buffer as one WAL block (one
+//! object per receiver per batch, whatever the record count), then names the blocks not read yet.
+//! A record is acknowledged ([`Durable::wait`]) once its block is written, so a crash at any
+//! instant loses nothing that was acknowledged, and a replay reads the same blocks.
+
+use super::{Positions, Source};
+use crate::graph::UserError;
+use cairn_checkpoint::wal::WalBlock;
+use cairn_checkpoint::{CheckpointStore, OffsetRange, SourcePartition};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Plans between two retention passes over a receiver's log.
+const RETENTION_EVERY: u64 = 16;
+
+/// Why records were not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refused {
+    /// The receiver holds as many unwritten records as it may (`max_pending`): the batches do
+    /// not keep up. Retry later.
+    #[error("the receiver's buffer is full ({0} records wait for the next batch)")]
+    Full(usize),
+    /// The job stopped: nothing will write these records.
+    #[error("the job stopped")]
+    Stopped,
+}
+
+/// Why acknowledged-to-be records did not become durable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NotDurable {
+    /// They were not written in time (the job is slow, restarting or stopped); they may still
+    /// be written later.
+    #[error("not written to the write-ahead log within {0:?}")]
+    Timeout(Duration),
+    /// The job stopped before writing them.
+    #[error("the job stopped before writing them to the write-ahead log")]
+    Stopped,
+}
+
+#[derive(Default)]
+struct Pending {
+    records: Vec<Vec<u8>>,
+    /// Generation of the records in `records`; every generation below `durable` is written.
+    generation: u64,
+    durable: u64,
+}
+
+struct Shared {
+    name: String,
+    pending: Mutex<Pending>,
+    written: Condvar,
+    room: Condvar,
+    max_pending: usize,
+    stopped: AtomicBool,
+    received: AtomicU64,
+    blocks: AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Hands records to a receiver. Cheap to clone; every clone feeds the same log.
+#[derive(Clone)]
+pub struct ReceiverHandle {
+    shared: Arc<Shared>,
+}
+
+/// Records handed over with [`ReceiverHandle::push`]: [`wait`](Durable::wait) returns once they
+/// are in the write-ahead log.
+#[must_use = "records are acknowledged only once durable"]
+pub struct Durable {
+    shared: Arc<Shared>,
+    generation: u64,
+}
+
+impl Durable {
+    /// Blocks until the records are durable (at most `timeout`).
+    pub fn wait(&self, timeout: Duration) -> Result<(), NotDurable> {
+        let deadline = Instant::now() + timeout;
+        let mut p = self.shared.lock();
+        while p.durable <= self.generation {
+            if self.shared.stopped.load(Ordering::SeqCst) {
+                return Err(NotDurable::Stopped);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(NotDurable::Timeout(timeout));
+            }
+            p = self
+                .shared
+                .written
+                .wait_timeout(p, left.min(Duration::from_millis(200)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+}
+
+impl ReceiverHandle {
+    /// Hands `records` over for the next batch, or refuses at once when the buffer is full.
+    pub fn push(&self, records: Vec<Vec<u8>>) -> Result<Durable, Refused> {
+        self.offer(records, None)
+    }
+
+    /// Like [`push`](Self::push), waiting up to `wait` for room (a socket reader slows its
+    /// sender this way).
+    pub fn push_waiting(&self, records: Vec<Vec<u8>>, wait: Duration) -> Result<Durable, Refused> {
+        self.offer(records, Some(Instant::now() + wait))
+    }
+
+    fn offer(&self, records: Vec<Vec<u8>>, until: Option<Instant>) -> Result<Durable, Refused> {
+        let s = &self.shared;
+        let mut p = s.lock();
+        loop {
+            if s.stopped.load(Ordering::SeqCst) {
+                return Err(Refused::Stopped);
+            }
+            // One oversized push into an empty buffer is taken: it could never fit otherwise.
+            if p.records.is_empty() || p.records.len() + records.len() <= s.max_pending {
+                break;
+            }
+            let left = until.map_or(Duration::ZERO, |u| u.saturating_duration_since(Instant::now()));
+            if left.is_zero() {
+                return Err(Refused::Full(p.records.len()));
+            }
+            p = s
+                .room
+                .wait_timeout(p, left.min(Duration::from_millis(200)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        s.received.fetch_add(records.len() as u64, Ordering::Relaxed);
+        p.records.extend(records);
+        Ok(Durable { shared: s.clone(), generation: p.generation })
+    }
+
+    /// Records handed over so far, and WAL blocks written.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.shared.received.load(Ordering::Relaxed), self.shared.blocks.load(Ordering::Relaxed))
+    }
+
+    /// Whether the job stopped (receivers stop reading then).
+    pub fn is_stopped(&self) -> bool {
+        self.shared.stopped.load(Ordering::SeqCst)
+    }
+
+    /// The receiver's name (its source name).
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+}
+
+/// The source side of a receiver: plans and reads its write-ahead log.
+pub(crate) struct WalSource {
+    shared: Arc<Shared>,
+    store: CheckpointStore,
+    /// The next block number to write: above every block listed so far.
+    next_block: Mutex<u64>,
+    plans: AtomicU64,
+}
+
+impl Drop for WalSource {
+    fn drop(&mut self) {
+        self.shared.stopped.store(true, Ordering::SeqCst);
+        self.shared.written.notify_all();
+        self.shared.room.notify_all();
+    }
+}
+
+/// A receiver named `name` whose log lives in `store`, holding at most `max_pending` unwritten
+/// records: the handle to feed it and the source to register.
+pub(crate) fn receiver(
+    name: &str,
+    store: CheckpointStore,
+    max_pending: usize,
+) -> (ReceiverHandle, WalSource) {
+    let shared = Arc::new(Shared {
+        name: name.to_string(),
+        pending: Mutex::default(),
+        written: Condvar::new(),
+        room: Condvar::new(),
+        max_pending: max_pending.max(1),
+        stopped: AtomicBool::new(false),
+        received: AtomicU64::new(0),
+        blocks: AtomicU64::new(0),
+    });
+    let source =
+        WalSource { shared: shared.clone(), store, next_block: Mutex::new(0), plans: AtomicU64::new(0) };
+    (ReceiverHandle { shared }, source)
+}
+
+impl WalSource {
+    fn partition(&self) -> SourcePartition {
+        SourcePartition::named("wal")
+    }
+
+    /// Writes what was handed over since the last plan as one block; returns the blocks there
+    /// are now (ascending).
+    fn seal(&self) -> Result<Vec<u64>, UserError> {
+        let s = &self.shared;
+        let name = &s.name;
+        let listed = self.store.wal_blocks(name).map_err(|e| format!("receiver {name}: {e}"))?;
+        let mut next = self.next_block.lock().unwrap_or_else(|e| e.into_inner());
+        *next = (*next).max(listed.last().map_or(0, |b| b + 1));
+        let (records, generation) = {
+            let mut p = s.lock();
+            let taken = (std::mem::take(&mut p.records), p.generation);
+            p.generation += 1;
+            taken
+        };
+        s.room.notify_all();
+        if records.is_empty() {
+            s.lock().durable = generation + 1;
+            s.written.notify_all();
+            return Ok(listed);
+        }
+        #[allow(clippy::disallowed_methods)] // a block's seal time is for people
+        let sealed_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let block = WalBlock { records, sealed_ms };
+        // A block number another process took meanwhile is skipped: its block is read like ours.
+        let mut written = None;
+        for _ in 0..8 {
+            match self.store.write_wal_block(name, *next, &block) {
+                Ok(true) => {
+                    written = Some(*next);
+                    *next += 1;
+                    break;
+                }
+                Ok(false) => *next += 1,
+                Err(e) => {
+                    self.put_back(block.records);
+                    return Err(format!("receiver {name}: writing its write-ahead log: {e}").into());
+                }
+            }
+        }
+        let Some(seq) = written else {
+            self.put_back(block.records);
+            return Err(
+                format!("receiver {name}: 8 block numbers in a row were taken by another writer").into()
+            );
+        };
+        s.blocks.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut p = s.lock();
+            p.durable = p.durable.max(generation + 1);
+        }
+        s.written.notify_all();
+        let mut blocks = listed;
+        blocks.push(seq);
+        Ok(blocks)
+    }
+
+    /// Records whose block could not be written wait for the next plan, in front of newer ones.
+    fn put_back(&self, mut records: Vec<Vec<u8>>) {
+        let mut p = self.shared.lock();
+        records.append(&mut p.records);
+        p.records = records;
+    }
+
+    /// Deletes the blocks no logged plan and no restorable checkpoint needs: those below the
+    /// first range of this source in the oldest plans still logged (plans are kept back to the
+    /// oldest restorable checkpoint), or below `next` when none has one.
+    fn apply_retention(&self, next: u64) -> Result<usize, String> {
+        let listing = self.store.listing().map_err(|e| e.to_string())?;
+        let mut keep_from = next;
+        for b in listing.plans() {
+            let plan = self.store.read_plan(b).map_err(|e| e.to_string())?;
+            let starts = plan
+                .sources
+                .iter()
+                .filter(|s| s.source == self.shared.name)
+                .flat_map(|s| s.ranges.iter().map(|r| r.start));
+            if let Some(start) = starts.min() {
+                keep_from = keep_from.min(start);
+                break;
+            }
+        }
+        self.store.delete_wal_blocks_below(&self.shared.name, keep_from).map_err(|e| e.to_string())
+    }
+}
+
+impl Source for WalSource {
+    type Item = String;
+
+    fn plan(&self, positions: &Positions) -> Result<Vec<OffsetRange>, UserError> {
+        let blocks = self.seal()?;
+        let partition = self.partition();
+        let start = positions.get(&partition).copied().or(blocks.first().copied()).unwrap_or(0);
+        if self.plans.fetch_add(1, Ordering::Relaxed) % RETENTION_EVERY == RETENTION_EVERY - 1 {
+            if let Err(e) = self.apply_retention(start) {
+                tracing::warn!(
+                    "receiver {}: retention of its write-ahead log failed (will retry): {e}",
+                    self.shared.name
+                );
+            }
+        }
+        let end = blocks.last().map_or(0, |b| b + 1);
+        Ok(if end > start { vec![OffsetRange { partition, start, end }] } else { Vec::new() })
+    }
+
+    fn read(&self, range: &OffsetRange) -> Result<Vec<String>, UserError> {
+        let name = &self.shared.name;
+        let mut out = Vec::new();
+        // Every number below a planned end was written before the plan (writers continue past
+        // the highest listed block), so a missing one was lost or deleted: an error, not a gap.
+        for seq in range.start..range.end {
+            let block = self
+                .store
+                .read_wal_block(name, seq)
+                .map_err(|e| format!("receiver {name}: {e}"))?
+                .ok_or_else(|| format!("receiver {name}: block {seq} of its write-ahead log is missing"))?;
+            for r in block.records {
+                out.push(String::from_utf8(r).map_err(|e| {
+                    format!("receiver {name}: block {seq} holds a record that is not UTF-8: {e}")
+                })?);
+            }
+        }
+        Ok(out)
+    }
+}
