@@ -191,6 +191,7 @@ impl StreamingContextBuilder {
                 restarts: Default::default(),
                 batch_began: Default::default(),
                 task_epoch: Default::default(),
+                finished: Default::default(),
             }),
             phase: Arc::new(Mutex::new(Phase::Defining)),
         })
@@ -396,7 +397,8 @@ impl StreamingContext {
                 )))
             }
         };
-        let (handle, source) = sources::receiver::receiver(name, store, max_pending);
+        let (handle, source) =
+            sources::receiver::receiver(name, store, max_pending, self.job.finished.clone());
         Ok((handle, self.source(name, source)?))
     }
 
@@ -525,7 +527,11 @@ impl StreamingContext {
         let job = self.job.clone();
         let handle = std::thread::Builder::new()
             .name("cairn-scheduler".into())
-            .spawn(move || restart::run(job, *prepared, trigger))
+            .spawn(move || {
+                let result = restart::run(job.clone(), *prepared, trigger);
+                job.finished.store(true, Ordering::SeqCst);
+                result
+            })
             .map_err(|e| Error::Lifecycle(format!("cannot start the scheduler thread: {e}")))?;
         *phase = Phase::Running(handle);
         Ok(())

@@ -60,6 +60,8 @@ pub(crate) struct Job {
     /// The lease epoch a task of a scaled-out job took last: a restart in place takes the
     /// location again only if nobody took it after that epoch.
     pub task_epoch: std::sync::Mutex<Option<u64>>,
+    /// Set when the job's scheduler thread ends (however it ended): receivers stop taking input.
+    pub finished: Arc<AtomicBool>,
 }
 
 impl Job {

@@ -56,7 +56,10 @@ struct Shared {
     written: Condvar,
     room: Condvar,
     max_pending: usize,
+    /// The source was dropped.
     stopped: AtomicBool,
+    /// The job's scheduler ended.
+    job_finished: Arc<AtomicBool>,
     received: AtomicU64,
     blocks: AtomicU64,
 }
@@ -64,6 +67,10 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst) || self.job_finished.load(Ordering::SeqCst)
     }
 }
 
@@ -87,7 +94,7 @@ impl Durable {
         let deadline = Instant::now() + timeout;
         let mut p = self.shared.lock();
         while p.durable <= self.generation {
-            if self.shared.stopped.load(Ordering::SeqCst) {
+            if self.shared.is_stopped() {
                 return Err(NotDurable::Stopped);
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -121,7 +128,7 @@ impl ReceiverHandle {
         let s = &self.shared;
         let mut p = s.lock();
         loop {
-            if s.stopped.load(Ordering::SeqCst) {
+            if s.is_stopped() {
                 return Err(Refused::Stopped);
             }
             // One oversized push into an empty buffer is taken: it could never fit otherwise.
@@ -150,7 +157,7 @@ impl ReceiverHandle {
 
     /// Whether the job stopped (receivers stop reading then).
     pub fn is_stopped(&self) -> bool {
-        self.shared.stopped.load(Ordering::SeqCst)
+        self.shared.is_stopped()
     }
 
     /// The receiver's name (its source name).
@@ -177,11 +184,13 @@ impl Drop for WalSource {
 }
 
 /// A receiver named `name` whose log lives in `store`, holding at most `max_pending` unwritten
-/// records: the handle to feed it and the source to register.
+/// records: the handle to feed it and the source to register. It stops taking input when
+/// `job_finished` is set.
 pub(crate) fn receiver(
     name: &str,
     store: CheckpointStore,
     max_pending: usize,
+    job_finished: Arc<AtomicBool>,
 ) -> (ReceiverHandle, WalSource) {
     let shared = Arc::new(Shared {
         name: name.to_string(),
@@ -190,6 +199,7 @@ pub(crate) fn receiver(
         room: Condvar::new(),
         max_pending: max_pending.max(1),
         stopped: AtomicBool::new(false),
+        job_finished,
         received: AtomicU64::new(0),
         blocks: AtomicU64::new(0),
     });

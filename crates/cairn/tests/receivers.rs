@@ -1,0 +1,88 @@
+//! Receivers in one process: what they refuse, backpressure, acknowledgement, and retention of
+//! the write-ahead log. (Kills of a real process are in cairn-sim's `receivers` test.)
+
+use cairn::checkpoint::CheckpointStore;
+use cairn::source::{NotDurable, Refused};
+use cairn::{StreamingContext, TaskId, Trigger};
+use std::time::Duration;
+
+fn lines(range: std::ops::Range<u32>) -> Vec<Vec<u8>> {
+    range.map(|i| i.to_string().into_bytes()).collect()
+}
+
+#[test]
+fn a_receiver_needs_a_checkpoint_location_and_refuses_to_scale_out() {
+    let ctx = StreamingContext::builder().build().unwrap();
+    let e = ctx.receiver_stream("events", 10).err().expect("no location: refused").to_string();
+    assert!(e.contains("\"events\"") && e.contains("write-ahead log") && e.contains("checkpoint"), "{e}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = StreamingContext::builder()
+        .checkpoint(dir.path().to_str().unwrap())
+        .task(TaskId(0), 2)
+        .build()
+        .unwrap();
+    let e = ctx.socket_text_stream("lines", "127.0.0.1:1").err().expect("scaled out: refused").to_string();
+    assert!(e.contains("\"lines\"") && e.contains("task 0"), "{e}");
+}
+
+#[test]
+fn a_full_buffer_refuses_and_records_are_acknowledged_only_once_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = StreamingContext::builder()
+        .checkpoint(dir.path().to_str().unwrap())
+        .trigger(Trigger::AvailableNow)
+        .build()
+        .unwrap();
+    let (input, stream) = ctx.receiver_stream("events", 10).unwrap();
+    let seen = cairn::testing::collect(&stream);
+    let first = input.push(lines(0..10)).unwrap();
+    assert_eq!(input.push(lines(10..11)).err(), Some(Refused::Full(10)), "the 11th record waits for room");
+    // Nothing planned yet: not durable.
+    assert_eq!(first.wait(Duration::from_millis(50)), Err(NotDurable::Timeout(Duration::from_millis(50))));
+    ctx.run_available().unwrap();
+    first.wait(Duration::ZERO).expect("written by the batch's plan");
+    let store = CheckpointStore::open(dir.path().to_str().unwrap()).unwrap();
+    assert_eq!(store.wal_blocks("events").unwrap(), vec![0], "one block for the batch");
+    let got: Vec<String> = seen.lock().unwrap().concat();
+    assert_eq!(got, (0..10).map(|i| i.to_string()).collect::<Vec<_>>());
+    drop(ctx);
+    assert_eq!(input.push(lines(0..1)).err(), Some(Refused::Stopped), "a stopped job takes nothing");
+}
+
+/// Runs a job on `loc` that pushes `pushes` chunks of 5 records, one per batch (each chunk
+/// acknowledged before the next), and returns what it output.
+fn run(loc: &str, first: u32, pushes: u32) -> Vec<String> {
+    let ctx = StreamingContext::builder()
+        .checkpoint(loc)
+        .batch_interval(Duration::from_millis(20))
+        .keep_checkpoints(2)
+        .build()
+        .unwrap();
+    let (input, stream) = ctx.receiver_stream("events", 1000).unwrap();
+    let seen = cairn::testing::collect(&stream);
+    ctx.start().unwrap();
+    for i in first..first + pushes {
+        let d = input.push(lines(i * 5..i * 5 + 5)).unwrap();
+        d.wait(Duration::from_secs(10)).unwrap();
+    }
+    // The last chunk's batch has run once a later batch planned.
+    std::thread::sleep(Duration::from_millis(100));
+    ctx.stop();
+    ctx.await_termination().unwrap();
+    let out = seen.lock().unwrap().concat();
+    out
+}
+
+#[test]
+fn retention_deletes_the_blocks_no_plan_needs_and_a_restart_goes_on_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let loc = dir.path().to_str().unwrap();
+    let mut out = run(loc, 0, 40);
+    let store = CheckpointStore::open(loc).unwrap();
+    let blocks = store.wal_blocks("events").unwrap();
+    assert!(blocks.len() < 20 && blocks.last() >= Some(&39), "old blocks deleted, new kept: {blocks:?}");
+    // A restart continues the numbering past what is listed and reads nothing twice.
+    out.extend(run(loc, 40, 10));
+    assert_eq!(out, (0..250).map(|i| i.to_string()).collect::<Vec<_>>());
+}
