@@ -30,24 +30,31 @@ use futures::TryStreamExt;
 use object_store::PutMode;
 
 /// One block of a receiver's log. Encoded inside the frame as
-/// `i64 sealed_ms | u32 n | n × (u32 len | len bytes)`, little-endian.
+/// `i64 sealed_ms | u32 n | n × (u32 len | len bytes) | u32 k | k × (u32 len | len bytes)`,
+/// little-endian: the records, then the idempotency keys of the requests they came in.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WalBlock {
     /// The records, in the order they were received.
     pub records: Vec<Vec<u8>>,
     /// When the block was sealed, milliseconds since the Unix epoch.
     pub sealed_ms: i64,
+    /// Idempotency keys of the requests whose records the block holds (HTTP ingest): a retry
+    /// with one of these keys is known to be in the log already, across restarts.
+    pub keys: Vec<String>,
 }
 
 impl WalBlock {
     fn encode(&self) -> Vec<u8> {
         let size: usize = self.records.iter().map(|r| 4 + r.len()).sum();
-        let mut out = Vec::with_capacity(12 + size);
+        let mut out = Vec::with_capacity(16 + size);
         out.extend_from_slice(&self.sealed_ms.to_le_bytes());
-        out.extend_from_slice(&(self.records.len() as u32).to_le_bytes());
-        for r in &self.records {
-            out.extend_from_slice(&(r.len() as u32).to_le_bytes());
-            out.extend_from_slice(r);
+        let keys = self.keys.iter().map(|k| k.as_bytes());
+        for list in [self.records.iter().map(Vec::as_slice).collect::<Vec<_>>(), keys.collect()] {
+            out.extend_from_slice(&(list.len() as u32).to_le_bytes());
+            for r in list {
+                out.extend_from_slice(&(r.len() as u32).to_le_bytes());
+                out.extend_from_slice(r);
+            }
         }
         out
     }
@@ -58,14 +65,19 @@ impl WalBlock {
             *b = rest;
             Some(head)
         }
-        let sealed_ms = i64::from_le_bytes(take(&mut b, 8)?.try_into().ok()?);
-        let n = u32::from_le_bytes(take(&mut b, 4)?.try_into().ok()?) as usize;
-        let mut records = Vec::with_capacity(n.min(b.len() / 4));
-        for _ in 0..n {
-            let len = u32::from_le_bytes(take(&mut b, 4)?.try_into().ok()?) as usize;
-            records.push(take(&mut b, len)?.to_vec());
+        fn list(b: &mut &[u8]) -> Option<Vec<Vec<u8>>> {
+            let n = u32::from_le_bytes(take(b, 4)?.try_into().ok()?) as usize;
+            let mut out = Vec::with_capacity(n.min(b.len() / 4));
+            for _ in 0..n {
+                let len = u32::from_le_bytes(take(b, 4)?.try_into().ok()?) as usize;
+                out.push(take(b, len)?.to_vec());
+            }
+            Some(out)
         }
-        b.is_empty().then_some(Self { records, sealed_ms })
+        let sealed_ms = i64::from_le_bytes(take(&mut b, 8)?.try_into().ok()?);
+        let records = list(&mut b)?;
+        let keys = list(&mut b)?.into_iter().map(String::from_utf8).collect::<Result<Vec<_>, _>>().ok()?;
+        b.is_empty().then_some(Self { records, sealed_ms, keys })
     }
 }
 
@@ -98,12 +110,23 @@ impl CheckpointStore {
 
     /// The block numbers of `receiver`'s log, ascending.
     pub fn wal_blocks(&self, receiver: &str) -> Result<Vec<u64>> {
+        Ok(self.wal_blocks_written(receiver)?.into_iter().map(|(s, _)| s).collect())
+    }
+
+    /// The block numbers of `receiver`'s log with when the store says each was written
+    /// (milliseconds since the Unix epoch), ascending.
+    pub fn wal_blocks_written(&self, receiver: &str) -> Result<Vec<(u64, i64)>> {
         let dir = self.paths().wal_dir(receiver);
         let metas: Vec<object_store::ObjectMeta> = self
             .block_on(self.object_store().list(Some(&dir)).try_collect::<Vec<_>>())
             .map_err(|e| Error::storage(&dir, e))?;
-        let mut seqs: Vec<u64> =
-            metas.iter().filter_map(|m| self.paths().parse_wal_block(receiver, &m.location)).collect();
+        let mut seqs: Vec<(u64, i64)> = metas
+            .iter()
+            .filter_map(|m| {
+                let seq = self.paths().parse_wal_block(receiver, &m.location)?;
+                Some((seq, m.last_modified.timestamp_millis()))
+            })
+            .collect();
         seqs.sort_unstable();
         Ok(seqs)
     }

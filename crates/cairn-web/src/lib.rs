@@ -19,8 +19,10 @@
 //! drop(endpoint); // stops the server
 //! ```
 
+mod ingest;
 mod metrics;
 
+pub use ingest::{HttpIngest, Ingest, IngestConfig};
 pub use metrics::{Metrics, CONTENT_TYPE};
 
 use axum::extract::State;
@@ -49,6 +51,10 @@ pub enum Error {
     /// The server's runtime or thread could not be created.
     #[error("cannot start the HTTP endpoint: {0}")]
     Start(#[source] std::io::Error),
+    /// The job refused what was asked of it (a receiver without a checkpoint location, in a
+    /// scaled-out job, ...).
+    #[error(transparent)]
+    Job(cairn::Error),
 }
 
 async fn metrics(State(m): State<Metrics>) -> impl IntoResponse {
@@ -128,6 +134,22 @@ pub fn serve(ctx: &StreamingContext, addr: &str) -> Result<Endpoint, Error> {
 /// assert!(endpoint.metrics().encode().contains("cairn_tasks{app=\"clicks\"} 0"));
 /// ```
 pub fn serve_metrics(metrics: &Metrics, addr: &str) -> Result<Endpoint, Error> {
+    let app = Router::new()
+        .route("/", get(page))
+        .route("/assets/uplot.js", get(uplot_js))
+        .route("/assets/uplot.css", get(uplot_css))
+        .route("/metrics", get(self::metrics))
+        .route("/api/progress", get(progress))
+        .with_state(metrics.clone());
+    let (local, stop, thread) = spawn_server(addr, app, "cairn-http")?;
+    tracing::info!("metrics at http://{local}/metrics, live page at http://{local}/");
+    Ok(Endpoint { addr: local, metrics: metrics.clone(), stop: Some(stop), thread: Some(thread) })
+}
+
+type Server = (SocketAddr, tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>);
+
+/// Binds `addr` and serves `app` from a thread of its own until the returned sender fires.
+fn spawn_server(addr: &str, app: Router, thread_name: &str) -> Result<Server, Error> {
     let bind_err = |source| Error::Bind { addr: addr.to_string(), source };
     let std_listener = std::net::TcpListener::bind(addr).map_err(bind_err)?;
     std_listener.set_nonblocking(true).map_err(bind_err)?;
@@ -137,16 +159,9 @@ pub fn serve_metrics(metrics: &Metrics, addr: &str) -> Result<Endpoint, Error> {
         let _guard = rt.enter();
         tokio::net::TcpListener::from_std(std_listener).map_err(bind_err)?
     };
-    let app = Router::new()
-        .route("/", get(page))
-        .route("/assets/uplot.js", get(uplot_js))
-        .route("/assets/uplot.css", get(uplot_css))
-        .route("/metrics", get(self::metrics))
-        .route("/api/progress", get(progress))
-        .with_state(metrics.clone());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
-        .name("cairn-http".into())
+        .name(thread_name.into())
         .spawn(move || {
             rt.block_on(async move {
                 let shutdown = async {
@@ -158,6 +173,5 @@ pub fn serve_metrics(metrics: &Metrics, addr: &str) -> Result<Endpoint, Error> {
             });
         })
         .map_err(Error::Start)?;
-    tracing::info!("metrics at http://{local}/metrics, live page at http://{local}/");
-    Ok(Endpoint { addr: local, metrics: metrics.clone(), stop: Some(tx), thread: Some(thread) })
+    Ok((local, tx, thread))
 }

@@ -15,6 +15,11 @@ pub const MID_CHECKPOINT: &str = "mid-checkpoint";
 /// After a checkpoint was written, before retention ran.
 pub const AFTER_CHECKPOINT: &str = "after-checkpoint";
 
+/// After a receiver wrote a block of its write-ahead log (`@N`: block `N`), before the records'
+/// senders are told they are durable: a crash here leaves records logged but unacknowledged, so
+/// their senders retry. Not in [`ALL`]: only jobs with a receiver reach it.
+pub const AFTER_WAL_BLOCK: &str = "after-wal-block";
+
 /// Between the lease check and the write of batch `N`'s plan, the process stops itself with
 /// SIGSTOP (a paused process: GC pause, VM freeze, `kill -STOP`), so a test can let another
 /// process take the location over and then resume it with SIGCONT. Not in [`ALL`]: it does not

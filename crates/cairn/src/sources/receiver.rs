@@ -45,6 +45,8 @@ pub enum NotDurable {
 #[derive(Default)]
 struct Pending {
     records: Vec<Vec<u8>>,
+    /// Idempotency keys of the requests whose records are in `records`.
+    keys: Vec<String>,
     /// Generation of the records in `records`; every generation below `durable` is written.
     generation: u64,
     durable: u64,
@@ -62,6 +64,9 @@ struct Shared {
     job_finished: Arc<AtomicBool>,
     received: AtomicU64,
     blocks: AtomicU64,
+    store: CheckpointStore,
+    /// How long blocks holding idempotency keys are kept (0: only as long as plans need them).
+    key_window_ms: AtomicU64,
 }
 
 impl Shared {
@@ -115,16 +120,49 @@ impl Durable {
 impl ReceiverHandle {
     /// Hands `records` over for the next batch, or refuses at once when the buffer is full.
     pub fn push(&self, records: Vec<Vec<u8>>) -> Result<Durable, Refused> {
-        self.offer(records, None)
+        self.offer(records, None, None)
+    }
+
+    /// Like [`push`](Self::push), recording `key` (a request's idempotency key) in the block
+    /// that holds the records, so that [`logged_keys`](Self::logged_keys) finds it after a
+    /// restart.
+    pub fn push_keyed(&self, records: Vec<Vec<u8>>, key: String) -> Result<Durable, Refused> {
+        self.offer(records, Some(key), None)
+    }
+
+    /// Keeps the log's blocks at least `window` after they were written (beyond what plans
+    /// need), so the idempotency keys in them outlive a restart for that long.
+    pub fn keep_keys_for(&self, window: Duration) {
+        self.shared.key_window_ms.store(window.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// The idempotency keys in the log's blocks written in the last `window`: what a restarted
+    /// server must still recognise.
+    pub fn logged_keys(&self, window: Duration) -> Result<Vec<String>, String> {
+        let s = &self.shared;
+        let since = wall_ms() - window.as_millis() as i64;
+        let blocks = s.store.wal_blocks_written(&s.name).map_err(|e| e.to_string())?;
+        let mut keys = Vec::new();
+        for (seq, _) in blocks.into_iter().filter(|(_, at)| *at >= since) {
+            if let Some(b) = s.store.read_wal_block(&s.name, seq).map_err(|e| e.to_string())? {
+                keys.extend(b.keys);
+            }
+        }
+        Ok(keys)
     }
 
     /// Like [`push`](Self::push), waiting up to `wait` for room (a socket reader slows its
     /// sender this way).
     pub fn push_waiting(&self, records: Vec<Vec<u8>>, wait: Duration) -> Result<Durable, Refused> {
-        self.offer(records, Some(Instant::now() + wait))
+        self.offer(records, None, Some(Instant::now() + wait))
     }
 
-    fn offer(&self, records: Vec<Vec<u8>>, until: Option<Instant>) -> Result<Durable, Refused> {
+    fn offer(
+        &self,
+        records: Vec<Vec<u8>>,
+        key: Option<String>,
+        until: Option<Instant>,
+    ) -> Result<Durable, Refused> {
         let s = &self.shared;
         let mut p = s.lock();
         loop {
@@ -147,6 +185,7 @@ impl ReceiverHandle {
         }
         s.received.fetch_add(records.len() as u64, Ordering::Relaxed);
         p.records.extend(records);
+        p.keys.extend(key);
         Ok(Durable { shared: s.clone(), generation: p.generation })
     }
 
@@ -202,6 +241,8 @@ pub(crate) fn receiver(
         job_finished,
         received: AtomicU64::new(0),
         blocks: AtomicU64::new(0),
+        store: store.clone(),
+        key_window_ms: AtomicU64::new(0),
     });
     let source =
         WalSource { shared: shared.clone(), store, next_block: Mutex::new(0), plans: AtomicU64::new(0) };
@@ -221,9 +262,9 @@ impl WalSource {
         let listed = self.store.wal_blocks(name).map_err(|e| format!("receiver {name}: {e}"))?;
         let mut next = self.next_block.lock().unwrap_or_else(|e| e.into_inner());
         *next = (*next).max(listed.last().map_or(0, |b| b + 1));
-        let (records, generation) = {
+        let (records, keys, generation) = {
             let mut p = s.lock();
-            let taken = (std::mem::take(&mut p.records), p.generation);
+            let taken = (std::mem::take(&mut p.records), std::mem::take(&mut p.keys), p.generation);
             p.generation += 1;
             taken
         };
@@ -233,11 +274,7 @@ impl WalSource {
             s.written.notify_all();
             return Ok(listed);
         }
-        #[allow(clippy::disallowed_methods)] // a block's seal time is for people
-        let sealed_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        let block = WalBlock { records, sealed_ms };
+        let block = WalBlock { records, sealed_ms: wall_ms(), keys };
         // A block number another process took meanwhile is skipped: its block is read like ours.
         let mut written = None;
         for _ in 0..8 {
@@ -249,18 +286,19 @@ impl WalSource {
                 }
                 Ok(false) => *next += 1,
                 Err(e) => {
-                    self.put_back(block.records);
+                    self.put_back(block);
                     return Err(format!("receiver {name}: writing its write-ahead log: {e}").into());
                 }
             }
         }
         let Some(seq) = written else {
-            self.put_back(block.records);
+            self.put_back(block);
             return Err(
                 format!("receiver {name}: 8 block numbers in a row were taken by another writer").into()
             );
         };
         s.blocks.fetch_add(1, Ordering::Relaxed);
+        crate::runtime::failpoint::hit(crate::runtime::failpoint::AFTER_WAL_BLOCK, seq);
         {
             let mut p = s.lock();
             p.durable = p.durable.max(generation + 1);
@@ -272,15 +310,18 @@ impl WalSource {
     }
 
     /// Records whose block could not be written wait for the next plan, in front of newer ones.
-    fn put_back(&self, mut records: Vec<Vec<u8>>) {
+    fn put_back(&self, mut block: WalBlock) {
         let mut p = self.shared.lock();
-        records.append(&mut p.records);
-        p.records = records;
+        block.records.append(&mut p.records);
+        p.records = block.records;
+        block.keys.append(&mut p.keys);
+        p.keys = block.keys;
     }
 
     /// Deletes the blocks no logged plan and no restorable checkpoint needs: those below the
     /// first range of this source in the oldest plans still logged (plans are kept back to the
-    /// oldest restorable checkpoint), or below `next` when none has one.
+    /// oldest restorable checkpoint), or below `next` when none has one; and none written within
+    /// the idempotency-key window.
     fn apply_retention(&self, next: u64) -> Result<usize, String> {
         let listing = self.store.listing().map_err(|e| e.to_string())?;
         let mut keep_from = next;
@@ -294,6 +335,14 @@ impl WalSource {
             if let Some(start) = starts.min() {
                 keep_from = keep_from.min(start);
                 break;
+            }
+        }
+        let window = self.shared.key_window_ms.load(Ordering::Relaxed) as i64;
+        if window > 0 {
+            let since = wall_ms() - window;
+            let blocks = self.store.wal_blocks_written(&self.shared.name).map_err(|e| e.to_string())?;
+            if let Some((first_recent, _)) = blocks.iter().find(|(_, at)| *at >= since) {
+                keep_from = keep_from.min(*first_recent);
             }
         }
         self.store.delete_wal_blocks_below(&self.shared.name, keep_from).map_err(|e| e.to_string())
@@ -338,4 +387,9 @@ impl Source for WalSource {
         }
         Ok(out)
     }
+}
+
+#[allow(clippy::disallowed_methods)] // block and key times are wall-clock times
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
