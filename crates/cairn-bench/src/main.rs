@@ -6,7 +6,10 @@
 //! write. It prints a table and, as its last line, one JSON object.
 //!
 //! `cairn-bench kafka`: Kafka through a stateful job into each sink (see `kafka.rs`).
+//!
+//! `cairn-bench ingest`: HTTP ingest through the write-ahead log (see `ingest.rs`).
 
+mod ingest;
 mod kafka;
 mod scale_out;
 
@@ -37,6 +40,9 @@ enum Cmd {
     Kafka(kafka::KafkaArgs),
     /// The seed job scaled out: throughput on 1, 2, 3 processes, and the failover split.
     ScaleOut(scale_out::ScaleOutArgs),
+    /// HTTP ingest on loopback: records/s acknowledged and acknowledgement latency, with the
+    /// write-ahead log on disk and in memory.
+    Ingest(ingest::IngestArgs),
     /// (internal) one KRA job process, driven by the recovery measurement.
     #[command(hide = true)]
     KraWorker { input: PathBuf, checkpoint: PathBuf },
@@ -81,6 +87,7 @@ fn main() -> ExitCode {
         Cmd::Kra(a) => kra(a),
         Cmd::Kafka(a) => kafka::kafka(a),
         Cmd::ScaleOut(a) => scale_out::scale_out(a),
+        Cmd::Ingest(a) => ingest::ingest(a),
         Cmd::KraWorker { input, checkpoint } => worker(&input, &checkpoint),
     };
     match r {
