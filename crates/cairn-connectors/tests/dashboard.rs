@@ -1,7 +1,7 @@
 //! The Grafana dashboard (`deploy/grafana/cairn.json`) queries only metrics that exist: every
 //! `cairn_*` name in it must be served at `/metrics` by a running job: the seed job reading a
 //! Kafka topic with a backlog (nisshi and PostgreSQL on 127.0.0.1), run as one process and as a
-//! process of a scaled-out job. And every metric they serve is on the dashboard, so a new metric
+//! process of a scaled-out job, and a job with a receiver. And every metric they serve is on the dashboard, so a new metric
 //! cannot be forgotten there.
 
 use cairn_sim::kafka::KafkaBroker;
@@ -103,7 +103,22 @@ fn every_metric_the_dashboard_queries_exists_and_every_metric_is_on_it() {
         "cairn_tasks{app=\"kafka-to-postgres\"} 2",
     );
 
-    let served: Vec<(String, String)> = families(&single).into_iter().chain(families(&scaled)).collect();
+    // A job with a receiver, for the receiver panels.
+    let receiving = {
+        let ctx = cairn::StreamingContext::builder()
+            .checkpoint(&loc("receiving"))
+            .trigger(cairn::Trigger::AvailableNow)
+            .build()
+            .unwrap();
+        let (input, events) = ctx.receiver_stream("events", 100).unwrap();
+        events.foreach_batch(|_, _| Ok(()));
+        let endpoint = cairn_web::serve(&ctx, "127.0.0.1:0").unwrap();
+        let _ = input.push(vec![b"x".to_vec()]).unwrap();
+        ctx.run_available().unwrap();
+        http_get(endpoint.addr().port(), "/metrics").unwrap()
+    };
+    let served: Vec<(String, String)> =
+        families(&single).into_iter().chain(families(&scaled)).chain(families(&receiving)).collect();
     let names = queried(&dashboard);
     for name in &names {
         assert!(

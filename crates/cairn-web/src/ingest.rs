@@ -310,6 +310,14 @@ async fn ingest(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -
                 format!("receiver {} is full ({waiting} records wait for the next batch)", s.name),
             )
         }
+        Err(Refused::RateLimited(limit)) => {
+            return refuse(
+                &s,
+                StatusCode::TOO_MANY_REQUESTS,
+                Some(1),
+                format!("receiver {} is over its rate bound of {limit} records/s", s.name),
+            )
+        }
         Err(e) => return refuse(&s, StatusCode::SERVICE_UNAVAILABLE, Some(5), e.to_string()),
     };
     match wait_logged(durable, s.cfg.ack_timeout).await {

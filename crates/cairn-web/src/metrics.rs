@@ -46,6 +46,12 @@ struct OperatorLabels {
     operator: String,
 }
 
+/// The label that tells receivers apart.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+struct ReceiverLabels {
+    receiver: String,
+}
+
 /// The labels that tell source partitions apart.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 struct PartitionLabels {
@@ -59,6 +65,7 @@ type PerTask<M> = Family<TaskLabel, M>;
 type PerTaskHistogram = Family<TaskLabel, Histogram, fn() -> Histogram>;
 type PerOperator = Family<(TaskLabel, OperatorLabels), Gauge>;
 type PerPartition = Family<(TaskLabel, PartitionLabels), Gauge>;
+type PerReceiver<M> = Family<(TaskLabel, ReceiverLabels), M>;
 
 fn latency_histogram() -> Histogram {
     Histogram::new(BUCKETS)
@@ -92,6 +99,9 @@ struct Families {
     state_keys: PerOperator,
     source_lag_records: PerPartition,
     state_checkpoint_bytes: PerOperator,
+    receiver_records: PerReceiver<Counter>,
+    receiver_refused: PerReceiver<Counter>,
+    receiver_rate_limit: PerReceiver<FloatGauge>,
     batch_processing_seconds: PerTaskHistogram,
     checkpoint_write_seconds: PerTaskHistogram,
     /// Scaled-out processes only (not registered for a job that runs as one process).
@@ -137,6 +147,9 @@ impl Default for Families {
             state_keys: Family::default(),
             source_lag_records: Family::default(),
             state_checkpoint_bytes: Family::default(),
+            receiver_records: Family::default(),
+            receiver_refused: Family::default(),
+            receiver_rate_limit: Family::default(),
             batch_processing_seconds: Family::new_with_constructor(latency_histogram),
             checkpoint_write_seconds: Family::new_with_constructor(latency_histogram),
             tasks: Tasks::default(),
@@ -286,6 +299,21 @@ impl Families {
             "Uncompressed bytes of each stateful operator's state in the latest checkpoint cut",
             Unit::Bytes,
             f.state_checkpoint_bytes.clone(),
+        );
+        r.register(
+            "receiver_records",
+            "Records a receiver took into its write-ahead log",
+            f.receiver_records.clone(),
+        );
+        r.register(
+            "receiver_refused",
+            "Pushes a receiver refused: its buffer was full or it was over its rate bound",
+            f.receiver_refused.clone(),
+        );
+        r.register(
+            "receiver_rate_limit",
+            "A receiver's ingest rate bound in records per second (0: unbounded)",
+            f.receiver_rate_limit.clone(),
         );
         r.register_with_unit(
             "batch_processing",
@@ -743,6 +771,14 @@ impl Metrics {
                 .set(i64::try_from(op.checkpoint_bytes).unwrap_or(i64::MAX));
             ops.insert(l);
         }
+        for r in &p.receivers {
+            let l = (t, ReceiverLabels { receiver: r.name.clone() });
+            let taken = f.receiver_records.get_or_create(&l);
+            taken.inc_by(r.records.saturating_sub(taken.get()));
+            let refused = f.receiver_refused.get_or_create(&l);
+            refused.inc_by(r.refused.saturating_sub(refused.get()));
+            f.receiver_rate_limit.get_or_create(&l).set(r.rate_limit.unwrap_or(0.0));
+        }
         if let Some(task) = t.0 {
             page.latest.insert(task, p.clone());
         }
@@ -898,6 +934,7 @@ mod tests {
             task: None,
             epoch: 1,
             plan: Vec::new(),
+            receivers: Vec::new(),
         }
     }
 

@@ -455,3 +455,27 @@ fn the_parser_rejects_what_a_scraper_would() {
         assert!(exposition::parse(&bad).is_err(), "accepted:\n{bad}");
     }
 }
+
+#[test]
+fn a_receivers_figures_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = StreamingContext::builder()
+        .app_name("recv")
+        .checkpoint(dir.path().to_str().unwrap())
+        .trigger(Trigger::AvailableNow)
+        .build()
+        .unwrap();
+    let (input, events) = ctx.receiver_stream("events", 100).unwrap();
+    events.foreach_batch(|_, _| Ok(()));
+    let endpoint = cairn_web::serve(&ctx, "127.0.0.1:0").unwrap();
+    input.set_max_rate(Some(500.0));
+    let _ = input.push((0..50).map(|i| i.to_string().into_bytes()).collect()).unwrap();
+    assert!(input.push((0..60).map(|i| i.to_string().into_bytes()).collect()).is_err(), "over the buffer");
+    ctx.run_available().unwrap();
+    let (_, text) = get(endpoint.addr(), "/metrics");
+    let m = exposition::parse(&text).unwrap();
+    let labels = [("app", "recv"), ("receiver", "events")];
+    assert_eq!(value(&m, "cairn_receiver_records_total", &labels), 50.0);
+    assert_eq!(value(&m, "cairn_receiver_refused_total", &labels), 1.0);
+    assert_eq!(value(&m, "cairn_receiver_rate_limit", &labels), 500.0);
+}

@@ -65,7 +65,7 @@ pub use ops::stateful::{OpName, State, StateSpec};
 pub use runtime::job::Trigger;
 pub use runtime::progress::{
     BatchProgress, BatchStarted, CheckpointFailed, CheckpointMaintained, CheckpointWritten, LeaseLost,
-    OperatorProgress, RecoveryFinished, RestartScheduled, SourceLag, StreamingListener,
+    OperatorProgress, ReceiverStatus, RecoveryFinished, RestartScheduled, SourceLag, StreamingListener,
 };
 pub use runtime::scheduler::RunSummary;
 pub use runtime::writer::WriterStats;

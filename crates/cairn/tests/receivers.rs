@@ -60,6 +60,8 @@ fn run(loc: &str, first: u32, pushes: u32) -> Vec<String> {
         .build()
         .unwrap();
     let (input, stream) = ctx.receiver_stream("events", 1000).unwrap();
+    // Every push must be taken: no automatic rate bound if a loaded machine slows the batches.
+    input.set_backpressure(false);
     let seen = cairn::testing::collect(&stream);
     ctx.start().unwrap();
     for i in first..first + pushes {
@@ -85,4 +87,70 @@ fn retention_deletes_the_blocks_no_plan_needs_and_a_restart_goes_on_exactly() {
     // A restart continues the numbering past what is listed and reads nothing twice.
     out.extend(run(loc, 40, 10));
     assert_eq!(out, (0..250).map(|i| i.to_string()).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_configured_rate_bound_refuses_what_is_over_it_and_shows_in_the_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = StreamingContext::builder()
+        .checkpoint(dir.path().to_str().unwrap())
+        .trigger(Trigger::AvailableNow)
+        .build()
+        .unwrap();
+    let (input, stream) = ctx.receiver_stream("events", 10_000).unwrap();
+    stream.foreach_batch(|_, _| Ok(()));
+    let progress = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let p = progress.clone();
+    ctx.on_batch(move |b| p.lock().unwrap().push(b.receivers.clone()));
+    input.set_max_rate(Some(100.0));
+    assert!(input.push(lines(0..100)).is_ok(), "a second's worth at once");
+    assert_eq!(input.push(lines(0..1)).err(), Some(Refused::RateLimited(100)));
+    std::thread::sleep(Duration::from_millis(120));
+    assert!(input.push(lines(0..5)).is_ok(), "the bucket refills at the bound");
+    ctx.run_available().unwrap();
+    let seen = progress.lock().unwrap();
+    let r = &seen[0][0];
+    assert_eq!(
+        (r.name.as_str(), r.records, r.refused, r.blocks, r.rate_limit),
+        ("events", 105, 1, 1, Some(100.0))
+    );
+}
+
+#[test]
+fn batches_slower_than_the_interval_bound_the_ingest_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = StreamingContext::builder()
+        .checkpoint(dir.path().to_str().unwrap())
+        .batch_interval(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let (input, stream) = ctx.receiver_stream("events", 1_000_000).unwrap();
+    // Every batch takes 150 ms: three intervals.
+    stream.foreach_batch(|_, _| {
+        std::thread::sleep(Duration::from_millis(150));
+        Ok(())
+    });
+    assert_eq!(input.rate_limit(), None, "unbounded until the batches fall behind");
+    ctx.start().unwrap();
+    let t0 = std::time::Instant::now();
+    let mut refused = 0;
+    while input.rate_limit().is_none() && t0.elapsed() < Duration::from_secs(10) {
+        if input.push(lines(0..1000)).is_err() {
+            refused += 1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let bound = input.rate_limit().expect("a bound within 10 s");
+    // 1000 records every 20 ms arrive (~50 000/s); batches of ~3 intervals' worth take 150 ms.
+    assert!(bound < 50_000.0, "bounded below the offered rate: {bound}");
+    let mut limited = false;
+    for _ in 0..50 {
+        if let Err(Refused::RateLimited(_)) = input.push(lines(0..1000)) {
+            limited = true;
+            break;
+        }
+    }
+    assert!(limited, "pushes over the bound are refused (after {refused} earlier refusals)");
+    ctx.stop();
+    ctx.await_termination().unwrap();
 }

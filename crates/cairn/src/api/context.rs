@@ -399,6 +399,10 @@ impl StreamingContext {
         };
         let (handle, source) =
             sources::receiver::receiver(name, store, max_pending, self.job.finished.clone());
+        self.add_listener(Arc::new(sources::receiver::RateController::new(
+            &handle,
+            self.job.cfg.batch_interval,
+        )));
         Ok((handle, self.source(name, source)?))
     }
 

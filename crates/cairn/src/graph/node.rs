@@ -129,6 +129,8 @@ pub(crate) trait SourceDyn: Send + Sync {
     fn legacy_partition(&self, key: &str) -> Result<SourcePartition>;
     /// Records left past the most recent plan, per partition.
     fn backlog(&self) -> Vec<(SourcePartition, u64)>;
+    /// A receiver's figures (`None` for other sources).
+    fn receiver_status(&self) -> Option<crate::ReceiverStatus>;
 }
 
 /// The scheduler's view of an operator with checkpointed state.

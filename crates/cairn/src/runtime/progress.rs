@@ -16,6 +16,22 @@ pub struct OperatorProgress {
     pub checkpoint_bytes: u64,
 }
 
+/// What a receiver (push-based input kept in a write-ahead log) did so far, and its rate bound.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReceiverStatus {
+    /// The receiver's (source's) name.
+    pub name: String,
+    /// Records taken since the job started.
+    pub records: u64,
+    /// Pushes refused since the job started: buffer full or over the rate bound.
+    pub refused: u64,
+    /// Write-ahead log blocks written since the job started.
+    pub blocks: u64,
+    /// The ingest rate bound in records per second (the lower of the configured maximum and
+    /// the automatic bound), `None` when unbounded.
+    pub rate_limit: Option<f64>,
+}
+
 /// Input not yet read from one source partition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SourceLag {
@@ -89,6 +105,8 @@ pub struct BatchProgress {
     pub epoch: u64,
     /// The batch's plan as logged: each source's offset ranges.
     pub plan: Vec<cairn_checkpoint::SourcePlan>,
+    /// The job's receivers, as of the end of the batch.
+    pub receivers: Vec<ReceiverStatus>,
 }
 
 /// A batch is about to run.

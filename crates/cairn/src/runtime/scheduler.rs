@@ -420,6 +420,7 @@ impl Runner {
             task: self.job.cfg.task.map(|t| t.id.0),
             epoch: self.p.lease.as_ref().map_or(0, |l| l.epoch()),
             plan: plan.sources.clone(),
+            receivers: self.job.graph.lock().sources.iter().filter_map(|s| s.receiver_status()).collect(),
         };
         if wait_ms > 50.0 {
             tracing::warn!(

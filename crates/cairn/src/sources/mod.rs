@@ -68,6 +68,11 @@ pub trait Source: Send + Sync + 'static {
     fn backlog(&self) -> Vec<(SourcePartition, u64)> {
         Vec::new()
     }
+    /// What a receiver (push-based input kept in a write-ahead log) did so far; it goes into
+    /// each batch's progress record. Other sources return `None` (the default).
+    fn receiver_status(&self) -> Option<crate::ReceiverStatus> {
+        None
+    }
     /// Restricts the source to task `task` of `tasks` of a scaled-out job: from now on it plans
     /// only that task's partitions (partition number `task` of each of its topics), and refuses
     /// when its partitions do not divide into `tasks` tasks that way. Called once, before the
@@ -102,6 +107,9 @@ impl<S: Source> SourceDyn for SourceNode<S> {
     }
     fn backlog(&self) -> Vec<(SourcePartition, u64)> {
         self.source.backlog()
+    }
+    fn receiver_status(&self) -> Option<crate::ReceiverStatus> {
+        self.source.receiver_status()
     }
 }
 

@@ -24,9 +24,49 @@ pub enum Refused {
     /// not keep up. Retry later.
     #[error("the receiver's buffer is full ({0} records wait for the next batch)")]
     Full(usize),
+    /// The receiver takes records faster than its rate bound (records per second: the
+    /// configured maximum, or the automatic bound while batches take longer than the batch
+    /// interval). Retry later.
+    #[error("the receiver is over its rate bound of {0} records/s")]
+    RateLimited(u64),
     /// The job stopped: nothing will write these records.
     #[error("the job stopped")]
     Stopped,
+}
+
+/// A token bucket: up to one second of the rate bound may be taken at once.
+#[derive(Debug)]
+struct Rate {
+    /// The configured maximum, records per second.
+    configured: Option<f64>,
+    /// The automatic bound from batch processing time.
+    auto: Option<f64>,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Rate {
+    fn limit(&self) -> Option<f64> {
+        match (self.configured, self.auto) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Takes `n` tokens if there are enough (a bucket that is full takes any `n`: a request
+    /// larger than one second of the bound is not refused for ever); the bound, when refused.
+    fn take(&mut self, n: usize) -> Result<(), f64> {
+        let Some(limit) = self.limit() else { return Ok(()) };
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * limit).min(limit);
+        self.last = now;
+        if self.tokens >= n as f64 || self.tokens >= limit {
+            self.tokens -= n as f64;
+            Ok(())
+        } else {
+            Err(limit)
+        }
+    }
 }
 
 /// Why acknowledged-to-be records did not become durable.
@@ -63,7 +103,11 @@ struct Shared {
     /// The job's scheduler ended.
     job_finished: Arc<AtomicBool>,
     received: AtomicU64,
+    refused: AtomicU64,
     blocks: AtomicU64,
+    rate: Mutex<Rate>,
+    /// Whether the automatic bound follows batch processing time.
+    backpressure: AtomicBool,
     store: CheckpointStore,
     /// How long blocks holding idempotency keys are kept (0: only as long as plans need them).
     key_window_ms: AtomicU64,
@@ -175,6 +219,7 @@ impl ReceiverHandle {
             }
             let left = until.map_or(Duration::ZERO, |u| u.saturating_duration_since(Instant::now()));
             if left.is_zero() {
+                s.refused.fetch_add(1, Ordering::Relaxed);
                 return Err(Refused::Full(p.records.len()));
             }
             p = s
@@ -182,6 +227,25 @@ impl ReceiverHandle {
                 .wait_timeout(p, left.min(Duration::from_millis(200)))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+        }
+        loop {
+            let taken = s.rate.lock().unwrap_or_else(|e| e.into_inner()).take(records.len());
+            match taken {
+                Ok(()) => break,
+                Err(limit) => {
+                    let left = until.map_or(Duration::ZERO, |u| u.saturating_duration_since(Instant::now()));
+                    if left.is_zero() {
+                        s.refused.fetch_add(1, Ordering::Relaxed);
+                        return Err(Refused::RateLimited(limit as u64));
+                    }
+                    drop(p);
+                    std::thread::sleep(left.min(Duration::from_millis(20)));
+                    p = s.lock();
+                    if s.is_stopped() {
+                        return Err(Refused::Stopped);
+                    }
+                }
+            }
         }
         s.received.fetch_add(records.len() as u64, Ordering::Relaxed);
         p.records.extend(records);
@@ -192,6 +256,32 @@ impl ReceiverHandle {
     /// Records handed over so far, and WAL blocks written.
     pub fn counts(&self) -> (u64, u64) {
         (self.shared.received.load(Ordering::Relaxed), self.shared.blocks.load(Ordering::Relaxed))
+    }
+
+    /// Bounds the ingest rate to `records_per_s` (`None`: no configured maximum). Pushes over
+    /// the bound are refused with [`Refused::RateLimited`] (or wait, with
+    /// [`push_waiting`](Self::push_waiting)); up to one second's worth may arrive at once.
+    pub fn set_max_rate(&self, records_per_s: Option<f64>) {
+        let mut rate = self.shared.rate.lock().unwrap_or_else(|e| e.into_inner());
+        rate.configured = records_per_s.filter(|r| *r > 0.0);
+        // A new bound starts with a full second's worth.
+        rate.tokens = rate.limit().unwrap_or(0.0);
+        rate.last = Instant::now();
+    }
+
+    /// Whether the automatic bound follows the batches (on by default): while a batch takes
+    /// longer than the batch interval, the rate is bounded to what the batches processed, and
+    /// the bound is relaxed again as they catch up (Spark's `backpressure.enabled`).
+    pub fn set_backpressure(&self, on: bool) {
+        self.shared.backpressure.store(on, Ordering::Relaxed);
+        if !on {
+            self.shared.rate.lock().unwrap_or_else(|e| e.into_inner()).auto = None;
+        }
+    }
+
+    /// The rate bound now (records per second), `None` when unbounded.
+    pub fn rate_limit(&self) -> Option<f64> {
+        self.shared.rate.lock().unwrap_or_else(|e| e.into_inner()).limit()
     }
 
     /// Whether the job stopped (receivers stop reading then).
@@ -240,7 +330,10 @@ pub(crate) fn receiver(
         stopped: AtomicBool::new(false),
         job_finished,
         received: AtomicU64::new(0),
+        refused: AtomicU64::new(0),
         blocks: AtomicU64::new(0),
+        rate: Mutex::new(Rate { configured: None, auto: None, tokens: 0.0, last: Instant::now() }),
+        backpressure: AtomicBool::new(true),
         store: store.clone(),
         key_window_ms: AtomicU64::new(0),
     });
@@ -349,8 +442,59 @@ impl WalSource {
     }
 }
 
+/// Follows batch processing time for a receiver's automatic rate bound: a batch that took
+/// longer than the interval bounds the rate to 90% of what it processed per second of
+/// processing; each batch that took under 70% of the interval relaxes the bound by half, and it
+/// is lifted once it is far above what the receiver takes.
+pub(crate) struct RateController {
+    shared: Arc<Shared>,
+    interval_ms: f64,
+}
+
+impl RateController {
+    pub(crate) fn new(handle: &ReceiverHandle, interval: Duration) -> Self {
+        Self { shared: handle.shared.clone(), interval_ms: interval.as_secs_f64() * 1e3 }
+    }
+}
+
+impl crate::StreamingListener for RateController {
+    fn on_batch_completed(&self, p: &crate::BatchProgress) {
+        if p.replayed || !self.shared.backpressure.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut rate = self.shared.rate.lock().unwrap_or_else(|e| e.into_inner());
+        if p.processing_ms > self.interval_ms && p.records > 0 {
+            let sustained = p.records as f64 / (p.processing_ms / 1e3);
+            let bound = (0.9 * sustained).max(100.0);
+            if rate.auto.is_none_or(|a| bound < a) {
+                tracing::info!(
+                    "receiver {}: batches take {:.0} ms of a {:.0} ms interval; bounding ingest to {bound:.0} records/s",
+                    self.shared.name, p.processing_ms, self.interval_ms
+                );
+            }
+            rate.auto = Some(bound);
+        } else if let Some(a) = rate.auto {
+            if p.processing_ms < 0.7 * self.interval_ms {
+                let taking = p.input_rows_per_s.max(1.0);
+                rate.auto = if a * 1.5 > 10.0 * taking { None } else { Some(a * 1.5) };
+            }
+        }
+    }
+}
+
 impl Source for WalSource {
     type Item = String;
+
+    fn receiver_status(&self) -> Option<crate::ReceiverStatus> {
+        let s = &self.shared;
+        Some(crate::ReceiverStatus {
+            name: s.name.clone(),
+            records: s.received.load(Ordering::Relaxed),
+            refused: s.refused.load(Ordering::Relaxed),
+            blocks: s.blocks.load(Ordering::Relaxed),
+            rate_limit: s.rate.lock().unwrap_or_else(|e| e.into_inner()).limit(),
+        })
+    }
 
     fn plan(&self, positions: &Positions) -> Result<Vec<OffsetRange>, UserError> {
         let blocks = self.seal()?;

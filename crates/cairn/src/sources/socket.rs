@@ -106,7 +106,9 @@ fn read_lines(handle: &ReceiverHandle, mut stream: TcpStream) -> String {
             loop {
                 match handle.push_waiting(chunk.clone(), Duration::from_secs(1)) {
                     Ok(_) => break,
-                    Err(super::receiver::Refused::Full(_)) => continue,
+                    Err(super::receiver::Refused::Full(_) | super::receiver::Refused::RateLimited(_)) => {
+                        continue
+                    }
                     Err(super::receiver::Refused::Stopped) => return "the job stopped".into(),
                 }
             }
