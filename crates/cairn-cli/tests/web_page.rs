@@ -4,7 +4,7 @@
 //! than passing without it. (The page of a Kafka job after a kill and restart, with lag, is
 //! checked in cairn-connectors' `web_page` test.)
 
-use cairn_sim::tools::{headless_chromium, table_rows};
+use cairn_sim::tools::{element_data, headless_chromium, table_rows};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
@@ -49,14 +49,9 @@ fn charts_render_with_data_in_headless_chromium() {
         .expect("run chromium");
     let html = String::from_utf8_lossy(&dom.stdout);
     for chart in ["rate", "delays", "ckpt", "ckptbytes", "state", "statebytes", "lagchart"] {
-        let tag_at = html.find(&format!("<div id=\"{chart}\"")).expect("chart present");
-        let tag = &html[tag_at..tag_at + html[tag_at..].find('>').unwrap()];
-        let n: usize = tag
-            .split("data-points=\"")
-            .nth(1)
-            .and_then(|r| r.split('"').next())
+        let n: usize = element_data(&html, chart, "points")
             .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("chart {chart} was not drawn: {tag}"));
+            .unwrap_or_else(|| panic!("chart {chart} was not drawn"));
         assert!(n >= 3, "chart {chart} drew {n} points");
     }
     let batches = table_rows(&html, "batches").into_iter().filter(|r| r.contains_key("batch")).count();

@@ -106,7 +106,7 @@ fn every_metric_the_dashboard_queries_exists_and_every_metric_is_on_it() {
     // A job with a receiver, for the receiver panels.
     let receiving = {
         let ctx = cairn::StreamingContext::builder()
-            .checkpoint(&loc("receiving"))
+            .checkpoint(loc("receiving"))
             .trigger(cairn::Trigger::AvailableNow)
             .build()
             .unwrap();

@@ -8,7 +8,7 @@
 
 use cairn_sim::kafka::KafkaBroker;
 use cairn_sim::postgres::PgServer;
-use cairn_sim::tools::{free_port, headless_chromium, http_get, table_rows};
+use cairn_sim::tools::{element_data, free_port, headless_chromium, http_get, table_rows};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -99,8 +99,7 @@ fn the_page_after_a_kill_and_restart_shows_batches_checkpoints_the_recovery_and_
     let rendered: u64 = html
         .split("data-rendered-batch=\"")
         .nth(1)
-        .and_then(|r| r.split('"').next())
-        .and_then(|v| v.parse().ok())
+        .and_then(|r| r.split('"').next()?.parse().ok())
         .unwrap_or_else(|| panic!("the page rendered no batch:\n{html}"));
     let records: BTreeMap<u64, &Value> =
         after["batches"].as_array().unwrap().iter().map(|b| (b["batch_id"].as_u64().unwrap(), b)).collect();
@@ -177,12 +176,8 @@ fn the_page_after_a_kill_and_restart_shows_batches_checkpoints_the_recovery_and_
     }
     // The charts drew the timeline.
     for chart in ["rate", "delays", "ckpt", "ckptbytes", "state", "statebytes", "lagchart"] {
-        let n: usize = html
-            .split(&format!("id=\"{chart}\""))
-            .nth(1)
-            .and_then(|r| {
-                r[..r.find('>').unwrap()].split("data-points=\"").nth(1)?.split('"').next()?.parse().ok()
-            })
+        let n: usize = element_data(&html, chart, "points")
+            .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("chart {chart} was not drawn"));
         assert!(n >= 5, "chart {chart} drew {n} points");
     }

@@ -68,6 +68,14 @@ pub fn headless_chromium(profile: &std::path::Path, window: &str) -> std::proces
     c
 }
 
+/// The value of attribute `data-<attr>` on the element with id `id` in an HTML document (as
+/// Chromium's `--dump-dom` prints it): `None` when the element or the attribute is missing.
+pub fn element_data(html: &str, id: &str, attr: &str) -> Option<String> {
+    let at = html.find(&format!("id=\"{id}\""))?;
+    let tag = &html[at..at + html[at..].find('>')?];
+    Some(tag.split(&format!("data-{attr}=\"")).nth(1)?.split('"').next()?.to_string())
+}
+
 /// The `<tr>` rows of the table with id `table` in an HTML document (as Chromium's
 /// `--dump-dom` prints it), each as its `data-*` attributes (without the prefix).
 pub fn table_rows(html: &str, table: &str) -> Vec<std::collections::BTreeMap<String, String>> {

@@ -77,6 +77,17 @@ fn output_numbers(dir: &std::path::Path) -> Vec<u64> {
     out
 }
 
+/// SIGTERM: the job must finish its batch and exit cleanly.
+fn stop_gracefully(job: &mut Child, log: &std::path::Path) {
+    assert!(Command::new("kill").args(["-TERM", &job.id().to_string()]).status().unwrap().success());
+    let status = job.wait().unwrap();
+    assert!(
+        status.success(),
+        "SIGTERM stops the job cleanly: {status}\n{}",
+        std::fs::read_to_string(log).unwrap()
+    );
+}
+
 fn start(addr: &str, ckpt: &str, out: &str, log: &std::path::Path) -> Child {
     Command::new(EXE)
         .args([addr, ckpt, out])
@@ -137,13 +148,7 @@ fn every_line_the_log_accepted_is_processed_exactly_once_across_sigkills() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(Command::new("kill").args(["-TERM", &job.id().to_string()]).status().unwrap().success());
-    let status = job.wait().unwrap();
-    assert!(
-        status.success(),
-        "SIGTERM stops the job cleanly: {status}\n{}",
-        std::fs::read_to_string(&log).unwrap()
-    );
+    stop_gracefully(&mut job, &log);
     done.store(true, Ordering::SeqCst);
     server.join().unwrap();
 
@@ -299,13 +304,7 @@ fn http_records_acknowledged_are_processed_exactly_once_across_sigkills() {
     // One more request through the last process: it is up (its signal handlers installed)
     // before it is stopped.
     assert_eq!(deliver(port, "text/plain", Some("req-last"), b"last\n").0, 200);
-    assert!(Command::new("kill").args(["-TERM", &job.id().to_string()]).status().unwrap().success());
-    let status = job.wait().unwrap();
-    assert!(
-        status.success(),
-        "SIGTERM stops the job cleanly: {status}\n{}",
-        std::fs::read_to_string(&log).unwrap()
-    );
+    stop_gracefully(&mut job, &log);
 
     let output: Vec<String> = {
         let mut v = Vec::new();
