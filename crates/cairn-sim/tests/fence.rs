@@ -222,8 +222,11 @@ fn sigstopped_holder_resumes_while_the_new_one_runs(job: &Job) {
     std::thread::sleep(Duration::from_millis(TTL_MS + 300));
     let mut second = job.spawn("second", None, 15);
     let store = job.store();
+    // The takeover writes its claim, then its fence: wait for both (on S3 the fence can lag the
+    // claim by a request).
     wait_for("the second process to take over", Duration::from_secs(30), || {
         store.read_lease().ok().flatten().is_some_and(|r| r.epoch == 2)
+            && store.read_fences().ok().is_some_and(|f| f.contains_key(&2))
     });
     let fence = *store.read_fences().unwrap().get(&2).expect("the fence of epoch 2");
     // Let the new holder commit past its fence, then wake the old one while it still runs.
