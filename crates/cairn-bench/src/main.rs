@@ -451,6 +451,22 @@ fn kra(mut a: KraArgs) -> Result<(), BoxError> {
     let undelayed = run_engine(&input, latency_ctx(tmp.path(), "undelayed", 0, every)?, events, false)?;
     let delayed = run_engine(&input, latency_ctx(tmp.path(), "delayed", a.delay_ms, every)?, events, false)?;
 
+    eprintln!("scaling with cores: parallelism 1 and 2, state checkpoints off then on...");
+    let mut scaling = Vec::new();
+    for checkpoints in [false, true] {
+        for parallelism in [1usize, 2] {
+            let b = builder(batches).parallelism(parallelism);
+            let b = if checkpoints {
+                let dir = tmp.path().join(format!("ckpt-p{parallelism}"));
+                b.checkpoint(dir.to_str().unwrap_or_default())
+            } else {
+                b.checkpoint("memory://").checkpoint_interval(Duration::from_secs(batches * 10 + 10))
+            };
+            scaling.push(run_engine(&input, b.build()?, events, false)?.events_per_s);
+        }
+    }
+    let speedup = |i: usize| scaling[i + 1] / scaling[i];
+
     eprintln!("recovery with {} keys of state...", a.recovery_keys);
     let (restore_s, recovery_s) = recovery(tmp.path(), &a)?;
 
@@ -511,6 +527,14 @@ fn kra(mut a: KraArgs) -> Result<(), BoxError> {
             ),
         ),
         ("recovery: restore / first new batch s", format!("{restore_s:.3} / {recovery_s:.3}")),
+        (
+            "cores, state checkpoints off: events/s p1 / p2",
+            format!("{:.0} / {:.0} (speed-up {:.2})", scaling[0], scaling[1], speedup(0)),
+        ),
+        (
+            "cores, checkpoint every batch: events/s p1 / p2",
+            format!("{:.0} / {:.0} (speed-up {:.2})", scaling[2], scaling[3], speedup(2)),
+        ),
         ("final state equals the floor's", correct.to_string()),
     ];
     let mut out = std::io::stdout().lock();
@@ -540,6 +564,12 @@ fn kra(mut a: KraArgs) -> Result<(), BoxError> {
         "undelayed_events_per_s": undelayed.events_per_s.round(),
         "restore_s": restore_s,
         "recovery_s": recovery_s,
+        "p1_no_ckpt_events_per_s": scaling[0].round(),
+        "p2_no_ckpt_events_per_s": scaling[1].round(),
+        "speedup_no_ckpt": speedup(0),
+        "p1_ckpt_events_per_s": scaling[2].round(),
+        "p2_ckpt_events_per_s": scaling[3].round(),
+        "speedup_ckpt": speedup(2),
         "json_events_per_s": json.events_per_s.round(),
         "json_ratio_to_compact": json.events_per_s / with.events_per_s,
         "json_ckpt_bytes_per_batch": (json.summary.checkpoint_bytes as f64 / batches as f64).round(),
