@@ -302,21 +302,9 @@ async fn ingest(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -
     };
     let (durable, duplicate) = match pushed {
         Ok(p) => p,
-        Err(Refused::Full(waiting)) => {
-            return refuse(
-                &s,
-                StatusCode::TOO_MANY_REQUESTS,
-                Some(1),
-                format!("receiver {} is full ({waiting} records wait for the next batch)", s.name),
-            )
-        }
-        Err(Refused::RateLimited(limit)) => {
-            return refuse(
-                &s,
-                StatusCode::TOO_MANY_REQUESTS,
-                Some(1),
-                format!("receiver {} is over its rate bound of {limit} records/s", s.name),
-            )
+        // Full buffer or over the rate bound: the client should slow down and retry.
+        Err(e @ (Refused::Full(_) | Refused::RateLimited(_))) => {
+            return refuse(&s, StatusCode::TOO_MANY_REQUESTS, Some(1), format!("receiver {}: {e}", s.name))
         }
         Err(e) => return refuse(&s, StatusCode::SERVICE_UNAVAILABLE, Some(5), e.to_string()),
     };
