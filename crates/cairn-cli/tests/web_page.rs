@@ -4,7 +4,7 @@
 //! than passing without it. (The page of a Kafka job after a kill and restart, with lag, is
 //! checked in cairn-connectors' `web_page` test.)
 
-use cairn_sim::tools::{element_data, headless_chromium, table_rows};
+use cairn_sim::tools::{element_data, headless_chromium, screenshot, table_rows};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
@@ -62,12 +62,7 @@ fn charts_render_with_data_in_headless_chromium() {
     assert!(html.contains("id=\"plantable\""), "the newest batch's plan is shown");
 
     let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("cairn-web-page.png");
-    let out = headless_chromium(&profile, "1280,900")
-        .args(["--virtual-time-budget=5000", &format!("--screenshot={}", shot.display()), &url])
-        .output()
-        .expect("run chromium");
-    assert!(shot.exists() && std::fs::metadata(&shot).unwrap().len() > 10_000, "screenshot: {out:?}");
-    eprintln!("screenshot saved to {}", shot.display());
+    screenshot(&profile, "1280,900", &url, &shot, 5000);
     demo.kill().ok();
     demo.wait().ok();
 }

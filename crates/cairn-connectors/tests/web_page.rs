@@ -8,7 +8,7 @@
 
 use cairn_sim::kafka::KafkaBroker;
 use cairn_sim::postgres::PgServer;
-use cairn_sim::tools::{element_data, free_port, headless_chromium, http_get, table_rows};
+use cairn_sim::tools::{element_data, free_port, headless_chromium, http_get, screenshot, table_rows};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -183,13 +183,7 @@ fn the_page_after_a_kill_and_restart_shows_batches_checkpoints_the_recovery_and_
     }
 
     let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("cairn-page-after-restart.png");
-    let out = headless_chromium(&profile, "1280,2400")
-        .args(["--virtual-time-budget=4000", &format!("--screenshot={}", shot.display())])
-        .arg(format!("http://127.0.0.1:{port}/"))
-        .output()
-        .expect("run chromium");
-    assert!(shot.exists() && std::fs::metadata(&shot).unwrap().len() > 10_000, "screenshot: {out:?}");
-    eprintln!("screenshot saved to {}", shot.display());
+    screenshot(&profile, "1280,2400", &format!("http://127.0.0.1:{port}/"), &shot, 4000);
     job.kill().unwrap();
     job.wait().unwrap();
 }

@@ -68,6 +68,24 @@ pub fn headless_chromium(profile: &std::path::Path, window: &str) -> std::proces
     c
 }
 
+/// Saves a screenshot of the page at `url` to `shot` with headless Chromium (window `window`,
+/// `budget_ms` of virtual time for the page to load and draw), and checks that it holds a picture.
+pub fn screenshot(
+    profile: &std::path::Path,
+    window: &str,
+    url: &str,
+    shot: &std::path::Path,
+    budget_ms: u32,
+) {
+    let out = headless_chromium(profile, window)
+        .args([format!("--virtual-time-budget={budget_ms}"), format!("--screenshot={}", shot.display())])
+        .arg(url)
+        .output()
+        .expect("run chromium");
+    assert!(shot.exists() && std::fs::metadata(shot).unwrap().len() > 10_000, "screenshot: {out:?}");
+    eprintln!("screenshot saved to {}", shot.display());
+}
+
 /// The value of attribute `data-<attr>` on the element with id `id` in an HTML document (as
 /// Chromium's `--dump-dom` prints it): `None` when the element or the attribute is missing.
 pub fn element_data(html: &str, id: &str, attr: &str) -> Option<String> {
