@@ -26,14 +26,19 @@ fn a_receiver_needs_a_checkpoint_location_and_refuses_to_scale_out() {
     assert!(e.contains("\"lines\"") && e.contains("task 0"), "{e}");
 }
 
+/// A job on `dir` that runs until its input is drained.
+fn drained_job(dir: &std::path::Path) -> StreamingContext {
+    StreamingContext::builder()
+        .checkpoint(dir.to_str().unwrap())
+        .trigger(Trigger::AvailableNow)
+        .build()
+        .unwrap()
+}
+
 #[test]
 fn a_full_buffer_refuses_and_records_are_acknowledged_only_once_written() {
     let dir = tempfile::tempdir().unwrap();
-    let ctx = StreamingContext::builder()
-        .checkpoint(dir.path().to_str().unwrap())
-        .trigger(Trigger::AvailableNow)
-        .build()
-        .unwrap();
+    let ctx = drained_job(dir.path());
     let (input, stream) = ctx.receiver_stream("events", 10).unwrap();
     let seen = cairn::testing::collect(&stream);
     let first = input.push(lines(0..10)).unwrap();
@@ -92,11 +97,7 @@ fn retention_deletes_the_blocks_no_plan_needs_and_a_restart_goes_on_exactly() {
 #[test]
 fn a_configured_rate_bound_refuses_what_is_over_it_and_shows_in_the_progress() {
     let dir = tempfile::tempdir().unwrap();
-    let ctx = StreamingContext::builder()
-        .checkpoint(dir.path().to_str().unwrap())
-        .trigger(Trigger::AvailableNow)
-        .build()
-        .unwrap();
+    let ctx = drained_job(dir.path());
     let (input, stream) = ctx.receiver_stream("events", 10_000).unwrap();
     stream.foreach_batch(|_, _| Ok(()));
     let progress = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
