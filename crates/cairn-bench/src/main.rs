@@ -12,6 +12,7 @@
 mod ingest;
 mod kafka;
 mod scale_out;
+mod window;
 
 use cairn::checkpoint::object_store::{local::LocalFileSystem, path::Path as ObjPath};
 use cairn::checkpoint::CheckpointStore;
@@ -43,6 +44,9 @@ enum Cmd {
     /// HTTP ingest on loopback: records/s acknowledged and acknowledgement latency, with the
     /// write-ahead log on disk and in memory.
     Ingest(ingest::IngestArgs),
+    /// Per-key sum and count over a sliding window of 30 batches (slide 1) on KRA's input:
+    /// `reduce_by_key_and_window` with an inverse function, against its own floor.
+    Window(window::WindowArgs),
     /// (internal) one KRA job process, driven by the recovery measurement.
     #[command(hide = true)]
     KraWorker { input: PathBuf, checkpoint: PathBuf },
@@ -88,6 +92,7 @@ fn main() -> ExitCode {
         Cmd::Kafka(a) => kafka::kafka(a),
         Cmd::ScaleOut(a) => scale_out::scale_out(a),
         Cmd::Ingest(a) => ingest::ingest(a),
+        Cmd::Window(a) => window::window(a),
         Cmd::KraWorker { input, checkpoint } => worker(&input, &checkpoint),
     };
     match r {
