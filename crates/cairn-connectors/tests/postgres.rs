@@ -298,3 +298,167 @@ fn older_epochs_are_fenced_and_commits_are_audited() {
         .unwrap();
     assert_eq!(row, (3, 1, 2));
 }
+
+/// The copy mode (`PostgresSink::copy_upsert`: binary `COPY` into a staging table, one upsert
+/// per batch): exactly once across a failure between the database commit and cairn's (the
+/// audit shows every batch committed once), across a dropped connection (the staging table is
+/// created again on the new one), a key twice in a batch (its last row wins), a column that does
+/// not fit, and fencing by epoch.
+#[test]
+fn copy_upsert_is_exactly_once_and_fenced() {
+    use cairn::{checkpoint::BatchId, BatchContext, BatchInfo, TaskId};
+    let pg = PgServer::start();
+    let conn = pg.conn();
+    let copy_sink = |conn: &str, name: &str| {
+        PostgresSink::copy_upsert(
+            conn,
+            name,
+            "totals",
+            &["key", "total"],
+            &["key"],
+            |_, (k, t): &(i64, i64)| vec![Box::new(*k), Box::new(*t)],
+        )
+        .record_commits(true)
+    };
+    let job = |dir: &str, fail_at: Option<u64>| {
+        let ctx = StreamingContext::builder()
+            .checkpoint(dir)
+            .trigger(Trigger::AvailableNow)
+            .stop_after_batches(BATCHES)
+            .max_checkpoint_deferral(0)
+            .build()
+            .unwrap();
+        let totals = ctx
+            .generator("events", 1, 20, |_, o| record(o))
+            .unwrap()
+            .update_state_by_key("totals", |_, v: Vec<i64>, old: Option<i64>| {
+                Some(old.unwrap_or(0) + v.iter().sum::<i64>())
+            });
+        copy_sink(&conn, "copied").attach(&totals);
+        let failed = Arc::new(AtomicBool::new(false));
+        totals.foreach_batch(move |b, _| {
+            if Some(b.batch_id.0) == fail_at && !failed.swap(true, Ordering::SeqCst) {
+                return Err("simulated crash after the sink committed".into());
+            }
+            Ok(())
+        });
+        ctx
+    };
+    let check = |what: &str| {
+        let mut c = postgres::Client::connect(&conn, postgres::NoTls).unwrap();
+        let got: BTreeMap<i64, i64> = c
+            .query("SELECT key, total FROM totals", &[])
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        assert_eq!(got, expected().0, "{what}: totals table");
+        let committed: Vec<i64> = c
+            .query("SELECT batch_id FROM cairn_sink_commits WHERE sink = 'copied' ORDER BY seq", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(committed, (0..BATCHES as i64).collect::<Vec<_>>(), "{what}: every batch committed once");
+    };
+    let reset = || {
+        schema(&conn);
+        c_exec(&conn, "DROP TABLE IF EXISTS cairn_sink_commits");
+    };
+
+    // A failure after the sink committed batch 5 but before cairn did: batch 5 is replayed and
+    // skipped.
+    reset();
+    let dir = tempfile::tempdir().unwrap();
+    let loc = dir.path().to_str().unwrap();
+    let err = job(loc, Some(5)).run_available().unwrap_err();
+    assert!(err.to_string().contains("simulated crash"), "{err}");
+    let summary = job(loc, None).run_available().unwrap();
+    assert!(summary.replayed_batches >= 1, "batch 5 is replayed: {summary:?}");
+    check("replay");
+
+    // The connection dies between batches: a new one, a new staging table, the batch retried.
+    reset();
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = job(dir.path().to_str().unwrap(), None);
+    let killer = conn.clone();
+    ctx.on_batch(move |b| {
+        if b.batch_id.0 == 3 {
+            let mut c = postgres::Client::connect(&killer, postgres::NoTls).unwrap();
+            c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND datname = 'postgres'", &[])
+                .unwrap();
+        }
+    });
+    ctx.run_available().expect("a dropped connection is retried");
+    check("dropped connection");
+
+    // A key twice in one batch: its last row wins.
+    reset();
+    let info = |b: u64| BatchInfo::new("dup-job", BatchId(b), 0);
+    let sink = copy_sink(&conn, "dups");
+    sink.write_batch(&info(0), &[(1, 10), (2, 20), (1, 11)]).unwrap();
+    sink.write_batch(&info(1), &[(2, 21), (3, 30)]).unwrap();
+    assert_eq!(
+        sink.write_batch(&info(1), &[(2, 99)]).unwrap(),
+        cairn_connectors::postgres::Outcome::AlreadyCommitted
+    );
+    let mut c = postgres::Client::connect(&conn, postgres::NoTls).unwrap();
+    let got: Vec<(i64, i64)> = c
+        .query("SELECT key, total FROM totals ORDER BY key", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(got, vec![(1, 11), (2, 21), (3, 30)]);
+
+    // A column that does not exist, or a value of the wrong type: a schema error naming the sink.
+    let bad = PostgresSink::copy_upsert(
+        &conn,
+        "bad",
+        "totals",
+        &["key", "nope"],
+        &["key"],
+        |_, (k, t): &(i64, i64)| vec![Box::new(*k), Box::new(*t)],
+    );
+    let err = bad.write_batch(&info(0), &[(1, 1)]).unwrap_err();
+    assert!(matches!(err, Error::Schema { .. }) && err.to_string().contains("nope"), "{err}");
+    let wrong = PostgresSink::copy_upsert(
+        &conn,
+        "wrong",
+        "totals",
+        &["key", "total"],
+        &["key"],
+        |_, (k, _): &(i64, i64)| vec![Box::new(*k), Box::new("text".to_string())],
+    );
+    let err = wrong.write_batch(&info(0), &[(1, 1)]).unwrap_err();
+    assert!(matches!(err, Error::Schema { .. }) && err.to_string().contains("\"wrong\""), "{err}");
+
+    // Fencing by epoch, as for the statement mode: the older epoch writes nothing.
+    reset();
+    let (zombie, owner) = (copy_sink(&conn, "fenced"), copy_sink(&conn, "fenced"));
+    let batch = |b: u64, epoch: u64| BatchContext::new("job-task3", BatchId(b), 0).as_task(TaskId(3), epoch);
+    zombie.write(&batch(0, 1), &[(1, 1)]).unwrap();
+    assert_eq!(
+        owner.write(&batch(0, 2), &[(1, 1)]).unwrap(),
+        cairn_connectors::postgres::Outcome::AlreadyCommitted
+    );
+    match zombie.write(&batch(1, 1), &[(1, 100)]) {
+        Err(Error::Fenced { epoch: 1, newer: 2, batch: 1, .. }) => {}
+        other => panic!("the old epoch must be fenced: {other:?}"),
+    }
+    owner.write(&batch(1, 2), &[(2, 2)]).unwrap();
+    let got: Vec<(i64, i64)> = c
+        .query("SELECT key, total FROM totals ORDER BY key", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(got, vec![(1, 1), (2, 2)], "the fenced batch wrote nothing");
+    let audit: Vec<(i32, i64, i64)> = c
+        .query("SELECT task, batch_id, epoch FROM cairn_sink_commits WHERE sink = 'fenced' ORDER BY seq", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(audit, vec![(3, 0, 1), (3, 1, 2)]);
+}
