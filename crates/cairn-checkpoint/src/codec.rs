@@ -49,7 +49,13 @@ pub fn encode_state(ckpt: &StateCheckpoint) -> Vec<u8> {
         b.extend_from_slice(t.id.as_bytes());
         b.extend_from_slice(&t.entries.to_le_bytes());
         b.extend_from_slice(&(t.data.len() as u64).to_le_bytes());
-        b.extend_from_slice(&t.data);
+        // Stored in key order so that restores and compaction merge sequentially; a table that
+        // does not decode (never written by cairn) is stored as it is.
+        let at = b.len();
+        if t.write_ordered(&mut b).is_err() {
+            b.truncate(at);
+            b.extend_from_slice(&t.data);
+        }
     }
     let kind = match ckpt.kind {
         CheckpointKind::Full => ObjectKind::StateFull,

@@ -46,12 +46,17 @@ fn ckpt(b: u64, parent: Option<u64>) -> StateCheckpoint {
             w.delete(b"gone");
         }
     }
+    // As stored: in key order.
+    let mut table = w.finish("op");
+    let mut data = Vec::new();
+    table.write_ordered(&mut data).unwrap();
+    table.data = data;
     StateCheckpoint {
         batch_id: BatchId(b),
         kind: parent.map_or(CheckpointKind::Full, |p| CheckpointKind::Delta { parent: BatchId(p) }),
         created_ms: 0,
         graph: GraphDescription::default(),
-        tables: vec![w.finish("op")],
+        tables: vec![table],
         epoch: 0,
     }
 }
