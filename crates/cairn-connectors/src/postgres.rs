@@ -563,12 +563,11 @@ impl<T: Data> PostgresSink<T> {
             writer.as_mut().write_raw(row.iter().map(|x| &**x as &(dyn ToSql + Sync))).await?;
         }
         writer.finish().await?;
-        tx.batch_execute("SAVEPOINT cairn_upsert").await?;
-        match tx.execute(&self.statement, &[]).await {
+        // One simple query (no parameters): one round trip for both, no statement to prepare.
+        match tx.batch_execute(&format!("SAVEPOINT cairn_upsert; {}", self.statement)).await {
             Ok(_) => Ok(()),
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::CARDINALITY_VIOLATION) => {
-                tx.batch_execute("ROLLBACK TO SAVEPOINT cairn_upsert").await?;
-                tx.execute(&copy.upsert_last, &[]).await.map(|_| ())
+                tx.batch_execute(&format!("ROLLBACK TO SAVEPOINT cairn_upsert; {}", copy.upsert_last)).await
             }
             Err(e) => Err(e),
         }
