@@ -5,9 +5,14 @@
 //! produces keyed records to an input topic once (timed), reads it once with a plain consumer
 //! (the read floor), then runs the same job over that input four times, each with a fresh
 //! checkpoint location: per-key running totals (`update_state_by_key`) written to (a) nothing,
-//! (b) PostgreSQL (`PostgresSink`, upsert), (c) a Kafka topic (`KafkaSink`, transactional), and
-//! (a) again, so drift over the run shows. Every run's output is checked against the totals the
-//! input implies. It prints a table and, as its last line, one JSON object.
+//! (b) PostgreSQL (`PostgresSink::copy_upsert`), (c) a Kafka topic (`KafkaSink`, transactional),
+//! and (a) again, so drift over the run shows. Every run's output is checked against the totals
+//! the input implies. After each sink's job, the same rows in the same batches are written again
+//! by a plain client (the reference: binary `COPY` into a staging table and one upsert per
+//! transaction; a plain transactional producer, one transaction per batch), and the sink's rows/s
+//! inside `write_batch` is reported as a ratio to it; the job without a sink is reported as a
+//! ratio to the plain consumer (the read floor). It prints a table and, as its last line, one
+//! JSON object.
 
 use crate::{dir_objects, percentile, BoxError};
 use cairn::checkpoint::CheckpointStore;
@@ -37,8 +42,12 @@ const INPUT: &str = "bench-in";
 const OUTPUT: &str = "bench-out";
 /// The sinks' names (PostgreSQL progress row, Kafka transactional id and marker group).
 const SINK: &str = "totals";
-const UPSERT: &str =
-    "INSERT INTO totals (key, total) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET total = EXCLUDED.total";
+/// The plain transactional producer's output topic (the Kafka reference).
+const OUTPUT_REF: &str = "bench-out-ref";
+/// Targets: sink rows/s over the plain client's, job without a sink over the plain consumer.
+const TARGET_POSTGRES: f64 = 0.8;
+const TARGET_KAFKA: f64 = 0.9;
+const TARGET_SOURCE: f64 = 0.9;
 
 #[derive(Args, Clone)]
 pub struct KafkaArgs {
@@ -103,6 +112,7 @@ fn create_topics(brokers: &str, partitions: i32) -> Result<(), BoxError> {
     let topics = [
         NewTopic::new(INPUT, partitions, TopicReplication::Fixed(1)),
         NewTopic::new(OUTPUT, 1, TopicReplication::Fixed(1)),
+        NewTopic::new(OUTPUT_REF, 1, TopicReplication::Fixed(1)),
     ];
     for r in futures::executor::block_on(admin.create_topics(&topics, &AdminOptions::new()))? {
         r.map_err(|(topic, code)| format!("cannot create topic {topic}: {code}"))?;
@@ -241,6 +251,9 @@ struct JobRun {
     batches: Vec<BatchTimes>,
     /// Per batch: rows the sink wrote.
     rows: Vec<u64>,
+    /// Per batch: the batch id and the rows handed to the sink (copied outside the timer), for
+    /// the plain client to write again.
+    written: Vec<(u64, Vec<(String, i64)>)>,
     has_sink: bool,
     /// The job id the sink was handed (its progress is keyed by it).
     job_id: String,
@@ -297,11 +310,13 @@ fn run_job(sink: Sink, a: &KafkaArgs, brokers: &str, pg: &str, dir: &Path) -> Re
             Some(old.unwrap_or(0) + v.iter().sum::<i64>())
         });
     let rows_log = Arc::new(Mutex::new(Vec::new()));
+    let written = Arc::new(Mutex::new(Vec::new()));
     let job_id = Arc::new(Mutex::new(String::new()));
-    let (log, su, job) = (rows_log.clone(), sink_us.clone(), job_id.clone());
-    let timed = move |info: &BatchInfo, rows: usize, t0: Instant| {
+    let (log, su, job, wr) = (rows_log.clone(), sink_us.clone(), job_id.clone(), written.clone());
+    let timed = move |info: &BatchInfo, rows: &[(String, i64)], t0: Instant| {
         su.fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-        log.lock().expect("lock").push(rows as u64);
+        log.lock().expect("lock").push(rows.len() as u64);
+        wr.lock().expect("lock").push((info.batch_id.0, rows.to_vec()));
         let mut j = job.lock().expect("lock");
         if j.is_empty() {
             j.push_str(&info.job_id);
@@ -312,13 +327,18 @@ fn run_job(sink: Sink, a: &KafkaArgs, brokers: &str, pg: &str, dir: &Path) -> Re
     match sink {
         Sink::None => totals.foreach_batch(|_, _| Ok(())),
         Sink::Postgres => {
-            let s = PostgresSink::new(pg, SINK, UPSERT, |_, (k, t): &(String, i64)| {
-                vec![Box::new(k.clone()), Box::new(*t)]
-            });
+            let s = PostgresSink::copy_upsert(
+                pg,
+                SINK,
+                "totals",
+                &["key", "total"],
+                &["key"],
+                |_, (k, t): &(String, i64)| vec![Box::new(k.clone()), Box::new(*t)],
+            );
             totals.foreach_batch(move |info, rows| {
                 let t0 = Instant::now();
                 s.write_batch(info, &rows)?;
-                timed(info, rows.len(), t0);
+                timed(info, &rows, t0);
                 Ok(())
             });
         }
@@ -329,7 +349,7 @@ fn run_job(sink: Sink, a: &KafkaArgs, brokers: &str, pg: &str, dir: &Path) -> Re
             totals.foreach_batch(move |info, rows| {
                 let t0 = Instant::now();
                 s.write_batch(info, &rows)?;
-                timed(info, rows.len(), t0);
+                timed(info, &rows, t0);
                 Ok(())
             });
         }
@@ -357,12 +377,14 @@ fn run_job(sink: Sink, a: &KafkaArgs, brokers: &str, pg: &str, dir: &Path) -> Re
     let progress = progress.lock().expect("lock").clone();
     let (objects_end, bytes_end) = dir_objects(dir);
     let rows = rows_log.lock().expect("lock").clone();
+    let written = std::mem::take(&mut *written.lock().expect("lock"));
     let job_id = job_id.lock().expect("lock").clone();
     Ok(JobRun {
         wall_s,
         records_read: progress.iter().map(|b| b.0).sum(),
         batches: progress.iter().map(|b| b.1).collect(),
         rows,
+        written,
         has_sink: sink != Sink::None,
         job_id,
         summary,
@@ -443,6 +465,121 @@ fn kafka_output(brokers: &str, job_id: &str) -> Result<KafkaOutput, BoxError> {
         out.committed_marker = o;
     }
     Ok(out)
+}
+
+/// What a plain client took to write the sink's batches again: seconds in total (each batch
+/// timed from its transaction's start to its commit) and rows.
+struct Reference {
+    secs: f64,
+    rows: u64,
+}
+
+impl Reference {
+    fn rows_per_s(&self) -> f64 {
+        self.rows as f64 / self.secs.max(1e-9)
+    }
+}
+
+/// The PostgreSQL reference: the sink's batches written again into `totals_ref` (same schema) the
+/// fastest plain way that does the same work: per batch one transaction with a binary `COPY` into
+/// a temporary staging table (`ON COMMIT DELETE ROWS`, created once) and one `INSERT ... SELECT
+/// ... ON CONFLICT DO UPDATE`. No progress row: that is the sink's exactly-once cost.
+fn postgres_reference(pg: &str, batches: &[(u64, Vec<(String, i64)>)]) -> Result<Reference, BoxError> {
+    let mut c = postgres::Client::connect(pg, postgres::NoTls)?;
+    c.batch_execute(
+        "CREATE TABLE totals_ref (key TEXT PRIMARY KEY, total BIGINT NOT NULL); \
+         CREATE TEMP TABLE stage_ref (key TEXT, total BIGINT) ON COMMIT DELETE ROWS",
+    )?;
+    let mut r = Reference { secs: 0.0, rows: 0 };
+    for (_, rows) in batches {
+        let t0 = Instant::now();
+        let mut tx = c.transaction()?;
+        let mut w = tx.copy_in("COPY stage_ref (key, total) FROM STDIN (FORMAT binary)")?;
+        w.write_all(&binary_copy(rows))?;
+        w.finish()?;
+        tx.execute(
+            "INSERT INTO totals_ref (key, total) SELECT key, total FROM stage_ref \
+             ON CONFLICT (key) DO UPDATE SET total = EXCLUDED.total",
+            &[],
+        )?;
+        tx.commit()?;
+        r.secs += t0.elapsed().as_secs_f64();
+        r.rows += rows.len() as u64;
+    }
+    Ok(r)
+}
+
+/// `(key, total)` rows in PostgreSQL's binary `COPY` format (`TEXT`, `BIGINT`), encoded by hand
+/// into one buffer: the cheapest encoding a plain client can do.
+fn binary_copy(rows: &[(String, i64)]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(19 + rows.len() * 32);
+    b.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+    b.extend_from_slice(&0i32.to_be_bytes()); // flags
+    b.extend_from_slice(&0i32.to_be_bytes()); // header extension
+    for (k, t) in rows {
+        b.extend_from_slice(&2i16.to_be_bytes());
+        b.extend_from_slice(&(k.len() as i32).to_be_bytes());
+        b.extend_from_slice(k.as_bytes());
+        b.extend_from_slice(&8i32.to_be_bytes());
+        b.extend_from_slice(&t.to_be_bytes());
+    }
+    b.extend_from_slice(&(-1i16).to_be_bytes());
+    b
+}
+
+/// For information: the same batches with a plain binary `COPY` each (one transaction per batch)
+/// into a fresh table without a key, no upsert: the most PostgreSQL takes in.
+fn postgres_plain_copy(pg: &str, batches: &[(u64, Vec<(String, i64)>)]) -> Result<Reference, BoxError> {
+    let mut c = postgres::Client::connect(pg, postgres::NoTls)?;
+    c.batch_execute("CREATE TABLE totals_copy (key TEXT NOT NULL, total BIGINT NOT NULL)")?;
+    let mut r = Reference { secs: 0.0, rows: 0 };
+    for (_, rows) in batches {
+        let t0 = Instant::now();
+        let mut w = c.copy_in("COPY totals_copy (key, total) FROM STDIN (FORMAT binary)")?;
+        w.write_all(&binary_copy(rows))?;
+        w.finish()?;
+        r.secs += t0.elapsed().as_secs_f64();
+        r.rows += rows.len() as u64;
+    }
+    Ok(r)
+}
+
+/// The Kafka reference: a plain transactional producer writes the sink's lines (same key, same
+/// `"<batch>:<key>:<total>"` value, same batches) to `OUTPUT_REF`: `init_transactions` once, then
+/// per batch begin, send every record, commit (which waits for every delivery). No batch marker:
+/// that is the sink's exactly-once cost. Librdkafka defaults, as the sink's producer
+/// (`linger.ms=0`, or waiting for the deliveries before the commit, made no difference beyond the
+/// noise: the broker is the limit).
+fn kafka_reference(brokers: &str, batches: &[(u64, Vec<(String, i64)>)]) -> Result<Reference, BoxError> {
+    let producer: BaseProducer = client_config(brokers)
+        .set("transactional.id", "bench-reference")
+        .set("enable.idempotence", "true")
+        .create()?;
+    let timeout = Duration::from_secs(30);
+    producer.init_transactions(timeout)?;
+    let mut r = Reference { secs: 0.0, rows: 0 };
+    for (batch, rows) in batches {
+        let t0 = Instant::now();
+        producer.begin_transaction()?;
+        for (k, t) in rows {
+            let value = format!("{batch}:{k}:{t}");
+            let mut rec = Some(BaseRecord::to(OUTPUT_REF).key(k.as_bytes()).payload(value.as_bytes()));
+            while let Some(x) = rec.take() {
+                if let Err((e, back)) = producer.send(x) {
+                    if e.rdkafka_error_code() != Some(RDKafkaErrorCode::QueueFull) {
+                        return Err(format!("reference producer: {e}").into());
+                    }
+                    producer.poll(Duration::from_millis(1));
+                    rec = Some(back);
+                }
+            }
+            producer.poll(Duration::ZERO);
+        }
+        producer.commit_transaction(timeout)?;
+        r.secs += t0.elapsed().as_secs_f64();
+        r.rows += rows.len() as u64;
+    }
+    Ok(r)
 }
 
 /// The read floor: one plain consumer, no engine, reads the whole input topic (all partitions
@@ -559,12 +696,12 @@ pub fn kafka(mut a: KafkaArgs) -> Result<(), BoxError> {
     let produce_rps = a.records as f64 / produce_s;
     say("read floor: one plain consumer reads the topic...");
     let floor_s = read_floor(&brokers, a.partitions, a.records)?;
-    let floor_rps = a.records as f64 / floor_s;
 
     // The baseline runs first and again last, so drift over the run shows, and the sinks'
     // ratios are to the mean of the two.
     let tmp = tempfile::tempdir()?;
     let mut runs = Vec::new();
+    let (mut pg_ref, mut pg_copy, mut kafka_ref) = (None, None, None);
     for (label, sink) in [
         ("none", Sink::None),
         ("postgres", Sink::Postgres),
@@ -575,9 +712,32 @@ pub fn kafka(mut a: KafkaArgs) -> Result<(), BoxError> {
         let dir = tmp.path().join(label.replace(' ', "-"));
         std::fs::create_dir_all(&dir)?;
         let run = run_job(sink, &a, &brokers, &pg, &dir)?;
+        match sink {
+            Sink::Postgres => {
+                say("reference: plain COPY into a staging table + one upsert per batch...");
+                pg_ref = Some(postgres_reference(&pg, &run.written)?);
+                say("for information: plain COPY, no upsert...");
+                pg_copy = Some(postgres_plain_copy(&pg, &run.written)?);
+            }
+            Sink::Kafka => {
+                say("reference: plain transactional producer, one transaction per batch...");
+                kafka_ref = Some(kafka_reference(&brokers, &run.written)?);
+            }
+            Sink::None => {}
+        }
         runs.push((label, sink, run, dir));
     }
+    let (pg_ref, pg_copy, kafka_ref) = (
+        pg_ref.ok_or("no PostgreSQL reference")?,
+        pg_copy.ok_or("no plain COPY")?,
+        kafka_ref.ok_or("no Kafka reference")?,
+    );
 
+    say("read floor again...");
+    let floor2_s = read_floor(&brokers, a.partitions, a.records)?;
+    let (floor1_rps, floor2_rps) = (a.records as f64 / floor_s, a.records as f64 / floor2_s);
+    // Like the baseline, the mean of a measurement at the start and one at the end.
+    let floor_rps = (floor1_rps + floor2_rps) / 2.0;
     say("checking the output...");
     // Correctness: every run read every record once, its final checkpoint holds the input's
     // totals, and each sink's output agrees.
@@ -631,7 +791,10 @@ pub fn kafka(mut a: KafkaArgs) -> Result<(), BoxError> {
         ("partitions / records per partition", format!("{} / {sizes:?}", a.partitions)),
         ("max_per_partition (records per partition per batch)", a.max_per_partition.to_string()),
         ("produce: records/s (all acknowledged)", format!("{produce_rps:.0} ({produce_s:.2} s)")),
-        ("read floor: records/s (one plain consumer)", format!("{floor_rps:.0} ({floor_s:.2} s)")),
+        (
+            "read floor: records/s (one plain consumer): first / last / mean",
+            format!("{floor1_rps:.0} / {floor2_rps:.0} / {floor_rps:.0}"),
+        ),
         ("baseline records/s: first / last / mean", format!("{none1:.0} / {none2:.0} / {base:.0}")),
     ];
     for (k, v) in &rows {
@@ -643,8 +806,53 @@ pub fn kafka(mut a: KafkaArgs) -> Result<(), BoxError> {
     }
     let ratio_pg = pg_run.records_per_s() / base;
     let ratio_kafka = kafka_run.records_per_s() / base;
+    let sink_rps = |run: &JobRun| {
+        run.rows_written() as f64 / (run.mean(|b| b.sink) * run.batches.len() as f64 / 1e3).max(1e-9)
+    };
+    let (pg_sink_rps, kafka_sink_rps) = (sink_rps(pg_run), sink_rps(kafka_run));
+    let vs_pg = pg_sink_rps / pg_ref.rows_per_s();
+    let vs_kafka = kafka_sink_rps / kafka_ref.rows_per_s();
+    let vs_floor = base / floor_rps;
+    let verdict = |r: f64, t: f64| if r >= t { "met" } else { "missed" };
     let rows = [
         ("ratio postgres / none, kafka / none", format!("{ratio_pg:.3}, {ratio_kafka:.3}")),
+        (
+            "postgres reference (COPY + upsert): rows/s",
+            format!(
+                "{:.0} ({:.1} ms per batch)",
+                pg_ref.rows_per_s(),
+                pg_ref.secs * 1e3 / pg_run.written.len().max(1) as f64
+            ),
+        ),
+        ("  for information: plain COPY, no upsert: rows/s", format!("{:.0}", pg_copy.rows_per_s())),
+        (
+            "postgres sink / reference (target 0.8)",
+            format!(
+                "{pg_sink_rps:.0} / {:.0} = {vs_pg:.3} ({})",
+                pg_ref.rows_per_s(),
+                verdict(vs_pg, TARGET_POSTGRES)
+            ),
+        ),
+        (
+            "kafka reference (transactional producer): rows/s",
+            format!(
+                "{:.0} ({:.1} ms per batch)",
+                kafka_ref.rows_per_s(),
+                kafka_ref.secs * 1e3 / kafka_run.written.len().max(1) as f64
+            ),
+        ),
+        (
+            "kafka sink / reference (target 0.9)",
+            format!(
+                "{kafka_sink_rps:.0} / {:.0} = {vs_kafka:.3} ({})",
+                kafka_ref.rows_per_s(),
+                verdict(vs_kafka, TARGET_KAFKA)
+            ),
+        ),
+        (
+            "source: job without sink / read floor (target 0.9)",
+            format!("{base:.0} / {floor_rps:.0} = {vs_floor:.3} ({})", verdict(vs_floor, TARGET_SOURCE)),
+        ),
         (
             "kafka output: lines / batches / committed marker",
             format!("{} / {} / {}", out.lines, out.batch_ids.len(), out.committed_marker),
@@ -666,10 +874,23 @@ pub fn kafka(mut a: KafkaArgs) -> Result<(), BoxError> {
         "produce_records_per_s": produce_rps.round(),
         "produce_s": produce_s,
         "read_floor_records_per_s": floor_rps.round(),
+        "read_floor_first_records_per_s": floor1_rps.round(),
+        "read_floor_last_records_per_s": floor2_rps.round(),
         "baseline_records_per_s": base.round(),
         "runs": json_runs,
         "ratio_postgres_to_none": ratio_pg,
         "ratio_kafka_to_none": ratio_kafka,
+        "postgres_sink_rows_per_s": pg_sink_rps.round(),
+        "postgres_reference_rows_per_s": pg_ref.rows_per_s().round(),
+        "postgres_plain_copy_rows_per_s": pg_copy.rows_per_s().round(),
+        "ratio_postgres_sink_to_reference": vs_pg,
+        "target_postgres_sink_to_reference": TARGET_POSTGRES,
+        "kafka_sink_rows_per_s": kafka_sink_rps.round(),
+        "kafka_reference_rows_per_s": kafka_ref.rows_per_s().round(),
+        "ratio_kafka_sink_to_reference": vs_kafka,
+        "target_kafka_sink_to_reference": TARGET_KAFKA,
+        "ratio_source_to_read_floor": vs_floor,
+        "target_source_to_read_floor": TARGET_SOURCE,
         "correct": correct,
     });
     writeln!(w, "{json}")?;
