@@ -11,6 +11,7 @@
 
 mod ingest;
 mod kafka;
+mod recovery;
 mod scale_out;
 mod window;
 
@@ -20,9 +21,9 @@ use cairn::{BatchProgress, StateSpec, StreamingContext, Trigger};
 use cairn_sim::{FaultyStore, Rng};
 use clap::{Args, Parser, Subcommand};
 use rustc_hash::FxHashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,22 @@ enum Cmd {
     /// Per-key sum and count over a sliding window of 30 batches (slide 1) on KRA's input:
     /// `reduce_by_key_and_window` with an inverse function, against its own floor.
     Window(window::WindowArgs),
+    /// Writes KRA input (`batch-NNNNNN.csv` files of `key,value` lines) for `kra --input` or a
+    /// worker.
+    KraInput {
+        dir: PathBuf,
+        #[arg(long, default_value_t = 100_000)]
+        keys: u64,
+        #[arg(long, default_value_t = 50)]
+        batches: u64,
+        #[arg(long, default_value_t = 200_000)]
+        rows: u64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Zipf-skewed keys instead of uniform.
+        #[arg(long)]
+        zipf: bool,
+    },
     /// (internal) one KRA job process, driven by the recovery measurement.
     #[command(hide = true)]
     KraWorker { input: PathBuf, checkpoint: PathBuf },
@@ -69,12 +86,19 @@ struct KraArgs {
     /// A small version of everything (under a minute).
     #[arg(long)]
     quick: bool,
-    /// Keys of state in the recovery measurement.
-    #[arg(long, default_value_t = 1_000_000)]
-    recovery_keys: u64,
-    /// Delay added to every state checkpoint write in the storage-latency run, in ms.
+    /// Keys of state in the restore and memory measurements, one run each (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [1_000_000u64, 10_000_000])]
+    recovery_keys: Vec<u64>,
+    /// Delay added to every storage request (plan log, state, listings, reads, deletes) in the
+    /// storage-latency run, in ms.
     #[arg(long, default_value_t = 1_000)]
     delay_ms: u64,
+    /// Batches of the storage-latency runs (the first files of the input).
+    #[arg(long, default_value_t = 10)]
+    delay_batches: u64,
+    /// Also run KRA on 1 000 000 uniform keys and on Zipf-skewed keys (`--no-variants` to skip).
+    #[arg(long = "no-variants", action = clap::ArgAction::SetFalse, default_value_t = true)]
+    variants: bool,
     /// Seed of the generated input.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -93,7 +117,10 @@ fn main() -> ExitCode {
         Cmd::ScaleOut(a) => scale_out::scale_out(a),
         Cmd::Ingest(a) => ingest::ingest(a),
         Cmd::Window(a) => window::window(a),
-        Cmd::KraWorker { input, checkpoint } => worker(&input, &checkpoint),
+        Cmd::KraInput { dir, keys, batches, rows, seed, zipf } => {
+            generate_keys(&dir, keys, batches, rows, seed, if zipf { Keys::Zipf } else { Keys::Uniform })
+        }
+        Cmd::KraWorker { input, checkpoint } => recovery::worker(&input, &checkpoint),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -106,16 +133,57 @@ fn main() -> ExitCode {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// How the generated input's keys are drawn.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Keys {
+    /// Uniformly over `0..keys`.
+    Uniform,
+    /// Zipf-skewed with exponent 1: key `r - 1` has weight `1 / r`, so the hottest 1% of 100 000
+    /// keys take about 43% of the rows.
+    Zipf,
+}
+
 fn generate(dir: &Path, keys: u64, batches: u64, rows: u64, seed: u64) -> Result<(), BoxError> {
+    generate_keys(dir, keys, batches, rows, seed, Keys::Uniform)
+}
+
+fn generate_keys(
+    dir: &Path,
+    keys: u64,
+    batches: u64,
+    rows: u64,
+    seed: u64,
+    dist: Keys,
+) -> Result<(), BoxError> {
+    use std::fmt::Write as _;
     std::fs::create_dir_all(dir)?;
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    // Zipf: the cumulative weights, searched with a uniform draw.
+    let cdf: Vec<f64> = match dist {
+        Keys::Uniform => Vec::new(),
+        Keys::Zipf => {
+            let mut acc = 0.0;
+            (1..=keys.max(1))
+                .map(|r| {
+                    acc += 1.0 / r as f64;
+                    acc
+                })
+                .collect()
+        }
+    };
     for b in 0..batches {
         let mut out = String::with_capacity(rows as usize * 14);
         for _ in 0..rows {
             let x = rng.next_u64();
-            let key = x % keys.max(1);
+            let key = match dist {
+                Keys::Uniform => x % keys.max(1),
+                Keys::Zipf => {
+                    let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * cdf[cdf.len() - 1];
+                    cdf.partition_point(|&c| c < u).min(cdf.len() - 1) as u64
+                }
+            };
             let value = ((x >> 40) % 2001) as i64 - 1000;
-            out.push_str(&format!("{key},{value}\n"));
+            writeln!(out, "{key},{value}")?;
         }
         // Written under a hidden name and renamed, as the file source expects.
         let tmp = dir.join(format!(".batch-{b:06}.csv"));
@@ -384,20 +452,14 @@ fn checkpointed_state(dir: &Path, json: bool) -> Result<KraState, BoxError> {
     Ok(m)
 }
 
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
-        .map_or(0, |pages| pages * 4096)
-}
-
 fn kra(mut a: KraArgs) -> Result<(), BoxError> {
     if a.quick {
         a.keys = a.keys.min(10_000);
         a.batches = a.batches.min(10);
         a.rows = a.rows.min(20_000);
-        a.recovery_keys = a.recovery_keys.min(50_000);
+        a.recovery_keys = vec![50_000];
         a.delay_ms = a.delay_ms.min(200);
+        a.delay_batches = a.delay_batches.min(5);
     }
     let tmp = tempfile::tempdir()?;
     let input = match &a.input {
@@ -419,14 +481,14 @@ fn kra(mut a: KraArgs) -> Result<(), BoxError> {
 
     eprintln!("engine, checkpoint every batch...");
     let ckpt_dir = tmp.path().join("ckpt");
-    let rss0 = rss_bytes();
+    let rss0 = recovery::memory().0;
     let with = run_engine(
         &input,
         builder(batches).checkpoint(ckpt_dir.to_str().unwrap_or_default()).build()?,
         events,
         false,
     )?;
-    let rss_per_key = rss_bytes().saturating_sub(rss0) as f64 / expected.len().max(1) as f64;
+    let rss_per_key = recovery::memory().0.saturating_sub(rss0) as f64 / expected.len().max(1) as f64;
     let correct = checkpointed_state(&ckpt_dir, false)? == expected;
     let (objects_total, bytes_total) = dir_objects(&ckpt_dir);
 
@@ -451,10 +513,15 @@ fn kra(mut a: KraArgs) -> Result<(), BoxError> {
     )?;
     let json_correct = checkpointed_state(&json_dir, true)? == expected;
 
-    eprintln!("storage latency: every state write delayed {} ms...", a.delay_ms);
-    let every = 1u32;
-    let undelayed = run_engine(&input, latency_ctx(tmp.path(), "undelayed", 0, every)?, events, false)?;
-    let delayed = run_engine(&input, latency_ctx(tmp.path(), "delayed", a.delay_ms, every)?, events, false)?;
+    eprintln!(
+        "storage latency: every request delayed {} ms, first {} batches...",
+        a.delay_ms, a.delay_batches
+    );
+    let (delay_input, delay_events) =
+        first_batches(&input, &tmp.path().join("delay-input"), a.delay_batches)?;
+    let undelayed = run_engine(&delay_input, latency_ctx(tmp.path(), "undelayed", 0)?, delay_events, false)?;
+    let delayed =
+        run_engine(&delay_input, latency_ctx(tmp.path(), "delayed", a.delay_ms)?, delay_events, false)?;
 
     eprintln!("scaling with cores: parallelism 1 and 2, state checkpoints off then on...");
     let mut scaling = Vec::new();
@@ -472,8 +539,21 @@ fn kra(mut a: KraArgs) -> Result<(), BoxError> {
     }
     let speedup = |i: usize| scaling[i + 1] / scaling[i];
 
-    eprintln!("recovery with {} keys of state...", a.recovery_keys);
-    let (restore_s, recovery_s) = recovery(tmp.path(), &a)?;
+    let mut variants = Vec::new();
+    if a.variants {
+        for (label, keys, dist) in
+            [("1M uniform keys", 1_000_000, Keys::Uniform), ("Zipf-skewed keys", a.keys, Keys::Zipf)]
+        {
+            eprintln!("variant: {label}...");
+            variants.push(variant(tmp.path(), label, &a, keys, dist)?);
+        }
+    }
+
+    let mut at_scale = Vec::new();
+    for &keys in &a.recovery_keys {
+        eprintln!("restore and memory with {keys} keys of state...");
+        at_scale.push(recovery::at_scale(tmp.path(), keys, a.quick, a.seed)?);
+    }
 
     let s = &with.summary;
     let objects_per_batch = (s.checkpoint_objects + s.log_objects) as f64 / batches as f64;
@@ -520,18 +600,29 @@ fn kra(mut a: KraArgs) -> Result<(), BoxError> {
         ("objects in checkpoint location at end", format!("{objects_total} ({bytes_total} bytes)")),
         ("process RSS growth per key (approx.)", format!("{rss_per_key:.0} B")),
         (
-            "storage latency run (ckpt due every batch)",
+            "every request delayed: p99 batch ms delayed / undelayed",
             format!(
-                "p99 {:.1} ms vs {:.1} ms undelayed; {:.0} vs {:.0} events/s; {} of {} batches waited",
+                "{:.1} / {:.1} (ratio {:.1}; {} ms per request, {} batches)",
                 percentile(&delayed.batch_ms, 0.99),
                 percentile(&undelayed.batch_ms, 0.99),
-                delayed.events_per_s,
-                undelayed.events_per_s,
-                delayed.waited_batches,
+                percentile(&delayed.batch_ms, 0.99) / percentile(&undelayed.batch_ms, 0.99).max(1e-9),
+                a.delay_ms,
                 delayed.batch_ms.len()
             ),
         ),
-        ("recovery: restore / first new batch s", format!("{restore_s:.3} / {recovery_s:.3}")),
+        (
+            "every request delayed: events/s, checkpoints written / due",
+            format!(
+                "{:.0} vs {:.0} undelayed; {} / {} vs {} / {}; {} batches waited",
+                delayed.events_per_s,
+                undelayed.events_per_s,
+                delayed.summary.checkpoints,
+                delayed.summary.new_batches,
+                undelayed.summary.checkpoints,
+                undelayed.summary.new_batches,
+                delayed.waited_batches
+            ),
+        ),
         (
             "cores, state checkpoints off: events/s p1 / p2",
             format!("{:.0} / {:.0} (speed-up {:.2})", scaling[0], scaling[1], speedup(0)),
@@ -545,6 +636,32 @@ fn kra(mut a: KraArgs) -> Result<(), BoxError> {
     let mut out = std::io::stdout().lock();
     for (k, v) in &rows {
         writeln!(out, "{k:<45} {v}")?;
+    }
+    for v in &variants {
+        writeln!(
+            out,
+            "{:<45} ckpt {:.0} / no ckpt {:.0} / floor {:.0} events/s; ckpt/no-ckpt {:.3}, engine/floor {:.3}; {:.0} ckpt bytes per batch; correct {}",
+            format!("variant: {}", v.label),
+            v.with,
+            v.without,
+            v.floor,
+            v.with / v.without,
+            v.with / v.floor,
+            v.ckpt_bytes_per_batch,
+            v.correct
+        )?;
+    }
+    for m in &at_scale {
+        writeln!(
+            out,
+            "{:<45} restore {:.3} s, first new batch {:.3} s; RSS per key running {:.0} B (peak {:.0} B), restored {:.0} B",
+            format!("{} keys of state", m.keys),
+            m.restore_s,
+            m.recovery_s,
+            m.running_bytes_per_key,
+            m.peak_bytes_per_key,
+            m.restored_bytes_per_key
+        )?;
     }
     let json = serde_json::json!({
         "events": events,
@@ -563,12 +680,31 @@ fn kra(mut a: KraArgs) -> Result<(), BoxError> {
         "ckpt_objects_total": objects_total,
         "state_rss_bytes_per_key": rss_per_key.round(),
         "delay_ms": a.delay_ms,
+        "delay_batches": delayed.summary.new_batches,
+        "delayed_checkpoints": delayed.summary.checkpoints,
+        "undelayed_checkpoints": undelayed.summary.checkpoints,
         "delayed_p99_batch_ms": percentile(&delayed.batch_ms, 0.99),
         "undelayed_p99_batch_ms": percentile(&undelayed.batch_ms, 0.99),
         "delayed_events_per_s": delayed.events_per_s.round(),
         "undelayed_events_per_s": undelayed.events_per_s.round(),
-        "restore_s": restore_s,
-        "recovery_s": recovery_s,
+        "variants": variants.iter().map(|v| serde_json::json!({
+            "label": v.label,
+            "events_per_s": v.with.round(),
+            "events_per_s_no_ckpt": v.without.round(),
+            "floor_events_per_s": v.floor.round(),
+            "ckpt_ratio": v.with / v.without,
+            "ratio_to_floor": v.with / v.floor,
+            "ckpt_bytes_per_batch": v.ckpt_bytes_per_batch.round(),
+            "correct": v.correct,
+        })).collect::<Vec<_>>(),
+        "at_scale": at_scale.iter().map(|m| serde_json::json!({
+            "keys": m.keys,
+            "restore_s": m.restore_s,
+            "recovery_s": m.recovery_s,
+            "rss_bytes_per_key": m.running_bytes_per_key.round(),
+            "peak_rss_bytes_per_key": m.peak_bytes_per_key.round(),
+            "restored_rss_bytes_per_key": m.restored_bytes_per_key.round(),
+        })).collect::<Vec<_>>(),
         "p1_no_ckpt_events_per_s": scaling[0].round(),
         "p2_no_ckpt_events_per_s": scaling[1].round(),
         "speedup_no_ckpt": speedup(0),
@@ -578,94 +714,80 @@ fn kra(mut a: KraArgs) -> Result<(), BoxError> {
         "json_events_per_s": json.events_per_s.round(),
         "json_ratio_to_compact": json.events_per_s / with.events_per_s,
         "json_ckpt_bytes_per_batch": (json.summary.checkpoint_bytes as f64 / batches as f64).round(),
-        "correct": correct && json_correct,
+        "correct": correct && json_correct && variants.iter().all(|v| v.correct),
     });
     writeln!(out, "{json}")?;
-    if !correct || !json_correct {
+    if !correct || !json_correct || variants.iter().any(|v| !v.correct) {
         return Err("the engine's final state differs from the floor's".into());
     }
     Ok(())
 }
 
-fn latency_ctx(tmp: &Path, name: &str, delay_ms: u64, every: u32) -> Result<StreamingContext, BoxError> {
+fn latency_ctx(tmp: &Path, name: &str, delay_ms: u64) -> Result<StreamingContext, BoxError> {
     let dir = tmp.join(name);
     std::fs::create_dir_all(&dir)?;
-    let faulty = FaultyStore::new(Arc::new(LocalFileSystem::new_with_prefix(&dir)?), "state/");
-    faulty.set_delay(Duration::from_millis(delay_ms));
+    let faulty = FaultyStore::new(Arc::new(LocalFileSystem::new_with_prefix(&dir)?), "");
+    faulty.set_delay_all(Duration::from_millis(delay_ms));
     let store = CheckpointStore::with_store(
         faulty,
         ObjPath::from(""),
         format!("delayed({delay_ms} ms):{}", dir.display()),
     );
-    Ok(builder(0).checkpoint_store(store).checkpoint_interval(Duration::from_secs(every as u64)).build()?)
+    Ok(builder(0).checkpoint_store(store).checkpoint_interval(Duration::from_secs(1)).build()?)
 }
 
-/// Kills a worker with SIGKILL after batch 25 (or 60% of the batches, whichever is smaller) and
-/// times the restart: (state restore seconds, seconds from spawn to the first new batch).
-fn recovery(tmp: &Path, a: &KraArgs) -> Result<(f64, f64), BoxError> {
-    let input = tmp.join("recovery-input");
-    let batches = if a.quick { 20 } else { 30 };
-    let kill_after = (batches * 6 / 10).min(25);
-    // Enough rows that nearly every key is in the state by the kill.
-    let rows = (a.recovery_keys * 5 / kill_after).max(1);
-    generate(&input, a.recovery_keys, batches, rows, a.seed ^ 0xabcdef)?;
-    let ckpt = tmp.join("recovery-ckpt");
-    let exe = std::env::current_exe()?;
-    let spawn = || {
-        Command::new(&exe)
-            .args(["kra-worker", input.to_str().unwrap_or_default(), ckpt.to_str().unwrap_or_default()])
-            .stdout(Stdio::piped())
-            .spawn()
-    };
-    let mut first = spawn()?;
-    let lines = BufReader::new(first.stdout.take().ok_or("no stdout")?).lines();
-    for line in lines {
-        let line = line?;
-        if line.starts_with(&format!("BATCH {kill_after} ")) {
-            break;
-        }
+/// Links the first `n` input files of `input` into `dir`; returns it and their record count.
+fn first_batches(input: &Path, dir: &Path, n: u64) -> Result<(PathBuf, u64), BoxError> {
+    std::fs::create_dir_all(dir)?;
+    let mut events = 0;
+    for f in input_files(input)?.into_iter().take(n as usize) {
+        each_record(&f, |_, _| events += 1)?;
+        std::fs::hard_link(&f, dir.join(f.file_name().ok_or("an input file without a name")?))?;
     }
-    first.kill()?; // SIGKILL
-    first.wait()?;
-    let t0 = Instant::now();
-    let mut second = spawn()?;
-    let mut restore_s = f64::NAN;
-    let mut recovery_s = f64::NAN;
-    for line in BufReader::new(second.stdout.take().ok_or("no stdout")?).lines() {
-        let line = line?;
-        if let Some(ms) = line.strip_prefix("RESTORED ") {
-            restore_s = ms.trim().parse::<f64>().unwrap_or(f64::NAN) / 1e3;
-        }
-        if line.starts_with("BATCH ") && line.ends_with(" new") {
-            recovery_s = t0.elapsed().as_secs_f64();
-            break;
-        }
-    }
-    second.kill().ok();
-    second.wait()?;
-    if recovery_s.is_nan() {
-        return Err("the restarted worker never completed a new batch".into());
-    }
-    Ok((restore_s, recovery_s))
+    Ok((dir.to_path_buf(), events))
 }
 
-/// One KRA process for the recovery measurement: prints `RESTORED <ms>` once state is back, and
-/// `BATCH <id> new|replayed` after every batch.
-fn worker(input: &Path, checkpoint: &Path) -> Result<(), BoxError> {
-    let t0 = Instant::now();
-    let loc = checkpoint.to_str().unwrap_or_default().to_string();
-    let ctx = StreamingContext::get_or_create(&loc, |loc| {
-        let ctx = builder(0).checkpoint(loc).build()?;
-        define(&ctx, input, false)?;
-        Ok(ctx)
-    })?;
-    println!("RESTORED {:.1}", t0.elapsed().as_secs_f64() * 1e3);
-    ctx.on_batch(|p| {
-        println!("BATCH {} {}", p.batch_id, if p.replayed { "replayed" } else { "new" });
-        let _ = std::io::stdout().flush();
-    });
-    ctx.run_available()?;
-    Ok(())
+/// KRA on another key distribution, same batches and rows: floor, engine with a checkpoint
+/// every batch, engine without state checkpoints.
+struct Variant {
+    label: &'static str,
+    with: f64,
+    without: f64,
+    floor: f64,
+    ckpt_bytes_per_batch: f64,
+    correct: bool,
+}
+
+fn variant(tmp: &Path, label: &'static str, a: &KraArgs, keys: u64, dist: Keys) -> Result<Variant, BoxError> {
+    let slug: String = label.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    let input = tmp.join(format!("input-{slug}"));
+    generate_keys(&input, keys, a.batches, a.rows, a.seed, dist)?;
+    let batches = input_files(&input)?.len() as u64;
+    let (expected, events, floor_s) = floor(&input)?;
+    let dir = tmp.join(format!("ckpt-{slug}"));
+    let with = run_engine(
+        &input,
+        builder(batches).checkpoint(dir.to_str().unwrap_or_default()).build()?,
+        events,
+        false,
+    )?;
+    let without = run_engine(
+        &input,
+        builder(batches)
+            .checkpoint("memory://")
+            .checkpoint_interval(Duration::from_secs(batches * 10 + 10))
+            .build()?,
+        events,
+        false,
+    )?;
+    Ok(Variant {
+        label,
+        with: with.events_per_s,
+        without: without.events_per_s,
+        floor: events as f64 / floor_s,
+        ckpt_bytes_per_batch: with.summary.checkpoint_bytes as f64 / batches as f64,
+        correct: checkpointed_state(&dir, false)? == expected,
+    })
 }
 
 #[cfg(test)]
