@@ -447,13 +447,13 @@ impl<K: Key + StateData, V: Data> DStream<(K, V)> {
                     for k in order {
                         let vs = grouped.remove(&k).expect("grouped above");
                         let old = map.remove(&k);
-                        let (existed, was_dirty) = (old.is_some(), old.as_ref().is_some_and(|s| s.dirty));
+                        let (existed, was_dirty) = (old.is_some(), old.as_ref().is_some_and(|s| s.dirty()));
                         match f(&k, vs, old.map(|s| s.value)) {
                             Some(s) => {
                                 if !was_dirty {
                                     dirty.push(k.clone());
                                 }
-                                map.insert(k.clone(), Slot { value: s.clone(), seen_ms: now, dirty: true });
+                                map.insert(k.clone(), Slot::new(s.clone(), now, true));
                                 out.push((k, s));
                             }
                             None if existed => removed.push(k),
@@ -560,8 +560,8 @@ fn apply_record<K: Key, V, S, U>(
         if let Some(r) = replacement {
             slot.value = r;
         }
-        let refreshed = slot.seen_ms != now;
-        slot.seen_ms = now;
+        let refreshed = slot.seen_ms() != now;
+        slot.set_seen_ms(now);
         if updated || refreshed {
             StatePart::<K, S>::touch(dirty, &k, slot);
         }
@@ -595,7 +595,7 @@ fn expire<K: Key, V, S, U>(
     while timers.front().is_some_and(|(deadline, _)| *deadline <= now) {
         let Some((_, k)) = timers.pop_front() else { break };
         // A key refreshed after this timer was set has a later timer; skip the stale one.
-        if map.get(&k).is_none_or(|slot| slot.seen_ms + timeout > now) {
+        if map.get(&k).is_none_or(|slot| slot.seen_ms() + timeout > now) {
             continue;
         }
         let Some(mut slot) = map.remove(&k) else { continue };
@@ -644,7 +644,7 @@ impl<K: Key + StateData, S: StateData> StatefulOp for MapWithStateOp<K, S> {
             for i in 0..self.inner.state.parallelism() {
                 let mut part = self.inner.state.part(i);
                 let mut timers: Vec<(i64, K)> =
-                    part.map.iter().map(|(k, s)| (s.seen_ms + t, k.clone())).collect();
+                    part.map.iter().map(|(k, s)| (s.seen_ms() + t, k.clone())).collect();
                 timers.sort_by_key(|(d, _)| *d);
                 part.timers = timers.into();
             }
