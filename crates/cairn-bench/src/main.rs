@@ -96,6 +96,10 @@ struct KraArgs {
     /// Batches of the storage-latency runs (the first files of the input).
     #[arg(long, default_value_t = 10)]
     delay_batches: u64,
+    /// glibc's `MALLOC_ARENA_MAX` for the restore and memory workers (0: glibc's default, eight
+    /// arenas per core, each keeping what its threads once used).
+    #[arg(long, default_value_t = 2)]
+    malloc_arena_max: u32,
     /// Also run KRA on 1 000 000 uniform keys and on Zipf-skewed keys (`--no-variants` to skip).
     #[arg(long = "no-variants", action = clap::ArgAction::SetFalse, default_value_t = true)]
     variants: bool,
@@ -552,7 +556,7 @@ fn kra(mut a: KraArgs) -> Result<(), BoxError> {
     let mut at_scale = Vec::new();
     for &keys in &a.recovery_keys {
         eprintln!("restore and memory with {keys} keys of state...");
-        at_scale.push(recovery::at_scale(tmp.path(), keys, a.quick, a.seed)?);
+        at_scale.push(recovery::at_scale(tmp.path(), keys, &a)?);
     }
 
     let s = &with.summary;
@@ -655,7 +659,7 @@ fn kra(mut a: KraArgs) -> Result<(), BoxError> {
         writeln!(
             out,
             "{:<45} restore {:.3} s, first new batch {:.3} s; RSS per key running {:.0} B (peak {:.0} B), restored {:.0} B",
-            format!("{} keys of state", m.keys),
+            format!("{} keys of state (arenas {})", m.keys, a.malloc_arena_max),
             m.restore_s,
             m.recovery_s,
             m.running_bytes_per_key,
@@ -699,6 +703,7 @@ fn kra(mut a: KraArgs) -> Result<(), BoxError> {
         })).collect::<Vec<_>>(),
         "at_scale": at_scale.iter().map(|m| serde_json::json!({
             "keys": m.keys,
+            "malloc_arena_max": a.malloc_arena_max,
             "restore_s": m.restore_s,
             "recovery_s": m.recovery_s,
             "rss_bytes_per_key": m.running_bytes_per_key.round(),

@@ -3,7 +3,7 @@
 //! resident memory, so memory per key counts everything the process keeps for its state: the
 //! maps, change lists, and whatever the checkpoint path holds between batches.
 
-use crate::{builder, define, generate, BoxError};
+use crate::{builder, define, generate, BoxError, KraArgs};
 use cairn::StreamingContext;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -42,7 +42,8 @@ pub(crate) fn memory() -> (u64, u64) {
 /// Generates input whose first 25 batches (or 60% of them) hold about five rows per key, so
 /// nearly every key is in the state at the kill, runs a worker to that batch, SIGKILLs it and
 /// times the restart.
-pub(crate) fn at_scale(tmp: &Path, keys: u64, quick: bool, seed: u64) -> Result<AtScale, BoxError> {
+pub(crate) fn at_scale(tmp: &Path, keys: u64, a: &KraArgs) -> Result<AtScale, BoxError> {
+    let (quick, seed) = (a.quick, a.seed);
     let input = tmp.join(format!("recovery-input-{keys}"));
     let batches = if quick { 20 } else { 30 };
     let kill_after = (batches * 6 / 10).min(25);
@@ -51,10 +52,12 @@ pub(crate) fn at_scale(tmp: &Path, keys: u64, quick: bool, seed: u64) -> Result<
     let ckpt = tmp.join(format!("recovery-ckpt-{keys}"));
     let exe = std::env::current_exe()?;
     let spawn = || {
-        Command::new(&exe)
-            .args(["kra-worker", input.to_str().unwrap_or_default(), ckpt.to_str().unwrap_or_default()])
-            .stdout(Stdio::piped())
-            .spawn()
+        let mut c = Command::new(&exe);
+        c.args(["kra-worker", input.to_str().unwrap_or_default(), ckpt.to_str().unwrap_or_default()]);
+        if a.malloc_arena_max > 0 {
+            c.env("MALLOC_ARENA_MAX", a.malloc_arena_max.to_string());
+        }
+        c.stdout(Stdio::piped()).spawn()
     };
     let numbers = |line: &str, prefix: &str| -> Vec<f64> {
         line.strip_prefix(prefix)
