@@ -442,14 +442,20 @@ impl<T: Data> PostgresSink<T> {
         let job = &*info.job_id;
         let task = batch.task.map(|t| t.0 as i32);
         let epoch = batch.epoch.map(|e| e as i64);
-        // Create the progress row of this sink and job if missing, then lock it.
-        let created = tx
-            .execute(
+        // Create the progress row of this sink and job if missing, then lock it: the two
+        // statements pipelined (sent together, run in order).
+        let (created, row) = futures::future::try_join(
+            tx.execute(
                 "INSERT INTO cairn_sink_progress (sink, job_id, batch_id) VALUES ($1, $2, -1) \
              ON CONFLICT (sink, job_id) DO NOTHING",
                 &[&self.name, &job],
-            )
-            .await?;
+            ),
+            tx.query_one(
+                "SELECT batch_id, epoch FROM cairn_sink_progress WHERE sink = $1 AND job_id = $2 FOR UPDATE",
+                &[&self.name, &job],
+            ),
+        )
+        .await?;
         if created == 1 {
             let others = tx
                 .query(
@@ -467,12 +473,6 @@ impl<T: Data> PostgresSink<T> {
                 );
             }
         }
-        let row = tx
-            .query_one(
-                "SELECT batch_id, epoch FROM cairn_sink_progress WHERE sink = $1 AND job_id = $2 FOR UPDATE",
-                &[&self.name, &job],
-            )
-            .await?;
         let (done, row_epoch): (i64, Option<i64>) = (row.get(0), row.get(1));
         let batch_id = info.batch_id.0 as i64;
         if let (Some(newer), Some(mine)) = (row_epoch, epoch) {
