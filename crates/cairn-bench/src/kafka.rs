@@ -44,6 +44,8 @@ const OUTPUT: &str = "bench-out";
 const SINK: &str = "totals";
 /// The plain transactional producer's output topic (the Kafka reference).
 const OUTPUT_REF: &str = "bench-out-ref";
+/// The Kafka sink's output topic when it writes the batches again outside the job.
+const OUTPUT_ALONE: &str = "bench-out-alone";
 /// Targets: sink rows/s over the plain client's, job without a sink over the plain consumer.
 const TARGET_POSTGRES: f64 = 0.8;
 const TARGET_KAFKA: f64 = 0.9;
@@ -113,6 +115,7 @@ fn create_topics(brokers: &str, partitions: i32) -> Result<(), BoxError> {
         NewTopic::new(INPUT, partitions, TopicReplication::Fixed(1)),
         NewTopic::new(OUTPUT, 1, TopicReplication::Fixed(1)),
         NewTopic::new(OUTPUT_REF, 1, TopicReplication::Fixed(1)),
+        NewTopic::new(OUTPUT_ALONE, 1, TopicReplication::Fixed(1)),
     ];
     for r in futures::executor::block_on(admin.create_topics(&topics, &AdminOptions::new()))? {
         r.map_err(|(topic, code)| format!("cannot create topic {topic}: {code}"))?;
@@ -480,6 +483,53 @@ impl Reference {
     }
 }
 
+/// For information: the sink writes the batches it wrote in the job again, outside the job (a
+/// new job id, its own table or topic), right before the reference: what the sink costs with
+/// nothing else running, to tell its own overhead from the job's load on the machine.
+fn sink_alone(
+    sink: Sink,
+    pg: &str,
+    brokers: &str,
+    batches: &[(u64, Vec<(String, i64)>)],
+) -> Result<Reference, BoxError> {
+    let mut r = Reference { secs: 0.0, rows: 0 };
+    let info = |b: u64| BatchInfo::new("bench-alone", cairn::BatchId(b), 0);
+    match sink {
+        Sink::Postgres => {
+            postgres::Client::connect(pg, postgres::NoTls)?
+                .batch_execute("CREATE TABLE totals_alone (key TEXT PRIMARY KEY, total BIGINT NOT NULL)")?;
+            let s = PostgresSink::copy_upsert(
+                pg,
+                "alone",
+                "totals_alone",
+                &["key", "total"],
+                &["key"],
+                |_, (k, t): &(String, i64)| vec![Box::new(k.clone()), Box::new(*t)],
+            );
+            for (b, rows) in batches {
+                let t0 = Instant::now();
+                s.write_batch(&info(*b), rows)?;
+                r.secs += t0.elapsed().as_secs_f64();
+                r.rows += rows.len() as u64;
+            }
+        }
+        Sink::Kafka => {
+            let s =
+                KafkaSink::new(brokers, "alone", OUTPUT_ALONE, |b: &BatchInfo, (k, t): &(String, i64)| {
+                    (Some(k.clone().into_bytes()), format!("{}:{k}:{t}", b.batch_id).into_bytes())
+                });
+            for (b, rows) in batches {
+                let t0 = Instant::now();
+                s.write_batch(&info(*b), rows)?;
+                r.secs += t0.elapsed().as_secs_f64();
+                r.rows += rows.len() as u64;
+            }
+        }
+        Sink::None => {}
+    }
+    Ok(r)
+}
+
 /// The PostgreSQL reference: the sink's batches written again into `totals_ref` (same schema) the
 /// fastest plain way that does the same work: per batch one transaction with a binary `COPY` into
 /// a temporary staging table (`ON COMMIT DELETE ROWS`, created once) and one `INSERT ... SELECT
@@ -702,6 +752,7 @@ pub fn kafka(mut a: KafkaArgs) -> Result<(), BoxError> {
     let tmp = tempfile::tempdir()?;
     let mut runs = Vec::new();
     let (mut pg_ref, mut pg_copy, mut kafka_ref) = (None, None, None);
+    let (mut pg_alone, mut kafka_alone) = (None, None);
     for (label, sink) in [
         ("none", Sink::None),
         ("postgres", Sink::Postgres),
@@ -714,12 +765,16 @@ pub fn kafka(mut a: KafkaArgs) -> Result<(), BoxError> {
         let run = run_job(sink, &a, &brokers, &pg, &dir)?;
         match sink {
             Sink::Postgres => {
+                say("for information: the sink alone, the same batches...");
+                pg_alone = Some(sink_alone(sink, &pg, &brokers, &run.written)?);
                 say("reference: plain COPY into a staging table + one upsert per batch...");
                 pg_ref = Some(postgres_reference(&pg, &run.written)?);
                 say("for information: plain COPY, no upsert...");
                 pg_copy = Some(postgres_plain_copy(&pg, &run.written)?);
             }
             Sink::Kafka => {
+                say("for information: the sink alone, the same batches...");
+                kafka_alone = Some(sink_alone(sink, &pg, &brokers, &run.written)?);
                 say("reference: plain transactional producer, one transaction per batch...");
                 kafka_ref = Some(kafka_reference(&brokers, &run.written)?);
             }
@@ -732,6 +787,8 @@ pub fn kafka(mut a: KafkaArgs) -> Result<(), BoxError> {
         pg_copy.ok_or("no plain COPY")?,
         kafka_ref.ok_or("no Kafka reference")?,
     );
+    let (pg_alone, kafka_alone) =
+        (pg_alone.ok_or("no PostgreSQL sink alone")?, kafka_alone.ok_or("no Kafka sink alone")?);
 
     say("read floor again...");
     let floor2_s = read_floor(&brokers, a.partitions, a.records)?;
@@ -826,6 +883,10 @@ pub fn kafka(mut a: KafkaArgs) -> Result<(), BoxError> {
         ),
         ("  for information: plain COPY, no upsert: rows/s", format!("{:.0}", pg_copy.rows_per_s())),
         (
+            "  for information: the sink alone: rows/s (/ reference)",
+            format!("{:.0} ({:.3})", pg_alone.rows_per_s(), pg_alone.rows_per_s() / pg_ref.rows_per_s()),
+        ),
+        (
             "postgres sink / reference (target 0.8)",
             format!(
                 "{pg_sink_rps:.0} / {:.0} = {vs_pg:.3} ({})",
@@ -839,6 +900,14 @@ pub fn kafka(mut a: KafkaArgs) -> Result<(), BoxError> {
                 "{:.0} ({:.1} ms per batch)",
                 kafka_ref.rows_per_s(),
                 kafka_ref.secs * 1e3 / kafka_run.written.len().max(1) as f64
+            ),
+        ),
+        (
+            "  for information: the sink alone: rows/s (/ reference)",
+            format!(
+                "{:.0} ({:.3})",
+                kafka_alone.rows_per_s(),
+                kafka_alone.rows_per_s() / kafka_ref.rows_per_s()
             ),
         ),
         (
@@ -887,6 +956,8 @@ pub fn kafka(mut a: KafkaArgs) -> Result<(), BoxError> {
         "target_postgres_sink_to_reference": TARGET_POSTGRES,
         "kafka_sink_rows_per_s": kafka_sink_rps.round(),
         "kafka_reference_rows_per_s": kafka_ref.rows_per_s().round(),
+        "kafka_sink_alone_rows_per_s": kafka_alone.rows_per_s().round(),
+        "postgres_sink_alone_rows_per_s": pg_alone.rows_per_s().round(),
         "ratio_kafka_sink_to_reference": vs_kafka,
         "target_kafka_sink_to_reference": TARGET_KAFKA,
         "ratio_source_to_read_floor": vs_floor,
