@@ -94,7 +94,7 @@ struct KraArgs {
     #[arg(long, default_value_t = 1_000)]
     delay_ms: u64,
     /// Batches of the storage-latency runs (the first files of the input).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 5)]
     delay_batches: u64,
     /// glibc's `MALLOC_ARENA_MAX` for the restore and memory workers (0: glibc's default, eight
     /// arenas per core, each keeping what its threads once used).
