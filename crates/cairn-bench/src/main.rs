@@ -52,14 +52,8 @@ enum Cmd {
     /// worker.
     KraInput {
         dir: PathBuf,
-        #[arg(long, default_value_t = 100_000)]
-        keys: u64,
-        #[arg(long, default_value_t = 50)]
-        batches: u64,
-        #[arg(long, default_value_t = 200_000)]
-        rows: u64,
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
+        #[command(flatten)]
+        input: InputArgs,
         /// Zipf-skewed keys instead of uniform.
         #[arg(long)]
         zipf: bool,
@@ -69,8 +63,9 @@ enum Cmd {
     KraWorker { input: PathBuf, checkpoint: PathBuf },
 }
 
+/// The generated input: `batches` files of `rows` `key,value` lines over `keys` keys.
 #[derive(Args, Clone)]
-struct KraArgs {
+struct InputArgs {
     /// Distinct keys in the generated input.
     #[arg(long, default_value_t = 100_000)]
     keys: u64,
@@ -80,6 +75,15 @@ struct KraArgs {
     /// Rows per batch.
     #[arg(long, default_value_t = 200_000)]
     rows: u64,
+    /// Seed of the generated input.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+#[derive(Args, Clone)]
+struct KraArgs {
+    #[command(flatten)]
+    gen: InputArgs,
     /// Use existing input (`batch-NNNNNN.csv` files of `key,value` lines) instead of generating.
     #[arg(long)]
     input: Option<PathBuf>,
@@ -103,9 +107,6 @@ struct KraArgs {
     /// Also run KRA on 1 000 000 uniform keys and on Zipf-skewed keys (`--no-variants` to skip).
     #[arg(long = "no-variants", action = clap::ArgAction::SetFalse, default_value_t = true)]
     variants: bool,
-    /// Seed of the generated input.
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
 }
 
 fn main() -> ExitCode {
@@ -121,9 +122,14 @@ fn main() -> ExitCode {
         Cmd::ScaleOut(a) => scale_out::scale_out(a),
         Cmd::Ingest(a) => ingest::ingest(a),
         Cmd::Window(a) => window::window(a),
-        Cmd::KraInput { dir, keys, batches, rows, seed, zipf } => {
-            generate_keys(&dir, keys, batches, rows, seed, if zipf { Keys::Zipf } else { Keys::Uniform })
-        }
+        Cmd::KraInput { dir, input: i, zipf } => generate_keys(
+            &dir,
+            i.keys,
+            i.batches,
+            i.rows,
+            i.seed,
+            if zipf { Keys::Zipf } else { Keys::Uniform },
+        ),
         Cmd::KraWorker { input, checkpoint } => recovery::worker(&input, &checkpoint),
     };
     match r {
@@ -411,6 +417,25 @@ fn builder(batches: u64) -> cairn::StreamingContextBuilder {
         .trigger(Trigger::AvailableNow)
 }
 
+/// `b` without state checkpoints: on `memory://`, with a checkpoint interval longer than a run of
+/// `batches` one-second batches.
+fn without_checkpoints(b: cairn::StreamingContextBuilder, batches: u64) -> cairn::StreamingContextBuilder {
+    b.checkpoint("memory://").checkpoint_interval(Duration::from_secs(batches * 10 + 10))
+}
+
+/// The input directory: `given`, or `keys` over `batches` × `rows` generated under `tmp`.
+fn input_dir(tmp: &Path, given: &Option<PathBuf>, g: &InputArgs) -> Result<PathBuf, BoxError> {
+    match given {
+        Some(d) => Ok(d.clone()),
+        None => {
+            let d = tmp.join("input");
+            eprintln!("generating {} batches x {} rows over {} keys...", g.batches, g.rows, g.keys);
+            generate(&d, g.keys, g.batches, g.rows, g.seed)?;
+            Ok(d)
+        }
+    }
+}
+
 fn percentile(v: &[f64], p: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
@@ -458,23 +483,15 @@ fn checkpointed_state(dir: &Path, json: bool) -> Result<KraState, BoxError> {
 
 fn kra(mut a: KraArgs) -> Result<(), BoxError> {
     if a.quick {
-        a.keys = a.keys.min(10_000);
-        a.batches = a.batches.min(10);
-        a.rows = a.rows.min(20_000);
+        a.gen.keys = a.gen.keys.min(10_000);
+        a.gen.batches = a.gen.batches.min(10);
+        a.gen.rows = a.gen.rows.min(20_000);
         a.recovery_keys = vec![50_000];
         a.delay_ms = a.delay_ms.min(200);
         a.delay_batches = a.delay_batches.min(5);
     }
     let tmp = tempfile::tempdir()?;
-    let input = match &a.input {
-        Some(d) => d.clone(),
-        None => {
-            let d = tmp.path().join("input");
-            eprintln!("generating {} batches x {} rows over {} keys...", a.batches, a.rows, a.keys);
-            generate(&d, a.keys, a.batches, a.rows, a.seed)?;
-            d
-        }
-    };
+    let input = input_dir(tmp.path(), &a.input, &a.gen)?;
     let batches = input_files(&input)?.len() as u64;
 
     eprintln!("floor...");
@@ -497,15 +514,7 @@ fn kra(mut a: KraArgs) -> Result<(), BoxError> {
     let (objects_total, bytes_total) = dir_objects(&ckpt_dir);
 
     eprintln!("engine, no state checkpoints...");
-    let without = run_engine(
-        &input,
-        builder(batches)
-            .checkpoint("memory://")
-            .checkpoint_interval(Duration::from_secs(batches * 10 + 10))
-            .build()?,
-        events,
-        false,
-    )?;
+    let without = run_engine(&input, without_checkpoints(builder(batches), batches).build()?, events, false)?;
 
     eprintln!("engine, checkpoint every batch, state stored self-describing (JSON)...");
     let json_dir = tmp.path().join("ckpt-json");
@@ -536,7 +545,7 @@ fn kra(mut a: KraArgs) -> Result<(), BoxError> {
                 let dir = tmp.path().join(format!("ckpt-p{parallelism}"));
                 b.checkpoint(dir.to_str().unwrap_or_default())
             } else {
-                b.checkpoint("memory://").checkpoint_interval(Duration::from_secs(batches * 10 + 10))
+                without_checkpoints(b, batches)
             };
             scaling.push(run_engine(&input, b.build()?, events, false)?.events_per_s);
         }
@@ -546,7 +555,7 @@ fn kra(mut a: KraArgs) -> Result<(), BoxError> {
     let mut variants = Vec::new();
     if a.variants {
         for (label, keys, dist) in
-            [("1M uniform keys", 1_000_000, Keys::Uniform), ("Zipf-skewed keys", a.keys, Keys::Zipf)]
+            [("1M uniform keys", 1_000_000, Keys::Uniform), ("Zipf-skewed keys", a.gen.keys, Keys::Zipf)]
         {
             eprintln!("variant: {label}...");
             variants.push(variant(tmp.path(), label, &a, keys, dist)?);
@@ -766,7 +775,7 @@ struct Variant {
 fn variant(tmp: &Path, label: &'static str, a: &KraArgs, keys: u64, dist: Keys) -> Result<Variant, BoxError> {
     let slug: String = label.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
     let input = tmp.join(format!("input-{slug}"));
-    generate_keys(&input, keys, a.batches, a.rows, a.seed, dist)?;
+    generate_keys(&input, keys, a.gen.batches, a.gen.rows, a.gen.seed, dist)?;
     let batches = input_files(&input)?.len() as u64;
     let (expected, events, floor_s) = floor(&input)?;
     let dir = tmp.join(format!("ckpt-{slug}"));
@@ -776,15 +785,7 @@ fn variant(tmp: &Path, label: &'static str, a: &KraArgs, keys: u64, dist: Keys) 
         events,
         false,
     )?;
-    let without = run_engine(
-        &input,
-        builder(batches)
-            .checkpoint("memory://")
-            .checkpoint_interval(Duration::from_secs(batches * 10 + 10))
-            .build()?,
-        events,
-        false,
-    )?;
+    let without = run_engine(&input, without_checkpoints(builder(batches), batches).build()?, events, false)?;
     Ok(Variant {
         label,
         with: with.events_per_s,

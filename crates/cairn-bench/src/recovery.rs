@@ -43,7 +43,7 @@ pub(crate) fn memory() -> (u64, u64) {
 /// nearly every key is in the state at the kill, runs a worker to that batch, SIGKILLs it and
 /// times the restart.
 pub(crate) fn at_scale(tmp: &Path, keys: u64, a: &KraArgs) -> Result<AtScale, BoxError> {
-    let (quick, seed) = (a.quick, a.seed);
+    let (quick, seed) = (a.quick, a.gen.seed);
     let input = tmp.join(format!("recovery-input-{keys}"));
     let batches = if quick { 20 } else { 30 };
     let kill_after = (batches * 6 / 10).min(25);

@@ -8,7 +8,10 @@
 //! as the window grows. It checks the engine's last window against the floor's, prints a table
 //! and, as its last line, one JSON object.
 
-use super::{dir_objects, each_record, generate, input_files, parse, percentile, BoxError};
+use super::{
+    dir_objects, each_record, input_dir, input_files, parse, percentile, without_checkpoints, BoxError,
+    InputArgs,
+};
 use cairn::{BatchProgress, CheckpointMaintained, StreamingContext, StreamingListener, Trigger};
 use clap::Args;
 use rustc_hash::FxHashMap;
@@ -20,15 +23,8 @@ use std::time::{Duration, Instant};
 
 #[derive(Args, Clone)]
 pub(crate) struct WindowArgs {
-    /// Distinct keys in the generated input.
-    #[arg(long, default_value_t = 100_000)]
-    keys: u64,
-    /// Batches (one input file each).
-    #[arg(long, default_value_t = 50)]
-    batches: u64,
-    /// Rows per batch.
-    #[arg(long, default_value_t = 200_000)]
-    rows: u64,
+    #[command(flatten)]
+    gen: InputArgs,
     /// Window length in batches (the slide is one batch).
     #[arg(long, default_value_t = 30)]
     window: u64,
@@ -41,9 +37,6 @@ pub(crate) struct WindowArgs {
     /// A small version of everything (seconds).
     #[arg(long)]
     quick: bool,
-    /// Seed of the generated input.
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
 }
 
 /// Per key over the window: (sum, count).
@@ -163,10 +156,7 @@ fn run_engine(
 ) -> Result<EngineRun, BoxError> {
     let ctx = match checkpoint {
         Some(dir) => builder().checkpoint(dir.to_str().unwrap_or_default()).build()?,
-        None => builder()
-            .checkpoint("memory://")
-            .checkpoint_interval(Duration::from_secs(batches * 10 + 10))
-            .build()?,
+        None => without_checkpoints(builder(), batches).build()?,
     };
     let rows = ctx.text_file_stream_parsed("input", input.to_str().unwrap_or_default(), 1, parse)?;
     let last = Arc::new(Mutex::new(Vec::new()));
@@ -197,9 +187,9 @@ fn run_engine(
 
 pub(crate) fn window(mut a: WindowArgs) -> Result<(), BoxError> {
     if a.quick {
-        a.keys = a.keys.min(10_000);
-        a.batches = a.batches.min(20);
-        a.rows = a.rows.min(20_000);
+        a.gen.keys = a.gen.keys.min(10_000);
+        a.gen.batches = a.gen.batches.min(20);
+        a.gen.rows = a.gen.rows.min(20_000);
         a.window = a.window.min(8);
         a.short_window = a.short_window.min(2);
     }
@@ -207,15 +197,7 @@ pub(crate) fn window(mut a: WindowArgs) -> Result<(), BoxError> {
         return Err("--window and --short-window must be at least 1 batch".into());
     }
     let tmp = tempfile::tempdir()?;
-    let input = match &a.input {
-        Some(d) => d.clone(),
-        None => {
-            let d = tmp.path().join("input");
-            eprintln!("generating {} batches x {} rows over {} keys...", a.batches, a.rows, a.keys);
-            generate(&d, a.keys, a.batches, a.rows, a.seed)?;
-            d
-        }
-    };
+    let input = input_dir(tmp.path(), &a.input, &a.gen)?;
     let batches = input_files(&input)?.len() as u64;
 
     eprintln!("floor, window {}...", a.window);

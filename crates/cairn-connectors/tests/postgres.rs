@@ -141,14 +141,7 @@ fn postgres_sink_is_exactly_once() {
     schema(&conn);
     let dir = tempfile::tempdir().unwrap();
     let ctx = job(dir.path().to_str().unwrap(), &conn, None);
-    let killer = conn.clone();
-    ctx.on_batch(move |b| {
-        if b.batch_id.0 == 3 {
-            let mut c = postgres::Client::connect(&killer, postgres::NoTls).unwrap();
-            c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND datname = 'postgres'", &[])
-                .unwrap();
-        }
-    });
+    terminate_connections_after_batch(&ctx, &conn, 3);
     ctx.run_available().expect("a dropped connection is retried");
     check(&conn);
 
@@ -381,14 +374,7 @@ fn copy_upsert_is_exactly_once_and_fenced() {
     reset();
     let dir = tempfile::tempdir().unwrap();
     let ctx = job(dir.path().to_str().unwrap(), None);
-    let killer = conn.clone();
-    ctx.on_batch(move |b| {
-        if b.batch_id.0 == 3 {
-            let mut c = postgres::Client::connect(&killer, postgres::NoTls).unwrap();
-            c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND datname = 'postgres'", &[])
-                .unwrap();
-        }
-    });
+    terminate_connections_after_batch(&ctx, &conn, 3);
     ctx.run_available().expect("a dropped connection is retried");
     check("dropped connection");
 
@@ -461,4 +447,17 @@ fn copy_upsert_is_exactly_once_and_fenced() {
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
     assert_eq!(audit, vec![(3, 0, 1), (3, 1, 2)]);
+}
+
+/// After batch `batch` completes, every other connection to the database is terminated, as a
+/// server restart or a network cut would: the sink's next batch finds its connection dead.
+fn terminate_connections_after_batch(ctx: &StreamingContext, conn: &str, batch: u64) {
+    let killer = conn.to_string();
+    ctx.on_batch(move |b| {
+        if b.batch_id.0 == batch {
+            let mut c = postgres::Client::connect(&killer, postgres::NoTls).unwrap();
+            c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND datname = 'postgres'", &[])
+                .unwrap();
+        }
+    });
 }
