@@ -278,13 +278,7 @@ fn older_epochs_are_fenced_and_commits_are_audited() {
     let rows: Vec<i64> =
         c.query("SELECT v FROM fenced ORDER BY v", &[]).unwrap().iter().map(|r| r.get(0)).collect();
     assert_eq!(rows, vec![1, 2], "the fenced batch wrote nothing");
-    let audit: Vec<(i32, i64, i64)> = c
-        .query("SELECT task, batch_id, epoch FROM cairn_sink_commits WHERE sink = 'fenced' ORDER BY seq", &[])
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
-    assert_eq!(audit, vec![(3, 0, 1), (3, 1, 2)]);
+    assert_eq!(commit_audit(&mut c, "fenced"), vec![(3, 0, 1), (3, 1, 2)]);
     let row: (i32, i64, i64) = c
         .query_one("SELECT task, batch_id, epoch FROM cairn_sink_progress WHERE sink = 'fenced'", &[])
         .map(|r| (r.get(0), r.get(1), r.get(2)))
@@ -440,13 +434,7 @@ fn copy_upsert_is_exactly_once_and_fenced() {
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     assert_eq!(got, vec![(1, 1), (2, 2)], "the fenced batch wrote nothing");
-    let audit: Vec<(i32, i64, i64)> = c
-        .query("SELECT task, batch_id, epoch FROM cairn_sink_commits WHERE sink = 'fenced' ORDER BY seq", &[])
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
-    assert_eq!(audit, vec![(3, 0, 1), (3, 1, 2)]);
+    assert_eq!(commit_audit(&mut c, "fenced"), vec![(3, 0, 1), (3, 1, 2)]);
 }
 
 /// After batch `batch` completes, every other connection to the database is terminated, as a
@@ -460,4 +448,13 @@ fn terminate_connections_after_batch(ctx: &StreamingContext, conn: &str, batch: 
                 .unwrap();
         }
     });
+}
+
+/// The sink's commit audit in commit order: (task, batch, epoch).
+fn commit_audit(c: &mut postgres::Client, sink: &str) -> Vec<(i32, i64, i64)> {
+    c.query("SELECT task, batch_id, epoch FROM cairn_sink_commits WHERE sink = $1 ORDER BY seq", &[&sink])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
 }

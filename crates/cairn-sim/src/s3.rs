@@ -18,9 +18,13 @@ pub struct S3Server {
 impl S3Server {
     /// Starts a server; panics with instructions if moto is not installed.
     pub fn start() -> Self {
-        let bin = crate::tools::installed("moto-venv/bin/moto_server", "moto from PyPI");
+        // moto's own conditional writes are check-then-put on a threaded server, so two racing
+        // creates can both win; the launcher next to this crate serialises writes (see it).
+        let python = crate::tools::installed("moto-venv/bin/python3", "moto from PyPI");
+        let launcher = concat!(env!("CARGO_MANIFEST_DIR"), "/moto_server.py");
         let port = crate::tools::free_port();
-        let child = Command::new(bin)
+        let child = Command::new(python)
+            .arg(launcher)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
