@@ -98,8 +98,7 @@ fn c_exec(conn: &str, sql: &str) {
 
 fn check(conn: &str) {
     let mut c = postgres::Client::connect(conn, postgres::NoTls).unwrap();
-    let got: BTreeMap<i64, i64> =
-        c.query("SELECT key, total FROM totals", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
+    let got = totals_table(&mut c);
     let (want, updates) = expected();
     assert_eq!(got, want, "totals table");
     let n: i64 = c.query_one("SELECT count(*) FROM updates", &[]).unwrap().get(0);
@@ -333,13 +332,7 @@ fn copy_upsert_is_exactly_once_and_fenced() {
     };
     let check = |what: &str| {
         let mut c = postgres::Client::connect(&conn, postgres::NoTls).unwrap();
-        let got: BTreeMap<i64, i64> = c
-            .query("SELECT key, total FROM totals", &[])
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
-        assert_eq!(got, expected().0, "{what}: totals table");
+        assert_eq!(totals_table(&mut c), expected().0, "{what}: totals table");
         let committed: Vec<i64> = c
             .query("SELECT batch_id FROM cairn_sink_commits WHERE sink = 'copied' ORDER BY seq", &[])
             .unwrap()
@@ -457,4 +450,9 @@ fn commit_audit(c: &mut postgres::Client, sink: &str) -> Vec<(i32, i64, i64)> {
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect()
+}
+
+/// The `totals` table: key to total.
+fn totals_table(c: &mut postgres::Client) -> BTreeMap<i64, i64> {
+    c.query("SELECT key, total FROM totals", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect()
 }
