@@ -86,10 +86,16 @@ fn merge_tables<'a>(parts: impl Iterator<Item = &'a TableData>, id: &str) -> Res
         if total < 200_000 { 1 } else { std::thread::available_parallelism().map_or(2, |n| n.get()).min(8) };
     // Stored tables are in key order (table.rs); checked here, since a table from an older
     // writer or a damaged one must still merge correctly, only slower.
-    let bounds: Vec<Option<Vec<usize>>> = std::thread::scope(|sc| {
-        let handles: Vec<_> = parts.iter().map(|t| sc.spawn(move || ordered_bounds(t, threads))).collect();
-        handles.into_iter().map(|h| h.join().ok().flatten()).collect()
-    });
+    let bounds: Vec<Option<Vec<usize>>> = if threads == 1 {
+        // Small tables (positions, small state): threads would cost more than the check.
+        parts.iter().map(|t| ordered_bounds(t, 1)).collect()
+    } else {
+        std::thread::scope(|sc| {
+            let handles: Vec<_> =
+                parts.iter().map(|t| sc.spawn(move || ordered_bounds(t, threads))).collect();
+            handles.into_iter().map(|h| h.join().ok().flatten()).collect()
+        })
+    };
     let merged: Vec<Result<TableWriter>> = if bounds.iter().all(Option::is_some) {
         let bounds: Vec<Vec<usize>> = bounds.into_iter().flatten().collect();
         std::thread::scope(|sc| {
