@@ -195,6 +195,34 @@ impl CheckpointStore {
         Ok(created)
     }
 
+    /// [`commit_put`](Self::commit_put) of a new object whose stored size is then checked, so a
+    /// store that reports success for a torn write is caught at once. The fence check after the
+    /// write and the size check (a HEAD) are both reads, so they go out together: on slow
+    /// storage the pair costs one round trip, not two. A torn object is rewritten only once the
+    /// fence check passed.
+    fn commit_create_whole(&self, name: ObjectName, bytes: Vec<u8>) -> Result<Created> {
+        self.check_lease()?;
+        let hook = self.hook.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(h) = hook {
+            h(name);
+        }
+        let path = self.paths.path(name);
+        let created = self.put(&path, bytes.clone(), PutMode::Create)?;
+        if !matches!(created, Created::New) {
+            self.check_lease()?;
+            return Ok(created);
+        }
+        let (fence, stored) = std::thread::scope(|sc| {
+            let head = sc.spawn(|| self.block_on(self.store.head(&path)));
+            let fence = self.check_lease();
+            (fence, head.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+        });
+        fence?;
+        let stored = stored.map_err(|e| Error::storage(&path, e))?.size;
+        self.rewrite_if_torn(&path, bytes, stored)?;
+        Ok(Created::New)
+    }
+
     /// A conflict with an object a newer epoch wrote means this process is the stale one.
     fn newer_epoch_conflict(&self, existing: Epoch, path: &Path, reason: String) -> Error {
         if existing > self.epoch() && self.held().is_some() {
@@ -356,11 +384,8 @@ impl CheckpointStore {
         let plan = &BatchPlan { epoch: self.epoch(), ..plan.clone() };
         let bytes = codec::encode_json(ObjectKind::Plan, plan);
         let len = bytes.len() as u64;
-        match self.commit_put(name, bytes.clone(), PutMode::Create)? {
-            Created::New => {
-                self.ensure_whole(&path, bytes)?;
-                Ok(WriteStats { bytes: len, objects: 1 })
-            }
+        match self.commit_create_whole(name, bytes.clone())? {
+            Created::New => Ok(WriteStats { bytes: len, objects: 1 }),
             Created::Exists(old) => {
                 match codec::decode_json::<BatchPlan>(path.as_ref(), &old, ObjectKind::Plan) {
                     Ok(existing) if self.is_stale(existing.epoch, existing.batch_id) => {
@@ -444,11 +469,8 @@ impl CheckpointStore {
         let ckpt = &StateCheckpoint { epoch: self.epoch(), ..ckpt.clone() };
         let bytes = codec::encode_state(ckpt);
         let len = bytes.len() as u64;
-        match self.commit_put(name, bytes.clone(), PutMode::Create)? {
-            Created::New => {
-                self.ensure_whole(&path, bytes)?;
-                Ok(WriteStats { bytes: len, objects: 1 })
-            }
+        match self.commit_create_whole(name, bytes.clone())? {
+            Created::New => Ok(WriteStats { bytes: len, objects: 1 }),
             Created::Exists(old) if old == bytes => Ok(WriteStats::default()),
             Created::Exists(old) => match codec::decode_state(path.as_ref(), &old) {
                 Ok(existing) if self.is_stale(existing.epoch, existing.batch_id) => {
@@ -482,11 +504,11 @@ impl CheckpointStore {
     }
 
     /// A store without atomic puts can report success for a torn object, and later objects would
-    /// build on it (a checkpoint chained onto a torn one, a batch run from a torn plan). A HEAD
-    /// catches a short object at once; it is rewritten once, then the write fails.
-    fn ensure_whole(&self, path: &Path, bytes: Vec<u8>) -> Result<()> {
+    /// build on it (a checkpoint chained onto a torn one, a batch run from a torn plan). `stored`
+    /// is the size a HEAD found right after the write: a short object is rewritten once, then the
+    /// write fails.
+    fn rewrite_if_torn(&self, path: &Path, bytes: Vec<u8>, stored: u64) -> Result<()> {
         let len = bytes.len() as u64;
-        let stored = self.block_on(self.store.head(path)).map_err(|e| Error::storage(path, e))?.size;
         if stored != len {
             tracing::warn!("{path} was stored torn ({stored} of {len} bytes); rewriting");
             self.put(path, bytes, PutMode::Overwrite)?;
