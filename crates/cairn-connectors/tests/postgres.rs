@@ -104,12 +104,7 @@ fn check(conn: &str) {
     let n: i64 = c.query_one("SELECT count(*) FROM updates", &[]).unwrap().get(0);
     assert_eq!(n as usize, updates, "every update appended exactly once");
     // Every job that used the sink got to its last batch.
-    let progress: Vec<i64> = c
-        .query("SELECT batch_id FROM cairn_sink_progress WHERE sink = 'updates'", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let progress = i64_column(&mut c, "SELECT batch_id FROM cairn_sink_progress WHERE sink = 'updates'");
     assert!(!progress.is_empty() && progress.iter().all(|b| *b == BATCHES as i64 - 1), "{progress:?}");
 }
 
@@ -274,8 +269,7 @@ fn older_epochs_are_fenced_and_commits_are_audited() {
     }
     owner.write(&batch(1, 2), &[2]).unwrap();
     let mut c = postgres::Client::connect(&conn, postgres::NoTls).unwrap();
-    let rows: Vec<i64> =
-        c.query("SELECT v FROM fenced ORDER BY v", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    let rows = i64_column(&mut c, "SELECT v FROM fenced ORDER BY v");
     assert_eq!(rows, vec![1, 2], "the fenced batch wrote nothing");
     assert_eq!(commit_audit(&mut c, "fenced"), vec![(3, 0, 1), (3, 1, 2)]);
     let row: (i32, i64, i64) = c
@@ -333,12 +327,8 @@ fn copy_upsert_is_exactly_once_and_fenced() {
     let check = |what: &str| {
         let mut c = postgres::Client::connect(&conn, postgres::NoTls).unwrap();
         assert_eq!(totals_table(&mut c), expected().0, "{what}: totals table");
-        let committed: Vec<i64> = c
-            .query("SELECT batch_id FROM cairn_sink_commits WHERE sink = 'copied' ORDER BY seq", &[])
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let committed =
+            i64_column(&mut c, "SELECT batch_id FROM cairn_sink_commits WHERE sink = 'copied' ORDER BY seq");
         assert_eq!(committed, (0..BATCHES as i64).collect::<Vec<_>>(), "{what}: every batch committed once");
     };
     let reset = || {
@@ -455,4 +445,9 @@ fn commit_audit(c: &mut postgres::Client, sink: &str) -> Vec<(i32, i64, i64)> {
 /// The `totals` table: key to total.
 fn totals_table(c: &mut postgres::Client) -> BTreeMap<i64, i64> {
     c.query("SELECT key, total FROM totals", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
+/// The first column of a query's rows, as integers.
+fn i64_column(c: &mut postgres::Client, sql: &str) -> Vec<i64> {
+    c.query(sql, &[]).unwrap().iter().map(|r| r.get(0)).collect()
 }
