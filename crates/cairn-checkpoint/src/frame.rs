@@ -43,6 +43,9 @@ pub enum ObjectKind {
     /// A block of a receiver's write-ahead log, `receivers/<name>/<seq>.wal` (binary
     /// [`crate::wal::WalBlock`]).
     WalBlock = 8,
+    /// The directory at the head of a member log object, `members/<member>/<seq>-<tasks>.log`
+    /// (format version 5; JSON, followed in the object by the framed entries it lists).
+    MemberLog = 9,
 }
 
 impl ObjectKind {
@@ -56,6 +59,7 @@ impl ObjectKind {
             6 => Self::Lease,
             7 => Self::Fence,
             8 => Self::WalBlock,
+            9 => Self::MemberLog,
             _ => return None,
         })
     }
@@ -89,6 +93,24 @@ pub fn encode(kind: ObjectKind, payload: &[u8], compress: bool) -> Vec<u8> {
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     out
+}
+
+/// The length of the whole framed object whose first bytes are `head`, read from its header;
+/// `None` when `head` is shorter than a header or does not start like a cairn object. Readers of
+/// an object that holds several framed objects back to back use it to find where one ends.
+///
+/// ```
+/// use cairn_checkpoint::frame::{encode, framed_len, ObjectKind};
+/// let bytes = encode(ObjectKind::Plan, b"{}", false);
+/// assert_eq!(framed_len(&bytes[..16]), Some(bytes.len() as u64));
+/// assert_eq!(framed_len(b"CAIR"), None);
+/// ```
+pub fn framed_len(head: &[u8]) -> Option<u64> {
+    if head.len() < HEADER || &head[0..4] != MAGIC {
+        return None;
+    }
+    let stored = u64::from_le_bytes(head[8..16].try_into().ok()?);
+    (HEADER as u64).checked_add(stored)?.checked_add(TRAILER as u64)
 }
 
 /// Checks and unwraps an object; `path` is only used in error messages.

@@ -39,7 +39,7 @@ pub struct Lease {
 }
 
 #[allow(clippy::disallowed_methods)] // liveness is about real time, not batch time
-fn wall_ms() -> i64 {
+pub(crate) fn wall_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -52,7 +52,7 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-fn unique_owner() -> String {
+pub(crate) fn unique_owner() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!("{}-{}-{:x}-{n}", hostname(), std::process::id(), wall_ms())

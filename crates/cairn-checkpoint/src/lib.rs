@@ -13,6 +13,7 @@ pub mod debris;
 mod error;
 pub mod frame;
 pub mod lease;
+pub mod member_log;
 pub mod merge;
 pub mod model;
 pub mod paths;

@@ -113,6 +113,39 @@ impl Paths {
         self.root.child(TASKS_DIR)
     }
 
+    /// The prefix holding the member logs of a scaled-out job's processes.
+    pub fn members_dir(&self) -> Path {
+        self.root.child(MEMBERS_DIR)
+    }
+
+    /// Object `seq` of member `member`'s log, holding entries of `tasks` (ascending):
+    /// `members/<member>/<seq>-<tasks>.log`, the number zero-padded to 20 digits so that listings
+    /// sort numerically, the tasks written as ranges (`0-3_7`) so that a reader looking for one
+    /// task's entries can skip the objects that hold none; `all` when the list would be long.
+    ///
+    /// ```
+    /// use cairn_checkpoint::paths::Paths;
+    /// let p = Paths::new("jobs/a");
+    /// let log = p.member_log("h-12-ab", 7, &[0, 1, 2, 3, 7, 9, 10]);
+    /// assert_eq!(log.as_ref(), "jobs/a/members/h-12-ab/00000000000000000007-0-3_7_9-10.log");
+    /// let parsed = p.parse_member_log(&log).unwrap();
+    /// assert_eq!((parsed.member.as_str(), parsed.seq), ("h-12-ab", 7));
+    /// assert!(parsed.holds(9) && !parsed.holds(8));
+    /// ```
+    pub fn member_log(&self, member: &str, seq: u64, tasks: &[u32]) -> Path {
+        self.members_dir().child(member).child(format!("{seq:020}-{}.log", task_ranges(tasks)))
+    }
+
+    /// Recognises an object of a member log (see [`Paths::member_log`]).
+    pub fn parse_member_log(&self, path: &Path) -> Option<MemberLogName> {
+        let rel: Vec<_> = path.prefix_match(&self.members_dir())?.collect();
+        let [member, file] = rel.as_slice() else { return None };
+        let (seq, tasks) = file.as_ref().strip_suffix(".log")?.split_once('-')?;
+        let seq = batch_number(seq)?.0;
+        let tasks = if tasks == "all" { None } else { Some(parse_task_ranges(tasks)?) };
+        Some(MemberLogName { member: member.as_ref().to_string(), seq, tasks })
+    }
+
     /// The path of an object.
     pub fn path(&self, name: ObjectName) -> Path {
         match name {
@@ -179,6 +212,86 @@ impl Paths {
 }
 
 const TASKS_DIR: &str = "tasks";
+const MEMBERS_DIR: &str = "members";
+/// Longest task list written into a member log object's name; longer ones are written `all`.
+const MAX_TASK_RANGES: usize = 160;
+
+/// A member log object's name, parsed (see [`Paths::member_log`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberLogName {
+    /// The member (process) that wrote it.
+    pub member: String,
+    /// Its number in that member's log.
+    pub seq: u64,
+    /// The tasks it holds entries of; `None` when the name says `all`.
+    pub tasks: Option<Vec<u32>>,
+}
+
+impl MemberLogName {
+    /// Whether the object may hold entries of `task`.
+    pub fn holds(&self, task: u32) -> bool {
+        self.tasks.as_ref().is_none_or(|t| t.binary_search(&task).is_ok())
+    }
+}
+
+fn task_ranges(tasks: &[u32]) -> String {
+    let mut out = String::new();
+    let mut i = 0;
+    while i < tasks.len() {
+        let mut j = i;
+        while j + 1 < tasks.len() && tasks[j + 1] == tasks[j] + 1 {
+            j += 1;
+        }
+        if !out.is_empty() {
+            out.push('_');
+        }
+        if j > i {
+            out.push_str(&format!("{}-{}", tasks[i], tasks[j]));
+        } else {
+            out.push_str(&tasks[i].to_string());
+        }
+        i = j + 1;
+    }
+    if out.len() > MAX_TASK_RANGES || out.is_empty() {
+        return "all".into();
+    }
+    out
+}
+
+fn parse_task_ranges(s: &str) -> Option<Vec<u32>> {
+    let mut out = Vec::new();
+    for part in s.split('_') {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u32, u32) = (a.parse().ok()?, b.parse().ok()?);
+                if b < a || b - a > 1 << 20 {
+                    return None;
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().ok()?),
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    Some(out)
+}
+
+/// Splits a task location (see [`task_location`]) into the job's location and the task.
+///
+/// ```
+/// use cairn_checkpoint::paths::split_task_location;
+/// assert_eq!(split_task_location("s3://b/jobs/c/tasks/00007"), Some(("s3://b/jobs/c", 7)));
+/// assert_eq!(split_task_location("/ckpt/tasks/00011/"), Some(("/ckpt", 11)));
+/// assert_eq!(split_task_location("/ckpt/jobs/00011"), None);
+/// ```
+pub fn split_task_location(location: &str) -> Option<(&str, u32)> {
+    let trimmed = location.trim_end_matches('/');
+    let (rest, task) = trimmed.rsplit_once('/')?;
+    let task = parse_task(task)?;
+    let parent = rest.strip_suffix(TASKS_DIR)?.strip_suffix('/')?;
+    (!parent.is_empty() && !parent.ends_with("://")).then_some((parent, task))
+}
 const RECEIVERS_DIR: &str = "receivers";
 
 /// The location of task `task` of a scaled-out job whose location is `root`: a complete

@@ -121,9 +121,23 @@ impl CheckpointStore {
     /// assert!(CheckpointStore::open_with("memory://", none).is_ok());
     /// ```
     pub fn open_with(location: &str, policy: RetryPolicy) -> Result<Self> {
+        if let Some((job, task)) = crate::paths::split_task_location(location) {
+            return Self::open_task(location, job, task);
+        }
         let opened = open::open_location_with(location, policy)?;
         let mut s = Self::unwrapped(opened.store, opened.root, location);
         s.local_dir = opened.local_dir;
+        Ok(s)
+    }
+
+    /// A task location of a scaled-out job ([`crate::paths::task_location`]): the task's plans
+    /// and deltas live in the member logs under the job's location
+    /// ([`crate::member_log`]), shared by every task of the job this process opens.
+    fn open_task(location: &str, job: &str, task: u32) -> Result<Self> {
+        let log = crate::member_log::MemberLog::shared(job)?;
+        let mut s = Self::unwrapped(log.view(task), log.task_root(task), location);
+        // Opened for its directory only (a local task location's crashed writers' debris).
+        s.local_dir = open::open_location(location)?.local_dir;
         Ok(s)
     }
 
@@ -282,7 +296,10 @@ impl CheckpointStore {
     /// Writes one object. Transient failures were already retried by [`crate::retry::Retrying`];
     /// an existing object (conditional create) is returned for the caller to judge.
     pub(crate) fn put(&self, path: &Path, bytes: Vec<u8>, mode: PutMode) -> Result<Created> {
-        match self.block_on(self.store.put_opts(path, PutPayload::from(bytes), PutOptions::from(mode))) {
+        let mut opts = PutOptions::from(mode);
+        // A task location seen through member logs keeps each write's epoch with it.
+        opts.extensions.insert(crate::member_log::WriteEpoch(self.epoch()));
+        match self.block_on(self.store.put_opts(path, PutPayload::from(bytes), opts)) {
             Ok(_) => Ok(Created::New),
             Err(object_store::Error::AlreadyExists { .. }) => Ok(Created::Exists(self.get_required(path)?)),
             Err(e) => Err(Error::storage(path, e)),
