@@ -169,15 +169,44 @@ fn wall_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Runs `n` processes until every record is counted; (seconds from start to the first
-/// commit, seconds from the first commit to the last).
-fn throughput(w: &mut World, a: &ScaleOutArgs, n: usize) -> Result<(f64, f64), BoxError> {
+/// What the members' logs stored (`member-log {..}` lines in their stderr): (objects, task
+/// objects in them).
+fn member_logs(logs: &[PathBuf]) -> (u64, u64) {
+    let mut sum = (0, 0);
+    for log in logs {
+        for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
+            if let Some(v) = line
+                .strip_prefix("member-log ")
+                .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok())
+            {
+                sum.0 += v["objects"].as_u64().unwrap_or(0);
+                sum.1 += v["entries"].as_u64().unwrap_or(0);
+            }
+        }
+    }
+    sum
+}
+
+/// One throughput run.
+struct Run {
+    /// Seconds from start to the first commit.
+    first: f64,
+    /// Seconds from the first commit to the last.
+    run: f64,
+    /// Member log objects the processes stored, and the task objects (plans, deltas) in them.
+    log_objects: u64,
+    log_entries: u64,
+}
+
+/// Runs `n` processes until every record is counted.
+fn throughput(w: &mut World, a: &ScaleOutArgs, n: usize) -> Result<Run, BoxError> {
     w.reset()?;
     let loc = w.dir.path().join(format!("ckpt-{n}-{}", w.runs));
     let mut children = Vec::new();
-    for i in 0..n {
-        let log = w.dir.path().join(format!("tp-{n}-{i}.log"));
-        children.push(w.member(a, &loc, &log)?);
+    let logs: Vec<PathBuf> =
+        (0..n).map(|i| w.dir.path().join(format!("tp-{n}-{}-{i}.log", w.runs))).collect();
+    for log in &logs {
+        children.push(w.member(a, &loc, log)?);
     }
     let t0 = Instant::now();
     let mut first = None;
@@ -195,8 +224,7 @@ fn throughput(w: &mut World, a: &ScaleOutArgs, n: usize) -> Result<(f64, f64), B
         }
         if moved_at.elapsed() > Duration::from_secs(60) {
             stop(&mut children);
-            let logs: Vec<String> =
-                (0..n).map(|i| tail(&w.dir.path().join(format!("tp-{n}-{i}.log")))).collect();
+            let logs: Vec<String> = logs.iter().map(|l| tail(l)).collect();
             return Err(format!(
                 "{n} process(es): stuck at {c} of {} records counted for 60 s; the members' last lines:\n{}",
                 a.records,
@@ -213,7 +241,8 @@ fn throughput(w: &mut World, a: &ScaleOutArgs, n: usize) -> Result<(f64, f64), B
         return Err(format!("{n} process(es): {c} records counted, {} in the input", a.records).into());
     }
     let first = first.unwrap_or(total);
-    Ok((first, total - first))
+    let (log_objects, log_entries) = member_logs(&logs);
+    Ok(Run { first, run: total - first, log_objects, log_entries })
 }
 
 /// Failover split, in ms: (detection, restore and replay, kill to first committed batch of a
@@ -292,14 +321,25 @@ pub fn scale_out(mut a: ScaleOutArgs) -> Result<(), BoxError> {
         a.keys_per_task,
         a.records as f64 / produce_s
     );
-    println!("\nPROCESSES  TO FIRST COMMIT  PROCESSING  RECORDS/S  RATIO TO 1");
+    println!(
+        "\nPROCESSES  TO FIRST COMMIT  PROCESSING  RECORDS/S  RATIO TO 1  LOG OBJECTS  TASK OBJECTS PER LOG OBJECT  LOG OBJECTS PER PROCESS-BATCH"
+    );
     let mut rows = BTreeMap::new();
+    let mut objects = BTreeMap::new();
     for &n in &a.processes {
-        let (first, run) = throughput(&mut w, &a, n)?;
-        let rate = a.records as f64 / run;
+        let r = throughput(&mut w, &a, n)?;
+        let rate = a.records as f64 / r.run;
         let ratio = rows.get(&1).map_or(1.0, |r1: &f64| rate / r1);
         rows.insert(n, rate);
-        println!("{n:<10} {first:<16.1} {run:<11.1} {rate:<10.0} {ratio:.2}");
+        // Every process plans a batch per interval from its start to its stop.
+        let process_batches = n as f64 * (r.first + r.run) * 1e3 / a.batch_ms as f64;
+        let per_object = r.log_entries as f64 / r.log_objects.max(1) as f64;
+        let per_batch = r.log_objects as f64 / process_batches.max(1.0);
+        objects.insert(n, (r.log_objects, r.log_entries, per_batch));
+        println!(
+            "{n:<10} {:<16.1} {:<11.1} {rate:<10.0} {ratio:<11.2} {:<12} {per_object:<29.1} {per_batch:.2}",
+            r.first, r.run, r.log_objects
+        );
     }
     let (detect, restore, first, moved) = failover(&mut w, &a)?;
     println!(
@@ -314,6 +354,7 @@ pub fn scale_out(mut a: ScaleOutArgs) -> Result<(), BoxError> {
     let json = serde_json::json!({
         "records": a.records, "partitions": a.partitions, "keys_per_task": a.keys_per_task,
         "records_per_s": rows.iter().map(|(n, r)| (n.to_string(), r.round())).collect::<BTreeMap<_, _>>(),
+        "member_logs": objects.iter().map(|(n, (o, e, pb))| (n.to_string(), serde_json::json!({"objects": o, "task_objects": e, "objects_per_process_batch": (pb * 100.0).round() / 100.0}))).collect::<BTreeMap<_, _>>(),
         "failover_ms": {"detection": detect, "restore_replay": restore, "kill_to_first_batch": first, "moved_tasks": moved},
     });
     println!("{json}");

@@ -172,7 +172,7 @@ struct Queue {
 }
 
 /// What a member log wrote so far.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct MemberLogStats {
     /// Member log objects stored.
     pub objects: u64,

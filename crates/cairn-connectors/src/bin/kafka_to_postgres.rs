@@ -143,6 +143,8 @@ fn run(job: Job, ckpt: &str, opts: &Options) -> Result<(), String> {
         }
         let summary = process.run(move |builder| job.build(builder)).map_err(|e| e.to_string())?;
         eprintln!("stopped: {summary:?}");
+        // For benchmarks: what this process's member log stored.
+        eprintln!("member-log {}", serde_json::to_string(&summary.member_log).unwrap_or_default());
         Ok(())
     } else {
         let ctx = StreamingContext::get_or_create(ckpt, |loc| {

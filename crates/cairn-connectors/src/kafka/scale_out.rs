@@ -14,6 +14,7 @@
 //! `init_transactions` on the task's transactional id.
 
 use super::membership::{Membership, MembershipConfig, Task, TaskChange};
+use cairn::checkpoint::member_log::{MemberLog, MemberLogStats};
 use cairn::checkpoint::paths::task_location;
 use cairn::checkpoint::CheckpointStore;
 use cairn::{StreamingContext, StreamingContextBuilder, TaskId};
@@ -62,6 +63,9 @@ pub struct ScaleOutSummary {
     pub started: BTreeMap<Task, u64>,
     /// Tasks this process stopped running because another process took them over (fenced).
     pub fenced: BTreeMap<Task, u64>,
+    /// What this process's member log stored: its tasks' plans and deltas (`entries`) in
+    /// `objects` objects ([`cairn::checkpoint::member_log`]).
+    pub member_log: MemberLogStats,
 }
 
 /// What happened to this process's tasks, reported to [`ScaleOut::on_rebalance`] as it
@@ -308,6 +312,8 @@ impl ScaleOut {
                     .into(),
             ));
         }
+        // Held for the whole run, so that every task this process runs shares one log.
+        let member_log = MemberLog::shared(&self.location).map_err(|e| self.location_error(e.to_string()))?;
         let tasks = self.task_count()?;
         if self.stop_on_signals {
             for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -343,6 +349,7 @@ impl ScaleOut {
         if let Err(e) = membership.leave() {
             tracing::warn!("leaving group {}: {e}", self.membership.group);
         }
+        summary.member_log = member_log.stats();
         result.map(|()| summary)
     }
 
