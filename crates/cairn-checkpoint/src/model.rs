@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 /// (in `$source/<source>` tables), which a source maps with `Source::legacy_partition`.
 /// Version 4 adds the scaled-out layout: a job that runs on several processes keeps one complete
 /// location per task under `tasks/<task>/` ([`crate::paths::task_location`]); the objects
-/// themselves are laid out as in version 3.
-pub const FORMAT_VERSION: u16 = 4;
+/// themselves are laid out as in version 3. Version 5 moves a scaled-out task's plans and deltas
+/// into the member logs of the processes that ran it ([`crate::member_log`]); single-process
+/// locations are laid out as in version 4.
+pub const FORMAT_VERSION: u16 = 5;
 
 /// A lease epoch: every process that takes the location gets the next one (1, 2, ...). Objects
 /// written before epochs existed (format version 1) carry epoch 0.
