@@ -439,7 +439,17 @@ pub struct GcReport {
 }
 
 /// The engine's retention, on demand.
+///
+/// On a scaled-out job's location (one that holds tasks) it applies member log retention
+/// ([`crate::member_log::MemberLog::retain`]); each task's own objects are collected by `gc` on the
+/// task's location.
 pub fn gc(store: &CheckpointStore, keep: usize, dry_run: bool) -> Result<GcReport> {
+    if store.read_metadata()?.is_none() && !store.tasks()?.is_empty() {
+        let log =
+            crate::member_log::MemberLog::new(store.object_store().clone(), store.paths().root().clone())?;
+        let deleted = log.retain_objects(dry_run)?.iter().map(|p| p.to_string()).collect();
+        return Ok(GcReport { kept_checkpoints: Vec::new(), deleted, dry_run });
+    }
     let listing = store.listing()?;
     require_checkpoint(store, &listing)?;
     if dry_run {

@@ -320,8 +320,14 @@ impl MemberLog {
     /// entry concerns a batch at or before its task's second newest full snapshot. Returns how
     /// many were deleted. Runs on its own every 16 objects this log writes.
     pub fn retain(&self) -> crate::Result<u64> {
+        Ok(self.retain_objects(false)?.len() as u64)
+    }
+
+    /// [`MemberLog::retain`], returning the objects deleted; with `dry_run`, the objects it would
+    /// delete, deleting nothing.
+    pub fn retain_objects(&self, dry_run: bool) -> crate::Result<Vec<Path>> {
         let root = self.0.paths.root().to_string();
-        crate::store::block_on_io(retain(self.0.clone())).map_err(|e| crate::Error::storage(root, e))
+        crate::store::block_on_io(retain(self.0.clone(), dry_run)).map_err(|e| crate::Error::storage(root, e))
     }
 }
 
@@ -414,7 +420,7 @@ async fn write_round(s: &Arc<Shared>, round: Vec<Pending>) {
     if result.is_ok() && (seq + 1) % RETAIN_EVERY == 0 && !s.retaining.swap(true, Ordering::SeqCst) {
         let s = s.clone();
         tokio::spawn(async move {
-            if let Err(e) = retain(s.clone()).await {
+            if let Err(e) = retain(s.clone(), false).await {
                 tracing::warn!("member log retention under {}: {e}", s.paths.root());
             }
             s.retaining.store(false, Ordering::SeqCst);
@@ -525,7 +531,7 @@ fn floor_of(fulls: &mut [u64]) -> Option<u64> {
     fulls.get(1).copied()
 }
 
-async fn retain(s: Arc<Shared>) -> object_store::Result<u64> {
+async fn retain(s: Arc<Shared>, dry_run: bool) -> object_store::Result<Vec<Path>> {
     refresh(&s, None).await?;
     let tasks_dir = s.paths.tasks_dir();
     let listed: Vec<ObjectMeta> = s.store.list(Some(&tasks_dir)).try_collect().await?;
@@ -559,6 +565,9 @@ async fn retain(s: Arc<Shared>) -> object_store::Result<u64> {
             .map(|(p, _)| p.clone())
             .collect()
     };
+    if dry_run {
+        return Ok(dead);
+    }
     let results: Vec<(Path, object_store::Result<()>)> = futures::stream::iter(dead.into_iter().map(|p| {
         let s = &s;
         async move {
@@ -569,18 +578,18 @@ async fn retain(s: Arc<Shared>) -> object_store::Result<u64> {
     .buffer_unordered(CONCURRENCY)
     .collect()
     .await;
-    let mut deleted = 0;
+    let mut deleted = Vec::new();
     let mut index = s.index.lock().unwrap_or_else(|e| e.into_inner());
     for (p, r) in results {
         match r {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {
                 index.forget(&p);
-                deleted += 1;
+                deleted.push(p);
             }
             Err(e) => return Err(e),
         }
     }
-    s.deleted.fetch_add(deleted, Ordering::Relaxed);
+    s.deleted.fetch_add(deleted.len() as u64, Ordering::Relaxed);
     Ok(deleted)
 }
 
@@ -1048,6 +1057,8 @@ mod tests {
         block_on_io(store.put(&full(1, 4), PutPayload::from_static(b"f"))).unwrap();
         assert_eq!(log.retain().unwrap(), 1, "only task 0's lone plan 0 goes: the others hold task 1's too");
         block_on_io(store.put(&full(1, 3), PutPayload::from_static(b"f"))).unwrap();
+        assert_eq!(log.retain_objects(true).unwrap().len(), 3, "a dry run names them");
+        assert_eq!(logs(&store), objects - 1, "and deletes nothing");
         let deleted = log.retain().unwrap();
         assert_eq!(deleted, 3, "task 1's plan 0 and the rounds of batches 1 and 2 go (task 0's floor is 2)");
         assert_eq!(logs(&store), objects - 4);
