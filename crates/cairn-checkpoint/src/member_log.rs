@@ -155,12 +155,48 @@ impl Index {
     }
 }
 
+/// A failed write of a round, told to each of its writers: the message and an I/O error kind
+/// that keeps the failure transient or final as the original was (see [`crate::retry`]).
+#[derive(Debug, Clone)]
+struct Failed(String, std::io::ErrorKind);
+
+impl Failed {
+    fn new(path: &Path, e: &object_store::Error) -> Self {
+        use std::io::ErrorKind;
+        let mut kind = None;
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(err) = cur {
+            if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                kind = Some(io.kind());
+                break;
+            }
+            cur = err.source();
+        }
+        let transient = crate::retry::is_transient(e);
+        let message = format!("member log object {path}: {e}");
+        let failed = Self(message.clone(), kind.unwrap_or(ErrorKind::Other));
+        // The rebuilt error must be judged as the original was (a final answer that is not an
+        // I/O error becomes one that is final too).
+        if crate::retry::is_transient(&failed.error()) == transient {
+            return failed;
+        }
+        Self(message, if transient { ErrorKind::Other } else { ErrorKind::InvalidInput })
+    }
+
+    fn error(&self) -> object_store::Error {
+        object_store::Error::Generic {
+            store: "cairn member log",
+            source: Box::new(std::io::Error::new(self.1, self.0.clone())),
+        }
+    }
+}
+
 struct Pending {
     task: u32,
     name: String,
     epoch: u64,
     bytes: Bytes,
-    done: tokio::sync::oneshot::Sender<Result<(), String>>,
+    done: tokio::sync::oneshot::Sender<Result<(), Failed>>,
 }
 
 #[derive(Default)]
@@ -412,7 +448,7 @@ async fn write_round(s: &Arc<Shared>, round: Vec<Pending>) {
             s.bytes.fetch_add(len, Ordering::Relaxed);
             Ok(())
         }
-        Err(e) => Err(format!("member log object {path}: {e}")),
+        Err(e) => Err(Failed::new(&path, &e)),
     };
     for p in round {
         let _ = p.done.send(result.clone());
@@ -769,7 +805,7 @@ impl ViewInner {
         s.wake.notify_one();
         match answer.await {
             Ok(Ok(())) => Ok(PutResult { e_tag: None, version: None }),
-            Ok(Err(e)) => Err(object_store::Error::Generic { store: "cairn member log", source: e.into() }),
+            Ok(Err(failed)) => Err(failed.error()),
             Err(_) => Err(object_store::Error::Generic {
                 store: "cairn member log",
                 source: "the member log stopped before the write was stored".into(),
