@@ -58,6 +58,13 @@ pub(crate) fn is_armed(name: &str, batch: u64) -> bool {
     armed().is_some_and(|a| a.name == name && a.batch.is_none_or(|b| b == batch))
 }
 
+/// True when the named failpoint is armed for this batch or an earlier one. Checkpoint
+/// failpoints use it: under load the writer may merge the checkpoint of the armed batch into a
+/// later one, and the failpoint must still fire (at the first checkpoint written after it).
+pub(crate) fn is_armed_from(name: &str, batch: u64) -> bool {
+    armed().is_some_and(|a| a.name == name && a.batch.is_none_or(|b| b <= batch))
+}
+
 /// Aborts the process if the named failpoint is armed for this batch.
 pub(crate) fn hit(name: &str, batch: u64) {
     if is_armed(name, batch) {

@@ -161,7 +161,7 @@ fn write_loop(
 ) {
     for ckpt in rx {
         let batch = ckpt.batch_id;
-        if failpoint::is_armed(failpoint::MID_CHECKPOINT, batch.0) {
+        if failpoint::is_armed_from(failpoint::MID_CHECKPOINT, batch.0) {
             // A torn write, as a store without atomic puts could leave it: half the object.
             let bytes = codec::encode_state(&ckpt);
             let _ = store.write_raw(object_name(&ckpt), bytes[..bytes.len() / 2].to_vec());
@@ -207,7 +207,9 @@ fn write_loop(
                 return; // dropping rx makes the next submit fail
             }
         }
-        failpoint::hit(failpoint::AFTER_CHECKPOINT, batch.0);
+        if failpoint::is_armed_from(failpoint::AFTER_CHECKPOINT, batch.0) {
+            failpoint::crash(failpoint::AFTER_CHECKPOINT, batch.0);
+        }
         let _ = maint.send(batch);
     }
 }
