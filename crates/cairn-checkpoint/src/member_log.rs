@@ -54,6 +54,8 @@ use std::time::{Duration, Instant};
 /// stored without them. Tasks plan on one batch-time grid, so the writes of a round normally all
 /// arrive within a few milliseconds and the round is stored as soon as the last one arrives.
 pub const DEFAULT_LINGER: Duration = Duration::from_millis(20);
+/// The environment variable that turns member log writes on for task locations opened by name.
+pub const WRITES_ENV: &str = "CAIRN_MEMBER_LOGS";
 /// Member log objects written between two retention passes of a process.
 const RETAIN_EVERY: u64 = 16;
 /// Bytes read from the head of a member log object to get its directory in one request.
@@ -231,6 +233,9 @@ struct Shared {
     index: Mutex<Index>,
     next_seq: AtomicU64,
     retaining: AtomicBool,
+    /// Whether plans and deltas go to this log; when off they are written as objects of their
+    /// own, and entries already in member logs are still read.
+    writes: AtomicBool,
     objects: AtomicU64,
     entries: AtomicU64,
     bytes: AtomicU64,
@@ -277,6 +282,9 @@ impl MemberLog {
         }
         logs.retain(|_, w| w.strong_count() > 0);
         let log = Self::open(&key)?;
+        // Writing to member logs is opt-in for task locations opened by name until restoring a
+        // task from many member log objects is fast on slow stores (see docs/scale-out.md).
+        log.set_writes(std::env::var(WRITES_ENV).is_ok_and(|v| v == "1"));
         logs.insert(key, Arc::downgrade(&log.0));
         Ok(log)
     }
@@ -302,6 +310,7 @@ impl MemberLog {
             index: Mutex::new(Index::default()),
             next_seq: AtomicU64::new(0),
             retaining: AtomicBool::new(false),
+            writes: AtomicBool::new(true),
             objects: AtomicU64::new(0),
             entries: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
@@ -318,6 +327,14 @@ impl MemberLog {
     /// of step, at the price of that much latency for the early writers.
     pub fn set_linger(&self, linger: Duration) {
         self.0.linger_us.store(linger.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Whether the tasks' plans and deltas are written to this log (the default for
+    /// [`MemberLog::new`]; for [`MemberLog::shared`] only with `CAIRN_MEMBER_LOGS=1`). Off, they
+    /// are written as objects of their own under the task's location; entries already in member
+    /// logs are read either way.
+    pub fn set_writes(&self, on: bool) {
+        self.0.writes.store(on, Ordering::SeqCst);
     }
 
     /// This process's member name in the log's object names.
@@ -793,6 +810,11 @@ impl ViewInner {
             PutMode::Update(_) => return Err(not_supported("a conditional update")),
         }
         let s = &self.log.0;
+        if !s.writes.load(Ordering::SeqCst) {
+            // An object of its own; creates and deletes then check real objects too.
+            self.legacy.store(true, Ordering::SeqCst);
+            return s.store.put_opts(path, payload, opts).await;
+        }
         let (done, answer) = tokio::sync::oneshot::channel();
         {
             let mut q = s.queue.lock().unwrap_or_else(|e| e.into_inner());
