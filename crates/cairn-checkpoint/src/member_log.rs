@@ -229,7 +229,7 @@ struct Shared {
     /// See [`MemberLog::set_linger`], in microseconds.
     linger_us: AtomicU64,
     queue: Mutex<Queue>,
-    wake: tokio::sync::Notify,
+    wake: Arc<tokio::sync::Notify>,
     index: Mutex<Index>,
     next_seq: AtomicU64,
     retaining: AtomicBool,
@@ -306,7 +306,7 @@ impl MemberLog {
             member,
             linger_us: AtomicU64::new(linger.as_micros() as u64),
             queue: Mutex::new(Queue::default()),
-            wake: tokio::sync::Notify::new(),
+            wake: Arc::new(tokio::sync::Notify::new()),
             index: Mutex::new(Index::default()),
             next_seq: AtomicU64::new(0),
             retaining: AtomicBool::new(false),
@@ -318,7 +318,7 @@ impl MemberLog {
         });
         let rt = crate::store::io_runtime()
             .map_err(|e| crate::Error::Io { path: "member log".into(), source: e })?;
-        rt.spawn(flusher(shared.clone()));
+        rt.spawn(flusher(Arc::downgrade(&shared), shared.wake.clone()));
         Ok(Self(shared))
     }
 
@@ -384,8 +384,12 @@ impl MemberLog {
     }
 }
 
-async fn flusher(s: Arc<Shared>) {
+/// Stores the rounds of a log until the log is dropped. It holds the log only while it writes: a
+/// flusher that held it throughout and left when it was the last holder could leave just as
+/// [`MemberLog::shared`] handed the log out again, and that log's writes would wait forever.
+async fn flusher(log: Weak<Shared>, wake: Arc<tokio::sync::Notify>) {
     loop {
+        let Some(s) = log.upgrade() else { return };
         let wait = {
             let q = s.queue.lock().unwrap_or_else(|e| e.into_inner());
             match q.first_at {
@@ -400,15 +404,15 @@ async fn flusher(s: Arc<Shared>) {
             }
         };
         match wait {
-            // Nothing pending: sleep until a write arrives; a log nobody holds any more ends.
+            // Nothing pending: sleep until a write arrives (checking now and then that the log
+            // is still held).
             None => {
-                if Arc::strong_count(&s) == 1 {
-                    return;
-                }
-                let _ = tokio::time::timeout(Duration::from_secs(1), s.wake.notified()).await;
+                drop(s);
+                let _ = tokio::time::timeout(Duration::from_secs(1), wake.notified()).await;
             }
             Some(left) if !left.is_zero() => {
-                let _ = tokio::time::timeout(left, s.wake.notified()).await;
+                drop(s);
+                let _ = tokio::time::timeout(left, wake.notified()).await;
             }
             Some(_) => {
                 let round = {
@@ -486,6 +490,7 @@ async fn write_round(s: &Arc<Shared>, round: Vec<Pending>) {
 async fn refresh(s: &Shared, task: Option<u32>) -> object_store::Result<()> {
     let started = Instant::now();
     let listed: Vec<ObjectMeta> = s.store.list(Some(&s.paths.members_dir())).try_collect().await?;
+    let list_ms = started.elapsed().as_millis();
     let mut to_read = Vec::new();
     {
         let mut index = s.index.lock().unwrap_or_else(|e| e.into_inner());
@@ -511,6 +516,7 @@ async fn refresh(s: &Shared, task: Option<u32>) -> object_store::Result<()> {
             }
         }
     }
+    let reads = to_read.len();
     let read: Vec<_> = futures::stream::iter(to_read.into_iter().map(|path| async move {
         let dir = read_directory(s.store.as_ref(), &path).await;
         (path, dir)
@@ -533,6 +539,19 @@ async fn refresh(s: &Shared, task: Option<u32>) -> object_store::Result<()> {
                 }
             }
         }
+    }
+    // A new owner's restore waits for this; say where the time went when it is long.
+    let took = started.elapsed();
+    let what = format!(
+        "member logs under {}: listed {} objects in {list_ms} ms, read {reads} directories, {} ms in all",
+        s.paths.members_dir(),
+        listed.len(),
+        took.as_millis()
+    );
+    if took > Duration::from_secs(1) {
+        tracing::info!("{what}");
+    } else {
+        tracing::debug!("{what}");
     }
     Ok(())
 }
@@ -663,6 +682,8 @@ struct ViewInner {
     legacy: AtomicBool,
     /// This view has written: the log waits for its writes when gathering a round.
     writer: AtomicBool,
+    /// This view has written a plan or delta: see [`ViewInner::list_merged`].
+    settled: AtomicBool,
 }
 
 impl TaskView {
@@ -676,6 +697,7 @@ impl TaskView {
             hide_below: AtomicU64::new(0),
             legacy: AtomicBool::new(false),
             writer: AtomicBool::new(false),
+            settled: AtomicBool::new(false),
         }))
     }
 }
@@ -759,7 +781,15 @@ impl ViewInner {
             let floor = floor_of(&mut fulls).map_or(0, |f| f + 1);
             self.hide_below.store(floor, Ordering::SeqCst);
         }
-        refresh(&self.log.0, Some(self.task)).await?;
+        // Until this view writes, other members' entries for the task are looked for on every
+        // listing: a new owner's recovery must see everything the previous owner stored. Once it
+        // has written in its epoch it owns the task, and anything another member adds for it is
+        // a fenced-off owner's late write, which no listing of this owner needs (recovery's
+        // fence rule refuses it when a later owner finds it). That spares a LIST of `members/`
+        // per task and checkpoint, which slow stores felt.
+        if !self.settled.load(Ordering::SeqCst) {
+            refresh(&self.log.0, Some(self.task)).await?;
+        }
         let hide_below = self.hide_below.load(Ordering::SeqCst);
         let names: Vec<String> = {
             let index = self.log.0.index.lock().unwrap_or_else(|e| e.into_inner());
@@ -795,6 +825,7 @@ impl ViewInner {
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
         let epoch = opts.extensions.get::<WriteEpoch>().map_or(0, |e| e.0);
+        self.settled.store(true, Ordering::SeqCst);
         match opts.mode {
             PutMode::Overwrite => {}
             PutMode::Create => {
