@@ -54,7 +54,9 @@ use std::time::{Duration, Instant};
 /// stored without them. Tasks plan on one batch-time grid, so the writes of a round normally all
 /// arrive within a few milliseconds and the round is stored as soon as the last one arrives.
 pub const DEFAULT_LINGER: Duration = Duration::from_millis(20);
-/// The environment variable that turns member log writes on for task locations opened by name.
+/// The environment variable that turns member log writes off (`0`) for task locations opened by
+/// name: plans and deltas are then objects of their own, as in format version 4 (`1`, the
+/// default, writes member logs).
 pub const WRITES_ENV: &str = "CAIRN_MEMBER_LOGS";
 /// Member log objects written between two retention passes of a process.
 const RETAIN_EVERY: u64 = 16;
@@ -281,10 +283,10 @@ impl MemberLog {
             return Ok(Self(s));
         }
         logs.retain(|_, w| w.strong_count() > 0);
+        let writes = writes_setting(std::env::var(WRITES_ENV).ok().as_deref())
+            .map_err(|reason| crate::Error::InvalidLocation { location: key.clone(), reason })?;
         let log = Self::open(&key)?;
-        // Writing to member logs is opt-in for task locations opened by name until restoring a
-        // task from many member log objects is fast on slow stores (see docs/scale-out.md).
-        log.set_writes(std::env::var(WRITES_ENV).is_ok_and(|v| v == "1"));
+        log.set_writes(writes);
         logs.insert(key, Arc::downgrade(&log.0));
         Ok(log)
     }
@@ -329,8 +331,8 @@ impl MemberLog {
         self.0.linger_us.store(linger.as_micros() as u64, Ordering::Relaxed);
     }
 
-    /// Whether the tasks' plans and deltas are written to this log (the default for
-    /// [`MemberLog::new`]; for [`MemberLog::shared`] only with `CAIRN_MEMBER_LOGS=1`). Off, they
+    /// Whether the tasks' plans and deltas are written to this log (the default; for
+    /// [`MemberLog::shared`] `CAIRN_MEMBER_LOGS=0` turns it off). Off, they
     /// are written as objects of their own under the task's location; entries already in member
     /// logs are read either way.
     pub fn set_writes(&self, on: bool) {
@@ -387,6 +389,15 @@ impl MemberLog {
 /// Stores the rounds of a log until the log is dropped. It holds the log only while it writes: a
 /// flusher that held it throughout and left when it was the last holder could leave just as
 /// [`MemberLog::shared`] handed the log out again, and that log's writes would wait forever.
+/// Whether member log writes are on, given the value of [`WRITES_ENV`].
+fn writes_setting(value: Option<&str>) -> Result<bool, String> {
+    match value {
+        None | Some("1") => Ok(true),
+        Some("0") => Ok(false),
+        Some(other) => Err(format!("{WRITES_ENV}={other:?}: use 1 (member logs, the default) or 0")),
+    }
+}
+
 async fn flusher(log: Weak<Shared>, wake: Arc<tokio::sync::Notify>) {
     loop {
         let Some(s) = log.upgrade() else { return };
@@ -1040,6 +1051,15 @@ mod tests {
         let listed: Vec<ObjectMeta> =
             block_on_io(store.list(Some(&Path::from("job/members"))).try_collect()).unwrap();
         listed.len()
+    }
+
+    #[test]
+    fn member_logs_are_on_unless_turned_off_and_other_settings_are_refused() {
+        assert_eq!(writes_setting(None), Ok(true));
+        assert_eq!(writes_setting(Some("1")), Ok(true));
+        assert_eq!(writes_setting(Some("0")), Ok(false));
+        let err = writes_setting(Some("yes")).unwrap_err();
+        assert!(err.contains("CAIRN_MEMBER_LOGS=\"yes\"") && err.contains("use 1"), "{err}");
     }
 
     fn plan(log: &MemberLog, task: u32, batch: u64) -> Path {

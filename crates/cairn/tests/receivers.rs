@@ -88,7 +88,13 @@ fn retention_deletes_the_blocks_no_plan_needs_and_a_restart_goes_on_exactly() {
     let mut out = run(loc, 0, 40);
     let store = CheckpointStore::open(loc).unwrap();
     let blocks = store.wal_blocks("events").unwrap();
-    assert!(blocks.len() < 20 && blocks.last() >= Some(&39), "old blocks deleted, new kept: {blocks:?}");
+    // Blocks are kept back to the oldest restorable checkpoint's plans. With 2 checkpoints kept
+    // and a full snapshot every 10 that is about 10–20 batches back; when compaction lags on a
+    // loaded machine a chain may grow to 2 × 10 before a full is cut, so up to 22 may be left.
+    assert!(
+        blocks.first() > Some(&0) && blocks.len() <= 22 && blocks.last() >= Some(&39),
+        "old blocks deleted, new kept: {blocks:?}"
+    );
     // A restart continues the numbering past what is listed and reads nothing twice.
     out.extend(run(loc, 40, 10));
     assert_eq!(out, (0..250).map(|i| i.to_string()).collect::<Vec<_>>());
