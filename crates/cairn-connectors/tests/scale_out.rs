@@ -203,6 +203,35 @@ fn check_process_view(port: u16, member: &Member) {
     );
 }
 
+/// What the members' rebalance lines say about task starts: how many, and the median and longest
+/// time from an assignment to the tasks running (restore and replay) and to a moved task's first
+/// committed batch. Printed, not asserted: a loaded machine stretches them, and timings are for
+/// the benchmarks to judge.
+fn rebalance_summary(dir: &Path) -> String {
+    let mut started = Vec::new();
+    let mut first = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        for line in text.lines() {
+            let Some(json) = line.strip_prefix("rebalance ") else { continue };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else { continue };
+            match v["event"].as_str() {
+                Some("started") => started.extend(v["took_ms"].as_u64()),
+                Some("first_batch") => first.extend(v["since_assigned_ms"].as_u64()),
+                _ => {}
+            }
+        }
+    }
+    let stats = |v: &mut Vec<u64>| {
+        v.sort_unstable();
+        match v.last() {
+            Some(max) => format!("{} (median {} ms, longest {max} ms)", v.len(), v[v.len() / 2]),
+            None => "0".to_string(),
+        }
+    };
+    format!("task starts {}; first batches {}", stats(&mut started), stats(&mut first))
+}
+
 fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -330,6 +359,7 @@ fn scaled_out_job_survives_kills_pauses_and_scaling_exactly() {
         assert!(status.success(), "member {} on SIGTERM: {status}\n{}", m.pid(), tail(&m.log));
     }
     assert!(busy_at_last_event, "the input ran out before the last event: make it larger");
+    eprintln!("{}", rebalance_summary(world.logs.path()));
 
     // The table and the output topic are exactly what the input implies.
     let (lines, totals) = expected(&input);
