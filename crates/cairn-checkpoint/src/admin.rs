@@ -447,7 +447,12 @@ pub fn gc(store: &CheckpointStore, keep: usize, dry_run: bool) -> Result<GcRepor
     if store.read_metadata()?.is_none() && !store.tasks()?.is_empty() {
         let log =
             crate::member_log::MemberLog::new(store.object_store().clone(), store.paths().root().clone())?;
-        let deleted = log.retain_objects(dry_run)?.iter().map(|p| p.to_string()).collect();
+        if let Some(dir) = store.local_dir() {
+            log.set_local_dir(dir);
+        }
+        let (objects, debris) = log.retain_all(dry_run)?;
+        let mut deleted: Vec<String> = objects.iter().map(|p| p.to_string()).collect();
+        deleted.extend(debris.iter().map(|f| f.display().to_string()));
         return Ok(GcReport { kept_checkpoints: Vec::new(), deleted, dry_run });
     }
     let listing = store.listing()?;

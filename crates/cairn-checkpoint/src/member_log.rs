@@ -227,6 +227,9 @@ pub struct MemberLogStats {
 struct Shared {
     store: Arc<dyn ObjectStore>,
     paths: Paths,
+    /// `members/` on a local directory, where a writer killed mid-write leaves a staging file
+    /// that retention sweeps (object stores leave none).
+    local_members: std::sync::OnceLock<std::path::PathBuf>,
     member: String,
     /// See [`MemberLog::set_linger`], in microseconds.
     linger_us: AtomicU64,
@@ -271,7 +274,11 @@ impl MemberLog {
     /// A new log of this process under a job's location (see [`crate::store::open_location`]).
     pub fn open(location: &str) -> crate::Result<Self> {
         let opened = crate::store::open_location(location)?;
-        Self::new(opened.store, opened.root)
+        let log = Self::new(opened.store, opened.root)?;
+        if let Some(dir) = &opened.local_dir {
+            log.set_local_dir(dir);
+        }
+        Ok(log)
     }
 
     /// The log of this process under the job's location `location`, shared with every other
@@ -305,6 +312,7 @@ impl MemberLog {
         let shared = Arc::new(Shared {
             store,
             paths: Paths::new(root),
+            local_members: std::sync::OnceLock::new(),
             member,
             linger_us: AtomicU64::new(linger.as_micros() as u64),
             queue: Mutex::new(Queue::default()),
@@ -381,8 +389,20 @@ impl MemberLog {
     /// [`MemberLog::retain`], returning the objects deleted; with `dry_run`, the objects it would
     /// delete, deleting nothing.
     pub fn retain_objects(&self, dry_run: bool) -> crate::Result<Vec<Path>> {
+        Ok(self.retain_all(dry_run)?.0)
+    }
+
+    /// [`MemberLog::retain_objects`], also returning the staging files killed writers left under
+    /// `members/` on a local directory that it removed (none on a dry run).
+    pub(crate) fn retain_all(&self, dry_run: bool) -> crate::Result<(Vec<Path>, Vec<std::path::PathBuf>)> {
         let root = self.0.paths.root().to_string();
         crate::store::block_on_io(retain(self.0.clone(), dry_run)).map_err(|e| crate::Error::storage(root, e))
+    }
+
+    /// Sweeps staging files under `members/` when the location is a local directory given here
+    /// (see [`MemberLog::open`]).
+    pub(crate) fn set_local_dir(&self, dir: &std::path::Path) {
+        let _ = self.0.local_members.set(dir.join(self.0.paths.members_dir().as_ref()));
     }
 }
 
@@ -614,7 +634,7 @@ fn floor_of(fulls: &mut [u64]) -> Option<u64> {
     fulls.get(1).copied()
 }
 
-async fn retain(s: Arc<Shared>, dry_run: bool) -> object_store::Result<Vec<Path>> {
+async fn retain(s: Arc<Shared>, dry_run: bool) -> object_store::Result<(Vec<Path>, Vec<std::path::PathBuf>)> {
     refresh(&s, None).await?;
     let tasks_dir = s.paths.tasks_dir();
     let listed: Vec<ObjectMeta> = s.store.list(Some(&tasks_dir)).try_collect().await?;
@@ -649,7 +669,7 @@ async fn retain(s: Arc<Shared>, dry_run: bool) -> object_store::Result<Vec<Path>
             .collect()
     };
     if dry_run {
-        return Ok(dead);
+        return Ok((dead, Vec::new()));
     }
     let results: Vec<(Path, object_store::Result<()>)> = futures::stream::iter(dead.into_iter().map(|p| {
         let s = &s;
@@ -673,7 +693,20 @@ async fn retain(s: Arc<Shared>, dry_run: bool) -> object_store::Result<Vec<Path>
         }
     }
     s.deleted.fetch_add(deleted.len() as u64, Ordering::Relaxed);
-    Ok(deleted)
+    drop(index);
+    let mut debris = Vec::new();
+    if let Some(dir) = s.local_members.get() {
+        #[allow(clippy::disallowed_methods)] // file ages are wall-clock facts, not batch time
+        let now = std::time::SystemTime::now();
+        match crate::debris::sweep(dir, crate::debris::DEBRIS_GRACE, now) {
+            Ok(removed) => debris = removed,
+            Err(e) => tracing::warn!("could not sweep {}: {e}", dir.display()),
+        }
+        for f in &debris {
+            tracing::info!("removed {} (left by a crashed writer)", f.display());
+        }
+    }
+    Ok((deleted, debris))
 }
 
 /// One task's location seen through the member logs: its plans and deltas live in member log
@@ -1179,5 +1212,28 @@ mod tests {
         );
         assert!(left.contains(&"log/00000000000000000003.plan".to_string()), "{left:?}");
         assert!(left.contains(&"state/00000000000000000004.full".to_string()), "{left:?}");
+    }
+    #[test]
+    #[allow(clippy::disallowed_methods)] // file ages are wall-clock facts
+    fn retention_on_a_local_directory_sweeps_what_killed_writers_left_under_members() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = MemberLog::open(dir.path().to_str().unwrap()).unwrap();
+        let view = log.view(0);
+        put(&view, &plan(&log, 0, 0), b"p", PutMode::Create, 1).unwrap();
+        let member_dir = dir.path().join("members").join(log.member());
+        let stored: Vec<_> = std::fs::read_dir(&member_dir).unwrap().flatten().map(|e| e.path()).collect();
+        assert_eq!(stored.len(), 1, "{stored:?}");
+        // What a writer killed between writing and renaming its staging file leaves: one long
+        // ago (swept), one just now (possibly still being written: kept).
+        let old = member_dir.join("00000000000000000007-0.log#3");
+        let fresh = member_dir.join("00000000000000000008-0.log#4");
+        for f in [&old, &fresh] {
+            std::fs::write(f, b"partial").unwrap();
+        }
+        let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+        std::fs::File::options().write(true).open(&old).unwrap().set_modified(hour_ago).unwrap();
+        assert_eq!(log.retain().unwrap(), 0, "no member log object is old enough to go");
+        assert!(!old.exists() && fresh.exists() && stored[0].exists());
+        assert_eq!(get(&view, &plan(&log, 0, 0)), Some(b"p".to_vec()), "the entry still reads");
     }
 }

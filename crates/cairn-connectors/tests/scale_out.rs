@@ -7,7 +7,8 @@
 //! committed which task batch in which epoch) shows that every task batch was committed once and
 //! that no process committed for a task after a newer owner had.
 //!
-//! `CAIRN_SCALE_EVENTS` sets the number of events (default 20), `CAIRN_SCALE_SEED` their seed.
+//! `CAIRN_SCALE_EVENTS` sets the number of events (default 20), `CAIRN_SCALE_SEED` their seed,
+//! `CAIRN_SCALE_KEEP_LOGS=1` keeps the members' logs of a run that passed.
 
 mod support;
 use cairn_sim::kafka::KafkaBroker;
@@ -360,6 +361,10 @@ fn scaled_out_job_survives_kills_pauses_and_scaling_exactly() {
     }
     assert!(busy_at_last_event, "the input ran out before the last event: make it larger");
     eprintln!("{}", rebalance_summary(world.logs.path()));
+    if std::env::var("CAIRN_SCALE_KEEP_LOGS").is_ok_and(|v| v == "1") {
+        let kept = std::mem::replace(&mut world.logs, tempfile::tempdir().unwrap()).keep();
+        eprintln!("member logs kept in {}", kept.display());
+    }
 
     // The table and the output topic are exactly what the input implies.
     let (lines, totals) = expected(&input);

@@ -657,6 +657,11 @@ impl CheckpointStore {
         Ok(Some(WriteStats { bytes: len, objects: 1 }))
     }
 
+    /// The location's directory when it is on the local filesystem.
+    pub(crate) fn local_dir(&self) -> Option<&std::path::Path> {
+        self.local_dir.as_deref()
+    }
+
     /// Removes staging files that crashed writers left in a local location and that nobody has
     /// touched for [`crate::debris::DEBRIS_GRACE`]; returns them. Object stores leave none.
     pub fn sweep_debris(&self) -> Result<Vec<std::path::PathBuf>> {
