@@ -6,7 +6,8 @@
 //! taking its lease. Written naively, every task writes its own plan per batch and its own delta
 //! per checkpoint, so a process with `n` tasks writes `2n` objects per batch. Here the tasks of one
 //! process hand those writes to one [`MemberLog`], which gathers the writes of all its tasks that
-//! arrive together (every task plans on the same batch-time grid) and stores them as one object,
+//! arrive together (every task plans on the same batch-time grid; deltas, which nobody waits for,
+//! wait for the next plans) and stores them as one object,
 //! `members/<member>/<seq>-<tasks>.log` ([`crate::paths::Paths::member_log`]): a directory (which
 //! task, which object name, which epoch, where) followed by the framed objects, byte for byte as
 //! they would have been stored alone.
@@ -54,6 +55,10 @@ use std::time::{Duration, Instant};
 /// stored without them. Tasks plan on one batch-time grid, so the writes of a round normally all
 /// arrive within a few milliseconds and the round is stored as soon as the last one arrives.
 pub const DEFAULT_LINGER: Duration = Duration::from_millis(20);
+/// How many lingers a round of deltas alone waits for plans to go with. Deltas are written behind
+/// the batches (nobody waits for them but the checkpoint writer's queue), so they wait for the
+/// next round of plans instead of making rounds of their own.
+const DELTA_LINGERS: u32 = 10;
 /// The environment variable that turns member log writes off (`0`) for task locations opened by
 /// name: plans and deltas are then objects of their own, as in format version 4 (`1`, the
 /// default, writes member logs).
@@ -197,6 +202,9 @@ impl Failed {
 
 struct Pending {
     task: u32,
+    /// A plan (the task waits for it before running the batch) rather than a delta (written
+    /// behind the batches by the checkpoint writer).
+    plan: bool,
     name: String,
     epoch: u64,
     bytes: Bytes,
@@ -207,6 +215,7 @@ struct Pending {
 struct Queue {
     pending: Vec<Pending>,
     first_at: Option<Instant>,
+    first_plan_at: Option<Instant>,
     /// Tasks whose views have written and are still open, with how many such views.
     writers: BTreeMap<u32, usize>,
 }
@@ -426,10 +435,16 @@ async fn flusher(log: Weak<Shared>, wake: Arc<tokio::sync::Notify>) {
             match q.first_at {
                 None => None,
                 Some(first) => {
-                    let tasks: BTreeSet<u32> = q.pending.iter().map(|p| p.task).collect();
-                    let all = q.writers.keys().all(|t| tasks.contains(t));
+                    // Stored at once when every writing task has planned; otherwise when the first
+                    // plan waited a linger, or the first delta ten.
+                    let planned: BTreeSet<u32> =
+                        q.pending.iter().filter(|p| p.plan).map(|p| p.task).collect();
+                    let all = !planned.is_empty() && q.writers.keys().all(|t| planned.contains(t));
                     let linger = Duration::from_micros(s.linger_us.load(Ordering::Relaxed));
-                    let left = linger.saturating_sub(first.elapsed());
+                    let mut left = (linger * DELTA_LINGERS).saturating_sub(first.elapsed());
+                    if let Some(first_plan) = q.first_plan_at {
+                        left = left.min(linger.saturating_sub(first_plan.elapsed()));
+                    }
                     (!all && !left.is_zero()).then_some(left).or(Some(Duration::ZERO))
                 }
             }
@@ -449,6 +464,7 @@ async fn flusher(log: Weak<Shared>, wake: Arc<tokio::sync::Notify>) {
                 let round = {
                     let mut q = s.queue.lock().unwrap_or_else(|e| e.into_inner());
                     q.first_at = None;
+                    q.first_plan_at = None;
                     std::mem::take(&mut q.pending)
                 };
                 write_round(&s, round).await;
@@ -896,8 +912,12 @@ impl ViewInner {
             if !self.writer.swap(true, Ordering::SeqCst) {
                 *q.writers.entry(self.task).or_default() += 1;
             }
-            q.pending.push(Pending { task: self.task, name, epoch, bytes: Bytes::from(payload), done });
+            let plan = matches!(self.paths.parse(path), Some(ObjectName::Plan(_)));
+            q.pending.push(Pending { task: self.task, plan, name, epoch, bytes: Bytes::from(payload), done });
             q.first_at.get_or_insert_with(Instant::now);
+            if plan {
+                q.first_plan_at.get_or_insert_with(Instant::now);
+            }
         }
         s.wake.notify_one();
         match answer.await {
@@ -1137,6 +1157,46 @@ mod tests {
         let v1 = other.view(1);
         assert_eq!(names(&v1, &other.task_root(1)).len(), 2);
         assert_eq!(get(&v1, &plan(&other, 1, 0)).unwrap(), b"p0-1");
+    }
+
+    #[test]
+    fn deltas_wait_for_the_next_round_of_plans_and_go_with_it() {
+        let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let log = MemberLog::with_linger(store.clone(), Path::from("job"), Duration::ZERO).unwrap();
+        let views: Vec<_> = (0..2).map(|t| log.view(t)).collect();
+        for (t, v) in views.iter().enumerate() {
+            put(v, &plan(&log, t as u32, 0), b"p0", PutMode::Create, 1).unwrap();
+        }
+        let before = logs(&store);
+        log.set_linger(Duration::from_secs(60));
+        let delta = |t: u32| {
+            Paths::new(log.task_root(t))
+                .path(ObjectName::Delta { batch: crate::BatchId(0), parent: crate::BatchId(0) })
+        };
+        std::thread::scope(|sc| {
+            // Both tasks' deltas of batch 0: every writer has a write pending, but no plan.
+            let waiting: Vec<_> = views
+                .iter()
+                .enumerate()
+                .map(|(t, v)| {
+                    let d = delta(t as u32);
+                    sc.spawn(move || put(v, &d, b"d0", PutMode::Create, 1).unwrap())
+                })
+                .collect();
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(logs(&store), before, "deltas alone are not stored before a plan round");
+            assert!(waiting.iter().all(|h| !h.is_finished()));
+            // The plans of batch 1: the round is complete, stored with the deltas at once.
+            for (t, v) in views.iter().enumerate() {
+                let log = &log;
+                sc.spawn(move || put(v, &plan(log, t as u32, 1), b"p1", PutMode::Create, 1).unwrap());
+            }
+        });
+        assert_eq!(logs(&store), before + 1, "two plans and two deltas in one object");
+        for (t, v) in views.iter().enumerate() {
+            assert_eq!(get(v, &delta(t as u32)).unwrap(), b"d0");
+            assert_eq!(get(v, &plan(&log, t as u32, 1)).unwrap(), b"p1");
+        }
     }
 
     #[test]
