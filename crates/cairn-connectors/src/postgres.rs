@@ -446,9 +446,9 @@ impl<T: Data> PostgresSink<T> {
         // statements pipelined (sent together, run in order).
         let (created, row) = futures::future::try_join(
             tx.execute(
-                "INSERT INTO cairn_sink_progress (sink, job_id, batch_id) VALUES ($1, $2, -1) \
+                "INSERT INTO cairn_sink_progress (sink, job_id, batch_id, task) VALUES ($1, $2, -1, $3) \
              ON CONFLICT (sink, job_id) DO NOTHING",
-                &[&self.name, &job],
+                &[&self.name, &job, &task],
             ),
             tx.query_one(
                 "SELECT batch_id, epoch FROM cairn_sink_progress WHERE sink = $1 AND job_id = $2 FOR UPDATE",
@@ -459,12 +459,15 @@ impl<T: Data> PostgresSink<T> {
         if created == 1 {
             let others = tx
                 .query(
-                    "SELECT job_id, batch_id FROM cairn_sink_progress WHERE sink = $1 AND job_id <> $2",
+                    "SELECT job_id, batch_id, task FROM cairn_sink_progress WHERE sink = $1 AND job_id <> $2",
                     &[&self.name, &job],
                 )
                 .await?;
             for r in &others {
-                let (other, batch): (String, i64) = (r.get(0), r.get(1));
+                let (other, batch, other_task): (String, i64, Option<i32>) = (r.get(0), r.get(1), r.get(2));
+                if !earlier_writer(task, other_task) {
+                    continue;
+                }
                 tracing::warn!(
                     "PostgreSQL sink {:?}: job {job} writes its output from batch {} on; job {other} \
                      (an earlier checkpoint location?) wrote up to batch {batch} with this sink name",
@@ -588,6 +591,17 @@ async fn create_stage(client: &Client, copy: &CopyUpsert) -> Result<Vec<Type>, t
     Ok(stmt.columns().iter().map(|c| c.type_().clone()).collect())
 }
 
+/// Whether another job's progress row for this sink is worth a warning when a job first writes
+/// through it: a job that is not a task (`None`) is told of every other; a task only of jobs that
+/// were not tasks or were the same task (another location's task of that number, most likely an
+/// earlier location of the same job), not of its siblings, which share the sink by design.
+fn earlier_writer(task: Option<i32>, other_task: Option<i32>) -> bool {
+    match (task, other_task) {
+        (None, _) | (Some(_), None) => true,
+        (Some(mine), Some(other)) => mine == other,
+    }
+}
+
 /// This process as `host:pid`, for the commit audit.
 fn writer() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -659,5 +673,19 @@ impl<T: Data> Sink<T> for PostgresSink<T> {
     }
     fn abort(&self, _: &BatchContext) {
         self.pending.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::earlier_writer;
+
+    #[test]
+    fn a_task_is_not_warned_about_its_sibling_tasks_but_about_other_writers() {
+        assert!(earlier_writer(None, None), "single-process jobs: every other one is news");
+        assert!(earlier_writer(None, Some(3)), "a single-process job after a scaled-out one");
+        assert!(earlier_writer(Some(3), None), "a task after a single-process job");
+        assert!(earlier_writer(Some(3), Some(3)), "another location's task 3");
+        assert!(!earlier_writer(Some(3), Some(4)), "task 4 of the same job shares the sink");
     }
 }
