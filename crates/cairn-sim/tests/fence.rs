@@ -346,6 +346,46 @@ fn retried_conditional_writes_that_landed_are_recognised() {
     lease.release().unwrap();
 }
 
+/// A holder paused between its fence check and its write (the commit hook plays the pause) whose
+/// write then fails (here: the disk is full; in the wild, the new holder's objects are there or
+/// already gone) hears that it lost the lease, naming the new holder, not the storage error.
+#[test]
+fn a_write_failing_after_a_takeover_reports_the_lost_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let loc = dir.path().to_str().unwrap();
+    let (inner, root) = cairn::checkpoint::store::open_store(loc).unwrap();
+    let faulty = FaultyStore::new(inner, "");
+    let old = CheckpointStore::with_store(faulty.clone(), root, "faulty");
+    let lease = old.acquire_lease(Duration::from_secs(5)).unwrap();
+    old.write_plan(&plan(0, 1)).unwrap();
+    let new = CheckpointStore::open(loc).unwrap();
+    let taken = std::sync::Arc::new(std::sync::Mutex::new(None));
+    {
+        let (new, taken, faulty) = (new.clone(), taken.clone(), faulty.clone());
+        let lease = std::sync::Mutex::new(Some(lease));
+        old.set_commit_hook(Some(std::sync::Arc::new(move |name| {
+            if name == ObjectName::Plan(BatchId(1)) {
+                drop(lease.lock().unwrap().take());
+                *taken.lock().unwrap() = Some(new.acquire_lease(Duration::from_secs(5)).unwrap());
+                faulty.set_failing(true);
+            }
+        })));
+    }
+    let err = old.write_plan(&plan(1, 2)).expect_err("the old holder must stop");
+    assert!(matches!(&err, Error::LeaseLost { holder, .. } if holder.contains("epoch 2")), "{err}");
+    // Control: the same failing write with the lease still held is the storage error.
+    old.set_commit_hook(None);
+    taken.lock().unwrap().take().expect("the new holder").release().unwrap();
+    faulty.set_failing(false);
+    let lease = old.acquire_lease(Duration::from_secs(5)).unwrap();
+    old.write_plan(&plan(1, 2)).unwrap();
+    faulty.set_failing(true);
+    let err = old.write_plan(&plan(2, 3)).expect_err("a full disk");
+    assert!(!matches!(err, Error::LeaseLost { .. }), "{err}");
+    faulty.set_failing(false);
+    lease.release().unwrap();
+}
+
 /// On one location, in process: a holder whose epoch was taken over gets `LeaseLost` before it
 /// writes; one that slips a plan in after the check (the commit hook plays the pause) stops right
 /// after, recovery does not accept that plan, and the new holder replaces it.

@@ -204,9 +204,17 @@ impl CheckpointStore {
         if let Some(h) = hook {
             h(name);
         }
-        let created = self.put(&self.paths.path(name), bytes, mode)?;
+        let created = self.put(&self.paths.path(name), bytes, mode).or_else(|e| self.lease_lost_or(e))?;
         self.check_lease()?;
         Ok(created)
+    }
+
+    /// A write that failed may have failed because another process took over meanwhile (a
+    /// process paused between its fence check and its write finds the new holder's objects, or
+    /// finds them gone); that is what the caller must hear, not the storage error it caused.
+    fn lease_lost_or<T>(&self, e: Error) -> Result<T> {
+        self.check_lease()?;
+        Err(e)
     }
 
     /// [`commit_put`](Self::commit_put) of a new object whose stored size is then checked, so a
@@ -221,7 +229,7 @@ impl CheckpointStore {
             h(name);
         }
         let path = self.paths.path(name);
-        let created = self.put(&path, bytes.clone(), PutMode::Create)?;
+        let created = self.put(&path, bytes.clone(), PutMode::Create).or_else(|e| self.lease_lost_or(e))?;
         if !matches!(created, Created::New) {
             self.check_lease()?;
             return Ok(created);
