@@ -51,8 +51,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-/// How long the first write of a round waits for the other tasks' writes before the round is
-/// stored without them. Tasks plan on one batch-time grid, so the writes of a round normally all
+/// How long the first plan of a round waits for the other tasks' plans before the round is
+/// stored without them. Tasks plan on one batch-time grid, so the plans of a round normally all
 /// arrive within a few milliseconds and the round is stored as soon as the last one arrives.
 pub const DEFAULT_LINGER: Duration = Duration::from_millis(20);
 /// How many lingers a round of deltas alone waits for plans to go with. Deltas are written behind
@@ -341,9 +341,10 @@ impl MemberLog {
         Ok(Self(shared))
     }
 
-    /// How long the first write of a round waits for the writes of the other tasks this log
-    /// writes for ([`DEFAULT_LINGER`] unless set): longer makes fewer objects when tasks run out
-    /// of step, at the price of that much latency for the early writers.
+    /// How long the first plan of a round waits for the plans of the other tasks this log writes
+    /// for ([`DEFAULT_LINGER`] unless set; deltas wait ten times as long for plans to go with):
+    /// longer makes fewer objects when tasks run out of step, at the price of that much latency
+    /// for the early planners.
     pub fn set_linger(&self, linger: Duration) {
         self.0.linger_us.store(linger.as_micros() as u64, Ordering::Relaxed);
     }
@@ -415,9 +416,6 @@ impl MemberLog {
     }
 }
 
-/// Stores the rounds of a log until the log is dropped. It holds the log only while it writes: a
-/// flusher that held it throughout and left when it was the last holder could leave just as
-/// [`MemberLog::shared`] handed the log out again, and that log's writes would wait forever.
 /// Whether member log writes are on, given the value of [`WRITES_ENV`].
 fn writes_setting(value: Option<&str>) -> Result<bool, String> {
     match value {
@@ -427,6 +425,9 @@ fn writes_setting(value: Option<&str>) -> Result<bool, String> {
     }
 }
 
+/// Stores the rounds of a log until the log is dropped. It holds the log only while it writes: a
+/// flusher that held it throughout and left when it was the last holder could leave just as
+/// [`MemberLog::shared`] handed the log out again, and that log's writes would wait forever.
 async fn flusher(log: Weak<Shared>, wake: Arc<tokio::sync::Notify>) {
     loop {
         let Some(s) = log.upgrade() else { return };
