@@ -1160,14 +1160,21 @@ mod tests {
         assert_eq!(get(&v1, &plan(&other, 1, 0)).unwrap(), b"p0-1");
     }
 
-    #[test]
-    fn deltas_wait_for_the_next_round_of_plans_and_go_with_it() {
+    /// A log on an in-memory store that stores every write at once, and tasks 0 and 1 that have
+    /// each written their plan of batch 0 (so both count as writers of every later round).
+    fn two_writing_tasks() -> (Arc<dyn ObjectStore>, MemberLog, Vec<Arc<dyn ObjectStore>>) {
         let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
         let log = MemberLog::with_linger(store.clone(), Path::from("job"), Duration::ZERO).unwrap();
         let views: Vec<_> = (0..2).map(|t| log.view(t)).collect();
         for (t, v) in views.iter().enumerate() {
             put(v, &plan(&log, t as u32, 0), b"p0", PutMode::Create, 1).unwrap();
         }
+        (store, log, views)
+    }
+
+    #[test]
+    fn deltas_wait_for_the_next_round_of_plans_and_go_with_it() {
+        let (store, log, views) = two_writing_tasks();
         let before = logs(&store);
         log.set_linger(Duration::from_secs(60));
         let delta = |t: u32| {
@@ -1234,12 +1241,7 @@ mod tests {
 
     #[test]
     fn retention_deletes_objects_whose_entries_precede_every_tasks_second_newest_full_snapshot() {
-        let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
-        let log = MemberLog::with_linger(store.clone(), Path::from("job"), Duration::ZERO).unwrap();
-        let views: Vec<_> = (0..2).map(|t| log.view(t)).collect();
-        for (t, v) in views.iter().enumerate() {
-            put(v, &plan(&log, t as u32, 0), b"p", PutMode::Create, 1).unwrap();
-        }
+        let (store, log, views) = two_writing_tasks();
         // Both tasks are writers now: every round below holds one plan of each.
         log.set_linger(Duration::from_secs(60));
         for batch in 1..6 {

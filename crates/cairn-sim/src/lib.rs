@@ -152,6 +152,26 @@ pub fn define_job(
     Ok(())
 }
 
+/// The crash job ([`define_job`]) in process on `store`: `p.batches` batches, run as fast as they
+/// go ([`cairn::Trigger::AvailableNow`]) on the [`INTERVAL`] grid; `adjust` sets anything else on
+/// the builder (parallelism, checkpoint deferral, an app name).
+pub fn job_on_store(
+    store: cairn::checkpoint::CheckpointStore,
+    p: &JobParams,
+    out_totals: &str,
+    out_windows: &str,
+    adjust: impl FnOnce(cairn::StreamingContextBuilder) -> cairn::StreamingContextBuilder,
+) -> cairn::Result<StreamingContext> {
+    let builder = StreamingContext::builder()
+        .batch_interval(INTERVAL)
+        .checkpoint_store(store)
+        .trigger(cairn::Trigger::AvailableNow)
+        .stop_after_batches(p.batches);
+    let ctx = adjust(builder).build()?;
+    define_job(&ctx, p, out_totals, out_windows)?;
+    Ok(ctx)
+}
+
 /// Asserts that a reader of the output directory that skips hidden names (`.` and `_` first, as
 /// Spark and Hive do) sees only complete `part-<batch>.txt` files: no staging file of a write a
 /// crash interrupted carries a data name.

@@ -5,8 +5,7 @@ use cairn::checkpoint::member_log::MemberLog;
 use cairn::checkpoint::object_store::local::LocalFileSystem;
 use cairn::checkpoint::object_store::path::Path as ObjPath;
 use cairn::checkpoint::CheckpointStore;
-use cairn::{StreamingContext, Trigger};
-use cairn_sim::{define_job, expected_totals, FaultyStore, JobParams, INTERVAL};
+use cairn_sim::{expected_totals, job_on_store, FaultyStore, JobParams};
 use std::sync::Arc;
 
 #[test]
@@ -23,15 +22,7 @@ fn a_full_disk_under_the_member_log_stops_the_task_clearly_and_a_restart_is_exac
         // A fresh member log per start, as a restarted process has.
         let log = MemberLog::new(faulty.clone(), ObjPath::from("")).unwrap();
         let store = CheckpointStore::with_store(log.view(0), log.task_root(0), "faulty/tasks/00000");
-        let ctx = StreamingContext::builder()
-            .batch_interval(INTERVAL)
-            .checkpoint_store(store)
-            .trigger(Trigger::AvailableNow)
-            .stop_after_batches(p.batches)
-            .build()
-            .unwrap();
-        define_job(&ctx, &p, &totals, &windows).unwrap();
-        ctx
+        job_on_store(store, &p, &totals, &windows, |b| b).unwrap()
     };
     let ctx = context();
     let f = faulty.clone();

@@ -4,8 +4,8 @@
 
 use cairn::checkpoint::object_store::{local::LocalFileSystem, path::Path as ObjPath};
 use cairn::checkpoint::CheckpointStore;
-use cairn::{StreamingContext, Trigger};
-use cairn_sim::{define_job, expected_totals, expected_windows, FaultyStore, JobParams, INTERVAL};
+use cairn::StreamingContext;
+use cairn_sim::{expected_totals, expected_windows, job_on_store, FaultyStore, JobParams};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,15 +37,7 @@ fn context_with(
     f: impl FnOnce(cairn::StreamingContextBuilder) -> cairn::StreamingContextBuilder,
 ) -> StreamingContext {
     let store = CheckpointStore::with_store(s.faulty.clone(), ObjPath::from(""), "faulty-local");
-    let builder = StreamingContext::builder()
-        .batch_interval(INTERVAL)
-        .checkpoint_store(store)
-        .parallelism(2)
-        .trigger(Trigger::AvailableNow)
-        .stop_after_batches(p.batches);
-    let ctx = f(builder).build().expect("build");
-    define_job(&ctx, p, &s.totals, &s.windows).expect("define");
-    ctx
+    job_on_store(store, p, &s.totals, &s.windows, |b| f(b.parallelism(2))).expect("build")
 }
 
 fn check_exact(s: &Setup, p: &JobParams) {
@@ -282,14 +274,7 @@ fn without_store_retries_a_blip_is_one_restart() {
     let none = cairn::checkpoint::retry::RetryPolicy { max_retries: 0, ..Default::default() };
     let store =
         CheckpointStore::with_store_retrying(s.faulty.clone(), ObjPath::from(""), "faulty-local", none);
-    let ctx = StreamingContext::builder()
-        .batch_interval(INTERVAL)
-        .checkpoint_store(store)
-        .trigger(Trigger::AvailableNow)
-        .stop_after_batches(p.batches)
-        .build()
-        .unwrap();
-    define_job(&ctx, &p, &s.totals, &s.windows).unwrap();
+    let ctx = job_on_store(store, &p, &s.totals, &s.windows, |b| b).unwrap();
     let faulty = s.faulty.clone();
     let once = std::sync::atomic::AtomicBool::new(false);
     ctx.on_batch(move |b| {

@@ -4,8 +4,8 @@
 
 use cairn::checkpoint::object_store::{local::LocalFileSystem, path::Path as ObjPath};
 use cairn::checkpoint::CheckpointStore;
-use cairn::{CheckpointFailed, CheckpointWritten, StreamingContext, StreamingListener, Trigger};
-use cairn_sim::{define_job, FaultyStore, JobParams, INTERVAL};
+use cairn::{CheckpointFailed, CheckpointWritten, StreamingContext, StreamingListener};
+use cairn_sim::{job_on_store, FaultyStore, JobParams};
 use cairn_web::Metrics;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -50,18 +50,11 @@ fn job(p: &JobParams, max_deferral: u64) -> Job {
     let local = Arc::new(LocalFileSystem::new_with_prefix(&ckpt).expect("local store"));
     let faulty = FaultyStore::new(local, "state/");
     let store = CheckpointStore::with_store(faulty.clone(), ObjPath::from(""), "faulty-local");
-    let ctx = StreamingContext::builder()
-        .app_name("faulty")
-        .batch_interval(INTERVAL)
-        .checkpoint_store(store)
-        .parallelism(2)
-        .trigger(Trigger::AvailableNow)
-        .stop_after_batches(p.batches)
-        .max_checkpoint_deferral(max_deferral)
-        .build()
-        .expect("build");
     let out = |s: &str| tmp.path().join(s).to_str().expect("utf-8").to_string();
-    define_job(&ctx, p, &out("totals"), &out("windows")).expect("define");
+    let ctx = job_on_store(store, p, &out("totals"), &out("windows"), |b| {
+        b.app_name("faulty").parallelism(2).max_checkpoint_deferral(max_deferral)
+    })
+    .expect("build");
     let metrics = Metrics::for_context(&ctx);
     ctx.add_listener(Arc::new(metrics.clone()));
     let seen = Arc::new(Seen::default());
